@@ -1,0 +1,185 @@
+"""Array backend shared by every k-space method: NumPy + scipy.fft on the CPU, torch elsewhere.
+
+Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
+
+``"cpu"`` (default)
+    NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``).
+``"torch"``
+    torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
+``"cuda"``, ``"cuda:N"``, ``"mps"``
+    torch tensors on that device.
+
+Inside a function, write the algorithm once against ``xp = namespace(x)`` (the Python array
+API, through :mod:`array_api_compat`) and the FFT helpers below; convert inputs with
+:func:`asarray` and outputs with :func:`to_numpy`.
+
+Every FFT goes through :func:`rfftn`, :func:`irfftn`, :func:`fftn` or :func:`ifftn`, so that
+:func:`count_ffts` can count them: the benchmark reports cost as FFT-equivalents of a grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft as sfft
+from array_api_compat import array_namespace
+
+__all__ = [
+    "FFTCounter",
+    "asarray",
+    "count_ffts",
+    "fftn",
+    "ifftn",
+    "irfftn",
+    "is_torch",
+    "namespace",
+    "rfftn",
+    "to_numpy",
+    "torch_device",
+]
+
+_AXES = (-3, -2, -1)
+
+
+def is_torch(x) -> bool:
+    """True when ``x`` is a torch tensor (checked without importing torch)."""
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def namespace(*arrays):
+    """Array-API namespace of ``arrays`` (NumPy or torch)."""
+    return array_namespace(*arrays)
+
+
+def torch_device(device: str | None):
+    """The ``torch.device`` for a qsmprep device string, or None for the NumPy backend."""
+    if device in (None, "cpu", "numpy"):
+        return None
+    import torch
+
+    if device == "torch":
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(device)
+
+
+def asarray(x, device: str | None = "cpu", dtype=np.float32):
+    """``x`` as an array of the backend chosen by ``device`` (see the module docstring)."""
+    tdev = torch_device(device)
+    if tdev is None:
+        return np.asarray(to_numpy(x), dtype=dtype)
+    import torch
+
+    tdtype = {
+        np.dtype(np.float32): torch.float32,
+        np.dtype(np.float64): torch.float64,
+        np.dtype(np.complex64): torch.complex64,
+        np.dtype(np.complex128): torch.complex128,
+        np.dtype(bool): torch.bool,
+    }[np.dtype(dtype)]
+    if is_torch(x):
+        return x.to(device=tdev, dtype=tdtype)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=tdtype, device=tdev)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy (or view) of a NumPy array or torch tensor."""
+    if is_torch(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@dataclass
+class FFTCounter:
+    """Record of the FFTs run inside :func:`count_ffts`: one ``(kind, shape)`` per call.
+
+    ``kind`` is ``"r"`` for a real-to-complex (or inverse) transform and ``"c"`` for a
+    complex one.
+    """
+
+    calls: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def equivalents(self, shape: Sequence[int]) -> float:
+        """Cost of the recorded calls in units of one real FFT of ``shape``.
+
+        A transform of n points costs n log2 n; a complex transform costs twice a real one
+        of the same size. A forward plus an inverse FFT of ``shape`` is 2 equivalents.
+        """
+
+        def cost(s):
+            n = math.prod(s)
+            return n * math.log2(max(n, 2))
+
+        ref = cost(shape)
+        return sum(cost(s) * (2.0 if kind == "c" else 1.0) / ref for kind, s in self.calls)
+
+
+_ACTIVE: list[FFTCounter] = []
+
+
+@contextlib.contextmanager
+def count_ffts() -> Iterator[FFTCounter]:
+    """Count the FFTs that qsmprep runs inside the ``with`` block (nesting allowed)."""
+    counter = FFTCounter()
+    _ACTIVE.append(counter)
+    try:
+        yield counter
+    finally:
+        _ACTIVE.remove(counter)
+
+
+def _record(kind: str, shape) -> None:
+    for c in _ACTIVE:
+        c.calls.append((kind, tuple(int(n) for n in shape)))
+
+
+def rfftn(x, s: Sequence[int] | None = None):
+    """Real-to-complex FFT over the last three axes (zero-padded to ``s`` if given)."""
+    shape = tuple(s) if s is not None else tuple(x.shape[-3:])
+    _record("r", shape)
+    if is_torch(x):
+        import torch
+
+        return torch.fft.rfftn(x, s=shape, dim=_AXES)
+    return sfft.rfftn(x, s=shape, axes=_AXES, workers=-1)
+
+
+def irfftn(X, s: Sequence[int]):
+    """Inverse of :func:`rfftn`; ``s`` is the real-space shape of the last three axes."""
+    shape = tuple(s)
+    _record("r", shape)
+    if is_torch(X):
+        import torch
+
+        return torch.fft.irfftn(X, s=shape, dim=_AXES)
+    return sfft.irfftn(X, s=shape, axes=_AXES, workers=-1)
+
+
+def fftn(x, s: Sequence[int] | None = None):
+    """Complex FFT over the last three axes."""
+    shape = tuple(s) if s is not None else tuple(x.shape[-3:])
+    _record("c", shape)
+    if is_torch(x):
+        import torch
+
+        return torch.fft.fftn(x, s=shape, dim=_AXES)
+    return sfft.fftn(x, s=shape, axes=_AXES, workers=-1)
+
+
+def ifftn(X, s: Sequence[int] | None = None):
+    """Inverse complex FFT over the last three axes."""
+    shape = tuple(s) if s is not None else tuple(X.shape[-3:])
+    _record("c", shape)
+    if is_torch(X):
+        import torch
+
+        return torch.fft.ifftn(X, s=shape, dim=_AXES)
+    return sfft.ifftn(X, s=shape, axes=_AXES, workers=-1)
