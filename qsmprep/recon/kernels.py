@@ -139,11 +139,21 @@ def dipole_kernel(
     B 2003;19B:26-34. Marques JP, Bowtell R. Concepts Magn Reson B 2005;25B:65-78.
     """
     b = check_b0_dir(b0_dir)
-    kx, ky, kz = kspace_grid(shape, voxel_size, rfft=rfft)
-    k2 = kx**2 + ky**2 + kz**2
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    ks = kspace_grid(shape, voxel_size, rfft=rfft)
+    k2 = ks[0] ** 2 + ks[1] ** 2 + ks[2] ** 2
+    # (k.b)^2 with the cross terms k_i k_j (i != j) averaged over the two signs of a Nyquist
+    # frequency (it is its own alias): this keeps D(-k) = D(k) on the periodic grid, so a real
+    # object gives a real field and a 90-degree grid rotation commutes with the kernel exactly
+    # for an oblique B0.
+    kt = [k.copy() for k in ks]
+    for i, n in enumerate(shape):
+        if int(n) % 2 == 0:
+            kt[i][np.isclose(np.abs(kt[i]), 0.5 / check_voxel_size(voxel_size)[i])] = 0.0
+    kb2 = sum(b[i] ** 2 * ks[i] ** 2 for i in range(3))
+    kb2 = kb2 + (kt[0] * b[0] + kt[1] * b[1] + kt[2] * b[2]) ** 2
+    kb2 = kb2 - sum(b[i] ** 2 * kt[i] ** 2 for i in range(3))
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = 1.0 / 3.0 - kb**2 / k2
+        d = 1.0 / 3.0 - kb2 / k2
     d[0, 0, 0] = 0.0
     return asarray(d, device=device, dtype=dtype)
 
