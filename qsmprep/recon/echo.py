@@ -14,7 +14,6 @@ from qsmprep.recon._checks import (
     check_echo_times,
     check_finite,
     check_mask,
-    check_same_shape,
     check_volume,
 )
 
