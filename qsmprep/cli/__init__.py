@@ -1,0 +1,1 @@
+"""Command-line entry points: ``qsmprep`` (BIDS App and demo) and ``qsmprep-bench``."""
