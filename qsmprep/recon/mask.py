@@ -1,0 +1,457 @@
+"""Brain masks without FSL: magnitude threshold or phase quality, then morphology.
+
+Two entry points build a boolean brain mask from GRE data:
+
+* :func:`mask_from_magnitude` thresholds the (root-sum-of-squares) magnitude, by Otsu's
+  method or the ``robustmask`` noise/signal rule of MriResearchTools;
+* :func:`mask_from_phase_quality` thresholds the ROMEO voxel-quality map of
+  :func:`phase_quality`, as QSMxT does by default.
+
+Both continue with the same morphology (:func:`refine_mask`), with every size in mm so that
+anisotropic voxels are honoured: opening, hole filling, and a brain-versus-scalp separation
+(erosion by a few mm, largest connected component, dilation back, AND with the threshold
+mask). The separation relies on the dark skull between the bright brain and the bright scalp.
+Erosion and dilation use Euclidean distance transforms (exact balls in mm, O(N) cost).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from qsmprep.recon._backend import to_numpy
+from qsmprep.recon._checks import (
+    check_echo_times,
+    check_finite,
+    check_volume,
+    check_voxel_size,
+)
+
+__all__ = [
+    "combine_magnitude",
+    "largest_component",
+    "mask_from_magnitude",
+    "mask_from_phase_quality",
+    "phase_quality",
+    "refine_mask",
+    "robust_threshold",
+]
+
+
+def _wrap(x):
+    """Wrap radians to ``[-pi, pi)``."""
+    return x - (2 * np.pi) * np.floor((x + np.pi) / (2 * np.pi))
+
+
+def _volume_or_echoes(x, name: str) -> np.ndarray:
+    """``x`` as a float NumPy array of 3 (one echo) or 4 (echoes last) dimensions."""
+    a = to_numpy(x) if hasattr(x, "shape") else x
+    check_volume(a, name, ndim=4 if getattr(a, "ndim", None) == 4 else 3)
+    check_finite(a, name)
+    return np.asarray(a, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+
+
+def combine_magnitude(magnitude) -> np.ndarray:
+    """Root-sum-of-squares over echoes, ``sqrt(sum_n M_n^2)``; a 3D input is returned as is.
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z) or (X, Y, Z, E) array
+        GRE magnitude, echoes on the last axis (arbitrary units).
+
+    Returns
+    -------
+    (X, Y, Z) float array.
+    """
+    m = _volume_or_echoes(magnitude, "magnitude")
+    if m.ndim == 3:
+        return m
+    return np.sqrt(np.sum(np.square(m, dtype=np.float64), axis=-1)).astype(m.dtype)
+
+
+def robust_threshold(values) -> float:
+    """Noise/signal threshold of MriResearchTools ``robustmask``.
+
+    With the quantiles q05, q15, q8 = q(0.8) and q99 of the values, ``high`` is the mean of
+    the values in [q8, q99] and ``noise`` the mean of the values <= q15 (retried with q05 when
+    ``noise > high / 10``, and 0 when it is still too high). The threshold is
+    ``max(5 noise, high / 5)``.
+
+    Parameters
+    ----------
+    values : array
+        Magnitude (or any non-negative image), any shape.
+
+    Returns
+    -------
+    float threshold, same unit as ``values``.
+
+    Reference: Eckstein K, et al. MriResearchTools.jl, ``robustmask`` (masking.jl); used by
+    ROMEO, Dymerska B, et al. MRM 2021;85:2294-2308.
+    """
+    v = np.asarray(to_numpy(values), dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("robust_threshold needs finite values")
+    q05, q15, q8, q99 = np.quantile(v, [0.05, 0.15, 0.8, 0.99])
+    top = v[(v >= q8) & (v <= q99)]
+    high = float(top.mean()) if top.size else float(q99)
+    noise = float(v[v <= q15].mean())
+    if noise > high / 10:
+        noise = float(v[v <= q05].mean())
+        if noise > high / 10:
+            noise = 0.0
+    return max(5.0 * noise, high / 5.0)
+
+
+def largest_component(mask) -> np.ndarray:
+    """Largest 6-connected component of a boolean volume (all False if it is empty)."""
+    m = np.asarray(mask, dtype=bool)
+    labels, n = ndi.label(m)
+    if n <= 1:
+        return m.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _erode(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
+    """Erosion by a ball of ``radius_mm`` (voxels whose distance to the outside exceeds it)."""
+    if radius_mm <= 0:
+        return mask.copy()
+    # pad by one voxel so the array border counts as outside
+    d = ndi.distance_transform_edt(np.pad(mask, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    return d > radius_mm
+
+
+def _dilate(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
+    """Dilation by a ball of ``radius_mm``."""
+    if radius_mm <= 0 or not mask.any():
+        return mask.copy()
+    return ndi.distance_transform_edt(~mask, sampling=vs) <= radius_mm
+
+
+def refine_mask(
+    mask,
+    voxel_size=None,
+    *,
+    open_mm: float = 3.0,
+    erode_mm: float = 6.0,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Morphological clean-up of a thresholded head image into a brain mask.
+
+    Steps (all radii in mm, balls built with the voxel size):
+
+    1. largest 6-connected component, opening by ``open_mm`` (removes specks and thin
+       bridges), largest component again;
+    2. brain/scalp separation: erosion by ``erode_mm``, largest component, dilation by
+       ``erode_mm + open_mm``, AND with the mask of step 1 (the dark skull is a gap that
+       the erosion widens until brain and scalp fall apart);
+    3. hole filling (``scipy.ndimage.binary_fill_holes``, 3D and then slice by slice
+       along each axis) and a final largest component.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) bool array
+        Thresholded image (True = signal).
+    voxel_size : float or 3 floats, optional
+        mm; default 1 mm isotropic.
+    open_mm, erode_mm : float
+        Radii in mm; 0 skips the step.
+    fill_holes : bool
+        Fill enclosed holes (ventricles with low signal, veins, dark deep grey matter).
+
+    Returns
+    -------
+    (X, Y, Z) bool array.
+
+    Reference: the steps follow MriResearchTools ``robustmask``/``brain_mask``
+    (Eckstein K, et al.; see Dymerska B, et al. MRM 2021;85:2294-2308) with distance-based
+    morphology in mm.
+    """
+    check_volume(mask, "mask")
+    vs = check_voxel_size(1.0 if voxel_size is None else voxel_size)
+    if open_mm < 0 or erode_mm < 0:
+        raise ValueError(f"open_mm and erode_mm must be >= 0 (mm), got {open_mm}, {erode_mm}")
+    full = np.asarray(to_numpy(mask)) != 0
+    if not full.any():
+        return full
+    # everything below stays inside the largest component: work on its bounding box
+    full = largest_component(full)
+    box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in np.nonzero(full))
+    m = full[box]
+    m = _dilate(_erode(m, open_mm, vs), open_mm, vs) & m
+    m = largest_component(m)
+    if erode_mm > 0 and m.any():
+        core = largest_component(_erode(m, erode_mm, vs))
+        if core.any():
+            m = _dilate(core, erode_mm + open_mm, vs) & m
+            m = largest_component(m)
+    if fill_holes:
+        m = ndi.binary_fill_holes(m)
+        for ax in range(3):
+            m = _fill_slices(m, ax)
+        m = largest_component(m)
+    out = np.zeros(full.shape, dtype=bool)
+    out[box] = m
+    return out
+
+
+def _fill_slices(m: np.ndarray, axis: int) -> np.ndarray:
+    """2D hole filling of every slice along ``axis``."""
+    s = np.moveaxis(m, axis, 0)
+    out = np.empty_like(s)
+    for i in range(s.shape[0]):
+        out[i] = ndi.binary_fill_holes(s[i]) if s[i].any() else s[i]
+    return np.moveaxis(out, 0, axis)
+
+
+def _auto_threshold(img: np.ndarray, method: str) -> float:
+    if method == "otsu":
+        from skimage.filters import threshold_otsu
+
+        return float(threshold_otsu(img))
+    if method == "robust":
+        return robust_threshold(img)
+    raise ValueError(f"method must be 'otsu' or 'robust', got {method!r}")
+
+
+def mask_from_magnitude(
+    magnitude,
+    voxel_size=None,
+    *,
+    threshold: float | None = None,
+    method: str = "otsu",
+    factor: float = 1.0,
+    open_mm: float = 3.0,
+    erode_mm: float = 6.0,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Brain mask from GRE magnitude: threshold, then :func:`refine_mask` morphology.
+
+    The magnitude of several echoes is combined by root-sum-of-squares
+    (:func:`combine_magnitude`). Voxels above ``threshold`` (or, when it is None, above
+    ``factor`` times the automatic threshold of ``method``) form the head; the morphology then
+    keeps the brain and drops the scalp, which the dark skull separates from it.
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z) or (X, Y, Z, E) array
+        Magnitude (arbitrary units), echoes last.
+    voxel_size : float or 3 floats, optional
+        mm; default 1 mm isotropic. Every morphological size is in mm.
+    threshold : float, optional
+        Absolute threshold in magnitude units; overrides ``method`` and ``factor``.
+    method : {"otsu", "robust"}
+        Automatic threshold: Otsu's between-class variance maximum
+        (``skimage.filters.threshold_otsu``) or the ``robustmask`` rule
+        (:func:`robust_threshold`).
+    factor : float
+        Multiplies the automatic threshold (> 1 is stricter).
+    open_mm, erode_mm, fill_holes
+        See :func:`refine_mask`.
+
+    Returns
+    -------
+    (X, Y, Z) bool array.
+
+    References
+    ----------
+    Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst Man
+    Cybern 1979;9:62-66. Dymerska B, Eckstein K, et al. Phase unwrapping with a rapid
+    opensource minimum spanning tree algorithm (ROMEO). MRM 2021;85:2294-2308 (robustmask).
+    """
+    img = combine_magnitude(magnitude)
+    if threshold is None:
+        if not factor > 0:
+            raise ValueError(f"factor must be positive, got {factor!r}")
+        if float(img.max()) <= float(img.min()):
+            raise ValueError("magnitude is constant: no threshold separates brain from noise")
+        thr = factor * _auto_threshold(img, method)
+    else:
+        thr = float(threshold)
+        if not np.isfinite(thr):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+    fg = img > thr
+    if not fg.any():
+        raise ValueError(
+            f"no voxel above the magnitude threshold {thr:g}; lower the threshold or factor"
+        )
+    return refine_mask(fg, voxel_size, open_mm=open_mm, erode_mm=erode_mm, fill_holes=fill_holes)
+
+
+def _edge_weights(phase, magnitude=None, phase2=None, te_ratio=None, mask=None):
+    """ROMEO edge weights in [0, 1] for the +x, +y, +z neighbour of every voxel.
+
+    Returns a list of three arrays; the one for axis ``a`` has length ``N_a - 1`` on that
+    axis (edge between voxels ``i`` and ``i + 1``). Weight = phase coherence
+    ``1 - |wrap(dphi)|/pi`` x phase-gradient coherence
+    ``max(0, 1 - |wrap(dphi) - wrap(dphi2) te_ratio|)`` (with ``phase2``) x magnitude coherence
+    ``(min/max)^2`` (with ``magnitude``); 0 for edges leaving ``mask``.
+    """
+    out = []
+    for ax in range(3):
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[ax] = slice(1, None)
+        lo[ax] = slice(None, -1)
+        hi, lo = tuple(hi), tuple(lo)
+        dphi = _wrap(phase[hi] - phase[lo])
+        w = 1.0 - np.abs(dphi) / np.pi
+        if phase2 is not None:
+            d2 = _wrap(phase2[hi] - phase2[lo])
+            w *= np.maximum(0.0, 1.0 - np.abs(dphi - d2 * te_ratio))
+        if magnitude is not None:
+            a, b = magnitude[hi], magnitude[lo]
+            big = np.maximum(a, b)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mc = np.where(big > 0, np.minimum(a, b) / big, 0.0)
+            w *= mc * mc
+        if mask is not None:
+            w *= mask[hi] & mask[lo]
+        out.append(np.clip(w, 0.0, 1.0).astype(np.float32))
+    return out
+
+
+def phase_quality(phase, magnitude=None, *, echo_times=None) -> np.ndarray:
+    """ROMEO voxel quality: mean of the edge weights of the 6 neighbour edges, in [0, 1].
+
+    Each edge (i, j) between face neighbours gets the weight
+
+    ``w = (1 - |wrap(phi_i - phi_j)| / pi)                       # phase coherence``
+    ``    * max(0, 1 - |wrap(dphi_1) - wrap(dphi_2) TE1/TE2|)    # phase-gradient coherence``
+    ``    * (min(M_i, M_j) / max(M_i, M_j))^2                    # magnitude coherence``
+
+    where the second factor needs two echoes and the third the magnitude. The voxel quality
+    is the sum of its incident edge weights over 6 (edges leaving the array count 0). Smooth,
+    high-SNR tissue scores near 1; pure noise scores 0.5 on average with phase coherence alone
+    (``|wrap(dphi)|`` is uniform on [0, pi]) and mostly below 0.2 with the magnitude and
+    gradient terms, which makes the map a good input to a
+    threshold mask (:func:`mask_from_phase_quality`).
+
+    Parameters
+    ----------
+    phase : (X, Y, Z) or (X, Y, Z, E) array
+        Wrapped phase in radians. With several echoes, echo 1 is the template and echo 2
+        enters the phase-gradient coherence (``echo_times`` required).
+    magnitude : array of the same shape, optional
+        Magnitude; the template echo's enters the magnitude coherence.
+    echo_times : E floats, optional
+        Echo times in s (needed for the phase-gradient coherence of a 4D phase).
+
+    Returns
+    -------
+    (X, Y, Z) float32 array in [0, 1].
+
+    Reference: Dymerska B, Eckstein K, Bachrata B, Siow B, Trattnig S, Shmueli K,
+    Robinson SD. Phase unwrapping with a rapid opensource minimum spanning tree algorithm
+    (ROMEO). Magn Reson Med 2021;85:2294-2308. (Voxel quality as in ROMEO.jl
+    ``voxelquality``; ROMEO's optional magnitude-weight factors are not used.)
+    """
+    p = _volume_or_echoes(phase, "phase")
+    mag = None
+    if magnitude is not None:
+        mag = _volume_or_echoes(magnitude, "magnitude")
+        if mag.shape != p.shape and not (mag.ndim == 3 and mag.shape == p.shape[:3]):
+            raise ValueError(
+                f"magnitude has shape {mag.shape} but phase has shape {p.shape};"
+                " give them on the same grid with the same echoes"
+            )
+    phase2 = te_ratio = None
+    if p.ndim == 4:
+        if p.shape[-1] >= 2:
+            if echo_times is None:
+                raise ValueError(
+                    "echo_times (s) are needed for a multi-echo phase; give one per echo"
+                )
+            te = check_echo_times(echo_times, p.shape[-1])
+            phase2, te_ratio = p[..., 1], te[0] / te[1]
+        p = p[..., 0]
+        if mag is not None and mag.ndim == 4:
+            mag = mag[..., 0]
+    elif mag is not None and mag.ndim == 4:
+        mag = mag[..., 0]
+    ws = _edge_weights(p, mag, phase2, te_ratio)
+    q = np.zeros(p.shape, dtype=np.float32)
+    for ax, w in enumerate(ws):
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        hi[ax] = slice(1, None)
+        lo[ax] = slice(None, -1)
+        q[tuple(lo)] += w
+        q[tuple(hi)] += w
+    q /= 6.0
+    return q
+
+
+def mask_from_phase_quality(
+    phase,
+    magnitude=None,
+    voxel_size=None,
+    *,
+    echo_times=None,
+    threshold: float | None = None,
+    factor: float = 0.7,
+    open_mm: float = 3.0,
+    erode_mm: float = 6.0,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Brain mask from the ROMEO phase-quality map: threshold, then :func:`refine_mask`.
+
+    ``quality = phase_quality(phase, magnitude, echo_times=echo_times)``; voxels with
+    ``quality > threshold`` (default: ``factor`` x Otsu's threshold of the quality map) form
+    the head, and the morphology of :func:`refine_mask` keeps the brain. This is QSMxT's
+    default masking (``masking_input = phase``, Otsu threshold).
+
+    Give the magnitude: without it the skull, whose phase is coherent despite its low signal,
+    scores like tissue and the brain is not separated from the scalp (on the 2 mm test
+    phantom, Dice 0.73 from one echo's phase alone against 0.994 with its magnitude).
+
+    Parameters
+    ----------
+    phase : (X, Y, Z) or (X, Y, Z, E) array
+        Wrapped phase (rad).
+    magnitude : array, optional
+        Magnitude, same grid (and echoes) as ``phase``.
+    voxel_size : float or 3 floats, optional
+        mm; default 1 mm isotropic.
+    echo_times : E floats, optional
+        Echo times (s), required for a multi-echo phase.
+    threshold : float, optional
+        Absolute quality threshold in [0, 1].
+    factor : float
+        Multiplies the Otsu threshold. Edge voxels of the brain have one or two low-weight
+        edges towards the dark skull, so their quality sits just below Otsu's split; 0.7 keeps
+        them while staying well above noise (on the 2 mm test phantom at SNR 100, Dice 0.997
+        against 0.988 at factor 1).
+    open_mm, erode_mm, fill_holes
+        See :func:`refine_mask`.
+
+    Returns
+    -------
+    (X, Y, Z) bool array.
+
+    References
+    ----------
+    Dymerska B, et al. ROMEO. Magn Reson Med 2021;85:2294-2308. Stewart AW, Robinson SD,
+    O'Brien K, et al. QSMxT: Robust masking and artifact reduction for quantitative
+    susceptibility mapping. Magn Reson Med 2022;87:1289-1300.
+    """
+    q = phase_quality(phase, magnitude, echo_times=echo_times)
+    if threshold is None:
+        if not factor > 0:
+            raise ValueError(f"factor must be positive, got {factor!r}")
+        if float(q.max()) <= float(q.min()):
+            raise ValueError("phase quality is constant: no threshold separates brain from noise")
+        from skimage.filters import threshold_otsu
+
+        thr = factor * float(threshold_otsu(q))
+    else:
+        thr = float(threshold)
+    fg = q > thr
+    if not fg.any():
+        raise ValueError(
+            f"no voxel above the phase-quality threshold {thr:g}; lower threshold or factor"
+        )
+    return refine_mask(fg, voxel_size, open_mm=open_mm, erode_mm=erode_mm, fill_holes=fill_holes)
