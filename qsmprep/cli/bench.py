@@ -53,10 +53,11 @@ def _nrmse(est, truth, m) -> float:
 def bench_field(args) -> dict:
     from qsmprep.recon import background
     from qsmprep.recon.chain import compute_local_field, stage
+    from qsmprep.recon.kernels import b0_dir_from_affine
     from qsmprep.sim import make_head_phantom, simulate_gre
 
     shape = tuple(args.shape)
-    vs = (args.voxel_size,) * 3 if len(args.voxel_size) == 1 else tuple(args.voxel_size)
+    vs = tuple(args.voxel_size) * 3 if len(args.voxel_size) == 1 else tuple(args.voxel_size)
     te = tuple(args.te1 + i * args.dte for i in range(args.echoes))
     t0 = time.perf_counter()
     ph = make_head_phantom(shape, vs, seed=args.seed)
@@ -78,7 +79,7 @@ def bench_field(args) -> dict:
         gre.phase,
         te,
         vs,
-        b0_dir=tuple(ph.b0_dir) if hasattr(ph, "b0_dir") else (0.0, 0.0, 1.0),
+        b0_dir=b0_dir_from_affine(ph.affine),
         unwrap_method=args.unwrap,
         bg_method="resharp",
         device=args.device,
