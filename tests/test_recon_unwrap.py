@@ -219,7 +219,7 @@ def test_remove_phase_offset_recovers_offset(phantom2mm, gre2mm):
         gre2mm.phase, gre2mm.magnitude, gre2mm.echo_times, voxel_size=2.0
     )
     err = wrap_phase(phi0 - gre2mm.phase_offset)[brain]
-    # SNR 100: measured max 0.038 rad (edge bias of the smoothing), rms 0.0045 rad
+    # SNR 100: measured max 0.035 rad (edge bias of the smoothing), rms 0.0045 rad
     assert np.abs(err).max() < 0.08
     assert np.sqrt(np.mean(err**2)) < 0.01
     # the corrected echoes are 2 pi f TE: echo 1 agrees with the true field phase
@@ -243,9 +243,11 @@ def test_unwrap_multi_echo_quality_exact_without_offset(phantom2mm, phantom2mm_f
     )
     err = np.abs(_field_errors(u, gre, brain))
     # essentially exact (float32 phase: < 1e-3 Hz) except where the field is undersampled
-    # next to air: measured 8 voxels of 157980 off by one turn of echo 1 (250 Hz)
+    # next to air (~1800 voxels touch an edge with a step > pi at TE 4 ms): measured 17
+    # voxels of ~158000 off by one turn of echo 1 (250 Hz); the count depends on how those
+    # steps happen to wrap, hence the margin
     bad = np.any(err > 1e-3, axis=1)
-    assert bad.sum() < 30
+    assert bad.sum() < 60
     assert np.all(u[~brain] == 0)
 
 
@@ -255,14 +257,14 @@ def test_unwrap_multi_echo_quality_field(phantom2mm, gre2mm, gre2mm_clean, noisy
     brain = phantom2mm.brain_mask
     u = unwrap_multi_echo(gre.phase, gre.magnitude, gre.echo_times, mask=brain, voxel_size=2.0)
     err = np.abs(_field_errors(u, gre, brain))
-    # measured 8 voxels off by a turn (undersampled field next to air, see above)
-    assert np.count_nonzero(np.any(err > 10, axis=1)) < 30
+    # measured 17 voxels off by a turn (undersampled field next to air, see above)
+    assert np.count_nonzero(np.any(err > 10, axis=1)) < 60
     p99 = np.percentile(err, 99, axis=0)
     if noisy:
-        # SNR 100: measured p99 [1.54 0.84 0.60 0.49 0.42] Hz, median 0.40 Hz at echo 1
+        # SNR 100: measured p99 [1.49 0.81 0.58 0.46 0.40] Hz, median 0.38 Hz at echo 1
         assert np.all(p99 < [3.0, 1.6, 1.2, 1.0, 0.8])
     else:
-        # offset-estimate residual only: measured p99 [0.70 0.35 0.23 0.17 0.14] Hz
+        # offset-estimate residual only: measured p99 [0.71 0.35 0.24 0.18 0.14] Hz
         assert np.all(p99 < [1.4, 0.7, 0.5, 0.35, 0.3])
     # every echo is congruent with the offset-corrected input: one field at every TE
     # (late echoes more precise), so echo-to-echo agreement is within the echo-1 error

@@ -148,8 +148,11 @@ def refine_mask(
     2. brain/scalp separation: erosion by ``erode_mm``, largest component, dilation by
        ``erode_mm + open_mm``, AND with the mask of step 1 (the dark skull is a gap that
        the erosion widens until brain and scalp fall apart);
-    3. hole filling (``scipy.ndimage.binary_fill_holes``, 3D and then slice by slice
-       along each axis) and a final largest component.
+    3. 3D hole filling (``scipy.ndimage.binary_fill_holes``): cavities fully enclosed by
+       the mask. Slice-by-slice 2D filling is deliberately not done: at the skull base it
+       closes over dark bone, whose noise phase then corrupts background field removal (on
+       the 1.5 mm development data it brought ~700-1100 bone voxels into the mask and raised
+       the RESHARP local-field NRMSE from 44-45 % to 69-212 %).
 
     Parameters
     ----------
@@ -190,21 +193,9 @@ def refine_mask(
             m = largest_component(m)
     if fill_holes:
         m = ndi.binary_fill_holes(m)
-        for ax in range(3):
-            m = _fill_slices(m, ax)
-        m = largest_component(m)
     out = np.zeros(full.shape, dtype=bool)
     out[box] = m
     return out
-
-
-def _fill_slices(m: np.ndarray, axis: int) -> np.ndarray:
-    """2D hole filling of every slice along ``axis``."""
-    s = np.moveaxis(m, axis, 0)
-    out = np.empty_like(s)
-    for i in range(s.shape[0]):
-        out[i] = ndi.binary_fill_holes(s[i]) if s[i].any() else s[i]
-    return np.moveaxis(out, 0, axis)
 
 
 def _auto_threshold(img: np.ndarray, method: str) -> float:
@@ -368,9 +359,7 @@ def phase_quality(phase, magnitude=None, *, echo_times=None) -> np.ndarray:
             te = check_echo_times(echo_times, p.shape[-1])
             phase2, te_ratio = p[..., 1], te[0] / te[1]
         p = p[..., 0]
-        if mag is not None and mag.ndim == 4:
-            mag = mag[..., 0]
-    elif mag is not None and mag.ndim == 4:
+    if mag is not None and mag.ndim == 4:
         mag = mag[..., 0]
     ws = _edge_weights(p, mag, phase2, te_ratio)
     q = np.zeros(p.shape, dtype=np.float32)
@@ -406,7 +395,7 @@ def mask_from_phase_quality(
 
     Give the magnitude: without it the skull, whose phase is coherent despite its low signal,
     scores like tissue and the brain is not separated from the scalp (on the 2 mm test
-    phantom, Dice 0.73 from one echo's phase alone against 0.994 with its magnitude).
+    phantom, Dice 0.74 from one echo's phase alone against 0.994 with its magnitude).
 
     Parameters
     ----------
