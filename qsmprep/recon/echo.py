@@ -120,16 +120,18 @@ def fit_field_linear(
     susceptibility distributions from MRI field maps. IEEE TMI 2010;29:273-281 (weighted fit).
     """
     te, mask = _check_echoes(phase, magnitude, echo_times, mask)
-    phi = np.asarray(phase, dtype=np.float64)
+    shape = phase.shape[:3]
+    sel = np.ones(shape, bool) if mask is None else mask
+    phi = np.asarray(phase)[sel].astype(np.float64)  # (N, E): only the voxels to fit
     if magnitude is None:
         w = np.ones_like(phi)
     else:
-        w = np.asarray(magnitude, dtype=np.float64) ** 2
+        w = np.asarray(magnitude)[sel].astype(np.float64) ** 2
     sw = w.sum(-1)
-    st = (w * te).sum(-1)
-    stt = (w * te**2).sum(-1)
+    st = w @ te
+    stt = w @ te**2
     sp = (w * phi).sum(-1)
-    stp = (w * te * phi).sum(-1)
+    stp = (w * phi) @ te
     with np.errstate(invalid="ignore", divide="ignore"):
         if offset:
             den = sw * stt - st**2
@@ -141,15 +143,14 @@ def fit_field_linear(
             phi0 = np.zeros_like(omega)
             var = 1.0 / stt
         std = np.sqrt(var) * (1.0 if noise_std is None else float(noise_std)) / (2 * np.pi)
-    field = omega / (2 * np.pi)
-    field = np.where(np.isfinite(field), field, 0.0)
-    phi0 = np.where(np.isfinite(phi0), phi0, 0.0)
-    std = np.where(np.isfinite(std) & (std > 0), std, np.inf)
-    if mask is not None:
-        field = np.where(mask, field, 0.0)
-        phi0 = np.where(mask, phi0, 0.0)
-        std = np.where(mask, std, np.inf)
-    return field.astype(np.float32), std.astype(np.float32), phi0.astype(np.float32)
+    field = np.zeros(shape, np.float32)
+    off = np.zeros(shape, np.float32)
+    sd = np.full(shape, np.inf, np.float32)
+    f = omega / (2 * np.pi)
+    field[sel] = np.where(np.isfinite(f), f, 0.0)
+    off[sel] = np.where(np.isfinite(phi0), phi0, 0.0)
+    sd[sel] = np.where(np.isfinite(std) & (std > 0), std, np.inf)
+    return field, sd, off
 
 
 def fit_field_complex(
