@@ -31,14 +31,17 @@ def test_chain_on_phantom(phantom2mm, gre2mm):
     assert set(profile) == {"mask", "unwrap", "echo_fit", "background_resharp"}
     inside = maps.mask & phantom2mm.brain_mask
     # Total field: exact unwrapping plus an M^2-weighted fit at SNR 100 leaves only noise and
-    # the partial-volume edge; measured median |error| 0.2 Hz inside the true brain.
+    # the partial-volume edge; measured median |error| 0.13 Hz inside the true brain.
     err_total = np.abs(maps.total_hz - gre2mm.total_field_hz)[inside]
-    assert np.median(err_total) < 1.0
-    # Local field against the truth inside the eroded mask: measured NRMSE about 30 %.
+    assert np.median(err_total) < 0.5
+    # Local field against the truth inside the eroded mask: measured NRMSE 42 % over 74 % of
+    # the brain. The floor is the phase noise at SNR 100 (field std ~0.3 Hz against a local
+    # field of a few Hz rms) and the harmonic part of the local field that no background
+    # method can tell from the background.
     m = maps.local_mask & phantom2mm.brain_mask
     nrmse = _nrmse(maps.local_hz, gre2mm.local_field_hz, m)
-    assert nrmse < 45, nrmse
-    assert m.sum() > 0.6 * phantom2mm.brain_mask.sum()
+    assert nrmse < 50, nrmse
+    assert m.sum() > 0.65 * phantom2mm.brain_mask.sum()
 
 
 def _load_shared(dataset, subject):
@@ -75,15 +78,17 @@ def _load_shared(dataset, subject):
 @pytest.mark.parametrize("subject", ["01", "02"])
 def test_chain_on_external_development_data(subject):
     # Data made by another team's forward model (qsm-forward): checks our chain against someone
-    # else's physics, including an oblique slab (sub-02). Measured local-field NRMSE with our
-    # mask and RESHARP: see the closing bound below.
+    # else's physics, including an oblique slab (sub-02). Measured with our mask and RESHARP:
+    # mask Dice 0.987 / 0.989 (the truth leaves out the outermost CSF layer), local-field NRMSE
+    # 43.8 / 45.4 % over 78 / 77 % of the brain; its local field is only ~1 Hz rms, so the
+    # phase noise (field std ~0.34 Hz) sets most of the error.
     if not (SHARED / "qsmdev").is_dir():
         pytest.skip("../shared/data is not available")
     mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", subject)
     maps = compute_local_field(mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine))
     true_mask = truth["desc-brain_mask"] > 0
     dice = 2 * (maps.mask & true_mask).sum() / (maps.mask.sum() + true_mask.sum())
-    assert dice > 0.85, dice
+    assert dice > 0.97, dice
     m = maps.local_mask & true_mask
     nrmse = _nrmse(maps.local_hz, truth["desc-local_fieldmap"], m)
-    assert nrmse < 60, nrmse
+    assert nrmse < 52, nrmse
