@@ -2,10 +2,12 @@
 
 Errors are measured inside the mask each method returns: NRMSE (%) after de-meaning estimate and
 truth there (the challenge-2.0 definition; the field mean is arbitrary) and the mean absolute
-error (Hz) of the de-meaned fields. The phantom's local field is weak (std 1.5 Hz at 3 T) next to
-its background (std 19 Hz), and part of it (sources near the brain surface) is harmonic in the
-brain and cannot be told from the background by any method, so even the best errors are tens of
-percent. Bounds are the measured values plus a margin of about 10 % of the value.
+error (Hz) of the de-meaned fields. The phantom's local field is weak (std about 1.5 Hz at 3 T)
+next to its background (std about 19 Hz). Part of the local field (that of sources near the
+brain surface) is harmonic in the brain and cannot be told from the background by any method,
+and on coarse voxels the near field of tissue just outside the mask is only approximately
+harmonic on the voxel grid, so even the best errors are tens of percent. Bounds are the
+measured values plus a margin of about 10 % of the value.
 """
 
 from __future__ import annotations
@@ -51,18 +53,18 @@ def noisy_total(phantom_fields):
 
 # measured on the 3 mm phantom (seed 1), default parameters:
 #   method    clean NRMSE / MAE     noisy NRMSE / MAE     kept
-#   sharp     77.7 % / 0.53 Hz      89.9 % / 0.69 Hz      0.76
-#   vsharp    85.9 % / 0.67 Hz      97.1 % / 0.79 Hz      0.76 (radii 12, 9, 6 mm)
-#   resharp   45.9 % / 0.31 Hz      63.9 % / 0.53 Hz      0.76
-#   pdf       59.7 % / 0.51 Hz      66.6 % / 0.67 Hz      1.00
+#   sharp     72.4 % / 0.51 Hz      84.6 % / 0.68 Hz      0.76
+#   vsharp    63.4 % / 0.49 Hz      76.8 % / 0.65 Hz      0.76 (radii 12, 9, 6 mm)
+#   resharp   42.9 % / 0.31 Hz      60.8 % / 0.53 Hz      0.76
+#   pdf       59.6 % / 0.50 Hz      67.4 % / 0.66 Hz      1.00
 # SHARP and V-SHARP lose the low spatial frequencies of the local field in their truncated
 # deconvolution; the noise (0.5 Hz white, a third of the local field's std) passes the SMV
 # high-pass almost unchanged and adds the same amount to every method.
 BOUNDS = {
-    "sharp": (85.0, 0.60, 98.0, 0.77, 0.72),
-    "vsharp": (94.0, 0.74, 106.0, 0.87, 0.72),
-    "resharp": (50.0, 0.35, 70.0, 0.59, 0.72),
-    "pdf": (66.0, 0.56, 73.0, 0.74, 0.99),
+    "sharp": (80.0, 0.57, 93.0, 0.75, 0.72),
+    "vsharp": (70.0, 0.55, 85.0, 0.72, 0.72),
+    "resharp": (48.0, 0.34, 67.0, 0.59, 0.72),
+    "pdf": (66.0, 0.55, 74.0, 0.72, 0.99),
 }
 
 
@@ -91,7 +93,7 @@ def test_phantom_local_field(method, phantom, phantom_fields, noisy_total):
 
 @pytest.mark.parametrize("radius", [4.0, 6.0, 9.0])
 def test_resharp_at_least_as_good_as_sharp(radius, phantom, phantom_fields, noisy_total):
-    # measured NRMSE (clean) SHARP / RESHARP: 4 mm 81 / 53 %, 6 mm 78 / 46 %, 9 mm 53 / 36 %;
+    # measured NRMSE (clean) SHARP / RESHARP: 4 mm 146 / 97 %, 6 mm 72 / 43 %, 9 mm 53 / 32 %;
     # same eroded mask for both, so the comparison is like for like.
     vs, brain, truth = phantom.voxel_size, phantom.brain_mask, phantom_fields["local_hz"]
     for total in (phantom_fields["total_hz"], noisy_total):
@@ -102,12 +104,12 @@ def test_resharp_at_least_as_good_as_sharp(radius, phantom, phantom_fields, nois
 
 
 def test_errors_on_2mm_phantom(phantom2mm, phantom2mm_fields):
-    # measured (seed 0, 96 x 96 x 80 at 2 mm): SHARP 78.3 %, V-SHARP 86.0 %, RESHARP 38.7 %,
-    # PDF 54.5 %; finer voxels help RESHARP and PDF most.
+    # measured (seed 0, 96 x 96 x 80 at 2 mm): SHARP 67.2 %, V-SHARP 76.1 % (radii 12 to 4 mm,
+    # keeps 83 % of the brain against 74 %), RESHARP 37.4 %, PDF 54.2 %.
     vs, brain = phantom2mm.voxel_size, phantom2mm.brain_mask
     total, truth = phantom2mm_fields["total_hz"], phantom2mm_fields["local_hz"]
-    bounds = {"sharp": 86.0, "vsharp": 95.0, "resharp": 43.0, "pdf": 60.0}
-    for method in ("resharp", "pdf"):
+    bounds = {"sharp": 74.0, "vsharp": 84.0, "resharp": 42.0, "pdf": 60.0}
+    for method in bg.METHODS:
         local, m = bg.remove_background(total, brain, vs, method=method)
         assert _errors(local, truth, m)[0] < bounds[method], method
 
@@ -131,10 +133,11 @@ def _harmonic_background(shape, voxel_size, brain):
 
 
 # measured residual (% of the input's de-meaned norm in the returned mask): SMV methods
-# 0.004-0.05 % (the ball's mean value property is exact for the polynomial part and nearly so
-# for the sphere field; float32 round-off), PDF 0.5 %.
-@pytest.mark.parametrize("method,bound", [("sharp", 0.2), ("vsharp", 0.2), ("resharp", 0.2),
-                                          ("pdf", 1.5)])
+# 0.002-0.004 % (the ball's mean value property is exact for the polynomial part and nearly so
+# for the sphere field; float32 round-off), PDF 1.1 % (early-stopped fit of sources far out).
+@pytest.mark.parametrize(
+    "method,bound", [("sharp", 0.05), ("vsharp", 0.05), ("resharp", 0.05), ("pdf", 1.5)]
+)
 def test_harmonic_background_is_removed(method, bound, phantom):
     vs, brain = phantom.voxel_size, phantom.brain_mask
     f = _harmonic_background(brain.shape, vs, brain)
@@ -158,18 +161,18 @@ def _deep_sources(phantom, radius_mm=6.0):
     return chi
 
 
-# measured relative error in the returned mask: SHARP with a small truncation (1e-3) 0.3 %
+# measured relative error in the returned mask: SHARP with a small truncation (1e-3) 0.4 %
 # (exact up to the lost mean: the high-passed field lies inside the eroded mask), default
-# SHARP 24 %, V-SHARP 13 %, RESHARP 10 %, PDF 9 % (the low frequencies of the field that
-# look harmonic in the mask).
+# SHARP 12.8 %, V-SHARP 6.4 %, RESHARP 9.6 %, PDF 14.7 % (the part of the field that looks
+# harmonic in the mask: truncated, regularised or fitted away).
 @pytest.mark.parametrize(
     "method,kw,bound",
     [
         ("sharp", {"threshold": 1e-3}, 1.0),
-        ("sharp", {}, 28.0),
-        ("vsharp", {}, 16.0),
-        ("resharp", {}, 13.0),
-        ("pdf", {}, 12.0),
+        ("sharp", {}, 15.0),
+        ("vsharp", {}, 8.0),
+        ("resharp", {}, 11.0),
+        ("pdf", {}, 17.0),
     ],
 )
 def test_local_sources_inside_the_mask_are_kept(method, kw, bound, phantom):
@@ -188,7 +191,7 @@ def test_linear_in_the_field_so_unit_free(phantom, phantom_fields):
         ppm, m2 = bg.remove_background(phantom_fields["total_ppm"], brain, vs, method=method)
         np.testing.assert_array_equal(m1, m2)
         rel = np.linalg.norm(ppm * HZ_PER_PPM - hz) / np.linalg.norm(hz)
-        assert rel < 1e-4, (method, rel)  # measured <= 2e-5
+        assert rel < 1e-4, (method, rel)  # measured <= 5e-6 (float32 round-off)
 
 
 def test_pdf_honours_oblique_b0(phantom):
@@ -200,8 +203,8 @@ def test_pdf_honours_oblique_b0(phantom):
     wrong, _ = bg.pdf(fields["total_hz"], brain, vs, b0_dir=(0.0, 0.0, 1.0))
     e_right = _errors(right, fields["local_hz"], m)[0]
     e_wrong = _errors(wrong, fields["local_hz"], m)[0]
-    # measured 60 % with the right direction, 120 % with the axial one
-    assert e_right < 66 and e_wrong > 1.5 * e_right
+    # measured 69 % with the right direction, 163 % with the axial one
+    assert e_right < 76 and e_wrong > 2 * e_right
 
 
 def test_pdf_weight_discounts_noisy_voxels(phantom, phantom_fields):
@@ -214,8 +217,8 @@ def test_pdf_weight_discounts_noisy_voxels(phantom, phantom_fields):
     plain, _ = bg.pdf(noisy, brain, vs)
     weighted, _ = bg.pdf(noisy, brain, vs, weight=1.0 / sigma)
     truth = phantom_fields["local_hz"]
-    # where the data are good, the weighted fit is better: measured 81 % vs 114 %
-    assert _errors(weighted, truth, quiet)[0] < 0.85 * _errors(plain, truth, quiet)[0]
+    # where the data are good, the weighted fit is better: measured 65.6 % vs 78.0 %
+    assert _errors(weighted, truth, quiet)[0] < 0.92 * _errors(plain, truth, quiet)[0]
 
 
 def test_pdf_erode_peels_voxel_layers(phantom, phantom_fields):
@@ -294,7 +297,7 @@ def test_torch_matches_numpy(method, phantom, phantom_fields):
     )
     assert isinstance(out, np.ndarray)
     np.testing.assert_array_equal(m, m_ref)
-    # measured 3e-6 (SMV methods, float32) and 3e-5 (PDF, float64 iterations)
+    # measured 2.5e-6 to 4.2e-6 (float32 SMV methods), 6e-7 (PDF, float64 iterations)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
 
 
