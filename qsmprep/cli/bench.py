@@ -128,6 +128,114 @@ def bench_field(args) -> dict:
     }
 
 
+INVERSION_METHODS = ("tkd", "tsvd", "l2", "tv", "medi", "cosmos")
+
+
+def bench_inversion(args) -> dict:
+    """Time and score each dipole inversion on one simulated head (noisy local field)."""
+    from qsmprep import metrics
+    from qsmprep.recon import inversion
+    from qsmprep.recon._backend import count_ffts
+    from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
+    from qsmprep.sim import make_head_phantom, simulate_fields, simulate_gre
+
+    shape = tuple(args.shape)
+    vs = tuple(args.voxel_size) * 3 if len(args.voxel_size) == 1 else tuple(args.voxel_size)
+    t0 = time.perf_counter()
+    ph = make_head_phantom(shape, vs, seed=args.seed)
+    b0_dir = b0_dir_from_affine(ph.affine)
+    fields = simulate_fields(ph, b0=args.b0)
+    mask = ph.brain_mask
+    rng = np.random.default_rng(args.seed)
+    noise_ppm = args.noise_hz * float(hz_to_ppm(1.0, args.b0))
+    local = (fields["local_ppm"] + rng.normal(0.0, noise_ppm, shape) * mask).astype(np.float32)
+    truth = np.where(mask, ph.chi, 0.0).astype(np.float32)
+    te = (0.004, 0.008, 0.012, 0.016, 0.020)
+    magnitude = simulate_gre(ph, te, b0=args.b0, snr=args.snr, seed=args.seed).magnitude[..., 0]
+    cosmos_inputs = None
+    if "cosmos" in args.methods:
+        dirs = [np.array(b0_dir)]
+        for ax, ang in ((0, 25.0), (1, -25.0), (0, -20.0))[: args.orientations - 1]:
+            t = np.deg2rad(ang)
+            c, s_ = np.cos(t), np.sin(t)
+            rot = np.eye(3)
+            i, j = [a for a in range(3) if a != ax][:2]
+            rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s_, s_, c
+            dirs.append(rot @ np.array(b0_dir))
+        cosmos_inputs = (
+            [
+                simulate_fields(ph, b0_dir=tuple(d), b0=args.b0)["local_ppm"]
+                + rng.normal(0.0, noise_ppm, shape) * mask
+                for d in dirs
+            ],
+            [tuple(d) for d in dirs],
+        )
+    t_sim = time.perf_counter() - t0
+    print(
+        f"# qsmprep {__version__} inversion benchmark: {shape} at {vs} mm, {args.b0} T, "
+        f"local-field noise {args.noise_hz} Hz ({noise_ppm:.4f} ppm), device {args.device}; "
+        f"simulation {t_sim:.1f} s (not counted)",
+        flush=True,
+    )
+    pair = _fft_pair_seconds(shape, args.device)
+    print(f"# one rfftn + irfftn pair of {shape} (float32): {1e3 * pair:.1f} ms", flush=True)
+
+    rows = []
+    for name in args.methods:
+        info: dict = {}
+        kw = {"b0_dir": b0_dir, "device": args.device}
+        if name in ("tv", "medi"):
+            kw["info"] = info
+        if name == "medi":
+            kw.update(magnitude=magnitude, b0=args.b0)
+        _sync(args.device)
+        t1 = time.perf_counter()
+        with count_ffts() as counter:
+            if name == "cosmos":
+                fs, dirs = cosmos_inputs
+                chi = inversion.cosmos(fs, mask, vs, dirs, device=args.device)
+            else:
+                chi = getattr(inversion, name)(local, mask, vs, **kw)
+            _sync(args.device)
+        sec = time.perf_counter() - t1
+        eq = counter.equivalents(shape)
+        scores = metrics.evaluate(chi, truth, mask)
+        row = {
+            "method": name,
+            "seconds": sec,
+            "iterations": info.get("iterations"),
+            "fft_equivalents": eq,
+            "seconds_per_fft_equivalent": sec / eq if eq else float("nan"),
+            "ratio_to_fft_time": sec / (eq / 2 * pair) if eq else float("nan"),
+            **{k: scores[k] for k in ("nrmse", "hfen", "ssim", "xsim")},
+        }
+        rows.append(row)
+        print(f"  {name}: {sec:.2f} s", flush=True)
+
+    print()
+    print(
+        "| method | wall (s) | iterations | FFT-equivalents | ms per FFT-equivalent "
+        "| time / FFT time | NRMSE (%) | HFEN (%) | SSIM | XSIM |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        it = "" if r["iterations"] is None else str(r["iterations"])
+        print(
+            f"| {r['method']} | {r['seconds']:.2f} | {it} | {r['fft_equivalents']:.0f} "
+            f"| {1e3 * r['seconds_per_fft_equivalent']:.1f} | {r['ratio_to_fft_time']:.2f} "
+            f"| {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['ssim']:.3f} | {r['xsim']:.3f} |"
+        )
+    return {
+        "version": __version__,
+        "shape": shape,
+        "voxel_size": vs,
+        "device": args.device,
+        "noise_hz": args.noise_hz,
+        "fft_pair_seconds": pair,
+        "rows": rows,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qsmprep-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
@@ -150,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--device", default="cpu", help="cpu (NumPy/scipy), torch (CPU), cuda")
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    i = sub.add_parser("inversion", help="dipole inversion: time, FFTs and accuracy per method")
+    i.add_argument("--shape", type=int, nargs=3, default=[224, 224, 160])
+    i.add_argument("--voxel-size", type=float, nargs="+", default=[1.0], help="mm")
+    i.add_argument("--b0", type=float, default=3.0, help="field strength (T)")
+    i.add_argument(
+        "--noise-hz", type=float, default=0.38, help="std of the noise added to the local field"
+    )
+    i.add_argument("--snr", type=float, default=100.0, help="SNR of the magnitude (MEDI edges)")
+    i.add_argument("--orientations", type=int, default=3, help="head orientations for COSMOS")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--methods", nargs="+", default=list(INVERSION_METHODS), choices=INVERSION_METHODS
+    )
+    i.add_argument("--device", default="cpu", help="cpu (NumPy/scipy), torch (CPU), cuda")
+    i.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p
 
 
@@ -157,6 +281,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.bench == "field":
         result = bench_field(args)
+    elif args.bench == "inversion":
+        result = bench_inversion(args)
     else:  # pragma: no cover - argparse restricts the choices
         return 2
     if args.json:
