@@ -8,6 +8,9 @@ random displacement; structures are painted in order (scalp, skull, air cavities
 white matter, ventricles, deep grey nuclei, veins, lesions) with a partial-volume fraction
 ``clip(0.5 - d / h, 0, 1)`` (``h`` the mean voxel size), which blends chi, M0 and R2* linearly
 at boundaries. The label of a voxel is the last structure that covers at least half of it.
+The intracranial boundary alone is sharp (no blending with bone), so that every brain-mask
+voxel holds intracranial values and ``chi * brain_mask`` is the exact source of the local
+field.
 
 Units: chi in ppm (SI) relative to water (CSF = 0; air +9.4 ppm, bone -2 ppm); R2* in 1/s;
 M0 in arbitrary units (CSF = 1); lengths in mm.

@@ -115,7 +115,8 @@ def simulate_gre(
     b0 : float
         T. R2* is scaled from the phantom's field strength by ``b0 / phantom.b0``.
     b0_dir : 3 floats, optional
-        B0 direction in voxel coordinates; default from the phantom affine.
+        B0 direction in voxel coordinates; default from the phantom affine. Used only to
+        compute the fields when ``fields`` is not given.
     snr : float or None
         Peak SNR of echo 1 in the brain; None or inf for noiseless data.
     phase_offset : bool
