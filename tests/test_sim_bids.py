@@ -158,3 +158,38 @@ def test_write_bids_dataset_arguments(tmp_path, phantom, phantom_fields):
         write_bids_dataset(
             tmp_path / "z", {"01": (phantom, g, phantom_fields)}, repetition_time=0.01
         )
+
+
+def test_multi_orientation_subject(tmp_path):
+    # One subject at three head orientations on one voxel grid (COSMOS layout): the affines
+    # differ by the rotation, the ground-truth local field of each follows its own B0 direction.
+    import nibabel as nib
+
+    from qsmprep.recon.kernels import b0_dir_from_affine
+    from qsmprep.sim import forward_field
+    from qsmprep.sim.bids import simulate_bids_dataset
+
+    root = simulate_bids_dataset(
+        tmp_path / "ds",
+        shape=(32, 32, 24),
+        voxel_size=(4, 4, 4),
+        snr=None,
+        orientations={0: [0.0, (20.0, 0.0), (0.0, -20.0)]},
+    )
+    anat = root / "sub-01" / "anat"
+    gt = root / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    chi = nib.load(gt / "sub-01_Chimap.nii.gz").get_fdata()
+    mask = nib.load(gt / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    dirs = []
+    for k in (1, 2, 3):
+        img = nib.load(anat / f"sub-01_acq-ori{k}_echo-1_part-phase_MEGRE.nii.gz")
+        assert img.shape == chi.shape
+        b = np.array(b0_dir_from_affine(img.affine))
+        dirs.append(b)
+        local = nib.load(gt / f"sub-01_acq-ori{k}_desc-local_fieldmap.nii.gz").get_fdata()
+        expected = forward_field(chi, (4, 4, 4), b)
+        expected = np.where(mask, expected - expected[mask].mean(), 0)
+        hz_per_ppm = 42.57747892 * 3.0
+        np.testing.assert_allclose(local, expected * hz_per_ppm, atol=2e-3 * np.abs(local).max())
+    angles = [np.degrees(np.arccos(np.clip(dirs[0] @ d, -1, 1))) for d in dirs[1:]]
+    np.testing.assert_allclose(angles, [20.0, 20.0], atol=1e-6)

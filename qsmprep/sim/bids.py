@@ -21,6 +21,7 @@ spatial units mm. World z is B0: an oblique slab is a rotated affine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from qsmprep.recon.kernels import GAMMA_BAR, b0_dir_from_affine
 from qsmprep.sim.phantom import LABEL_NAMES, HeadPhantom, make_head_phantom, simulate_fields
 from qsmprep.sim.signal import GRESignal, simulate_gre
 
-__all__ = ["simulate_bids_dataset", "tilt_affine", "write_bids_dataset"]
+__all__ = ["rotate_affine", "simulate_bids_dataset", "tilt_affine", "write_bids_dataset"]
 
 _DEFAULT_TES = (0.004, 0.008, 0.012, 0.016, 0.020)
 _GENERATOR = {
@@ -55,6 +56,19 @@ def tilt_affine(affine, tilt_deg: float) -> np.ndarray:
     r = np.eye(4)
     r[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
     return r @ np.asarray(affine, dtype=float)
+
+
+def rotate_affine(affine, about_x_deg: float = 0.0, about_y_deg: float = 0.0) -> np.ndarray:
+    """The affine of the same array with the head rotated about world x, then world y.
+
+    Generalises :func:`tilt_affine` (``rotate_affine(A, t) == tilt_affine(A, t)``) to two axes,
+    so a set of orientations spans B0 directions off one plane (better conditioned COSMOS).
+    """
+    a = tilt_affine(affine, about_x_deg)
+    t = np.deg2rad(-float(about_y_deg))
+    ry = np.eye(4)
+    ry[0, 0], ry[0, 2], ry[2, 0], ry[2, 2] = np.cos(t), np.sin(t), -np.sin(t), np.cos(t)
+    return ry @ a
 
 
 def _subject_label(key: str) -> str:
@@ -162,11 +176,30 @@ def write_bids_dataset(
     )
 
     for sub, (ph, gre, fields) in labels.items():
-        _write_subject(root, gt_root, sub, ph, gre, fields, repetition_time, flip_angle, metadata)
+        acqs = ph_list = None
+        if isinstance(ph, list | tuple):  # several head orientations: acq-ori1, acq-ori2, ...
+            acqs, ph_list = (
+                [f"ori{k + 1}" for k in range(len(ph))],
+                list(zip(ph, gre, fields, strict=True)),
+            )
+        for k, (ph_k, gre_k, fields_k) in enumerate(ph_list or [(ph, gre, fields)]):
+            acq = acqs[k] if acqs else None
+            _write_subject(
+                root,
+                gt_root,
+                sub,
+                ph_k,
+                gre_k,
+                fields_k,
+                repetition_time,
+                flip_angle,
+                metadata,
+                acq=acq,
+            )
     return root
 
 
-def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata) -> None:
+def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata, acq=None) -> None:
     if gre.magnitude.shape[:3] != ph.shape:
         raise ValueError(
             f"sub-{sub}: signal shape {gre.magnitude.shape[:3]} differs from the phantom's"
@@ -193,9 +226,10 @@ def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata) -> N
         "ManufacturersModelName": "qsmprep.sim",
         "SliceThickness": float(ph.voxel_size[2]),
     }
+    ent = f"sub-{sub}" + (f"_acq-{acq}" if acq else "")
     for n in range(te.size):
         for part, data, flag in (("mag", gre.magnitude, "M"), ("phase", gre.phase, "P")):
-            stem = anat / f"sub-{sub}_echo-{n + 1}_part-{part}_MEGRE"
+            stem = anat / f"{ent}_echo-{n + 1}_part-{part}_MEGRE"
             _save_nifti(data[..., n], affine, stem.with_suffix(".nii.gz"))
             side = {"EchoTime": float(te[n]), "EchoNumber": n + 1, **common}
             side["ImageType"] = ["ORIGINAL", "PRIMARY", flag, "ND"]
@@ -212,10 +246,10 @@ def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata) -> N
     _save_nifti(ph.r2star * (gre.b0 / ph.b0), affine, gt / f"{p}_R2starmap.nii.gz")
     _save_nifti(brain, affine, gt / f"{p}_desc-brain_mask.nii.gz", dtype=np.uint8)
     _save_nifti(ph.labels, affine, gt / f"{p}_dseg.nii.gz", dtype=np.int16)
-    _save_nifti(gre.local_field_hz, affine, gt / f"{p}_desc-local_fieldmap.nii.gz")
-    _save_nifti(gre.total_field_hz, affine, gt / f"{p}_desc-total_fieldmap.nii.gz")
+    _save_nifti(gre.local_field_hz, affine, gt / f"{ent}_desc-local_fieldmap.nii.gz")
+    _save_nifti(gre.total_field_hz, affine, gt / f"{ent}_desc-total_fieldmap.nii.gz")
     for desc, units in (("local", "Hz"), ("total", "Hz")):
-        _write_json({"Units": units}, gt / f"{p}_desc-{desc}_fieldmap.json")
+        _write_json({"Units": units}, gt / f"{ent}_desc-{desc}_fieldmap.json")
     _write_json({"Units": "ppm"}, gt / f"{p}_Chimap.json")
 
     b_aff = b0_dir_from_affine(affine)
@@ -256,8 +290,10 @@ def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata) -> N
         "2N zero padding",
         "Storage": "float32",
     }
+    if acq:
+        info["Orientation"] = acq
     info.update({k: v for k, v in metadata.get(sub, {}).items() if k != "B0_dir_voxel"})
-    _write_json(info, gt / f"{p}_groundtruth.json")
+    _write_json(info, gt / f"{ent}_groundtruth.json")
 
 
 def simulate_bids_dataset(
@@ -273,6 +309,7 @@ def simulate_bids_dataset(
     tilt_deg: float | Sequence[float] = 0.0,
     lesions: bool = True,
     shim_order: int = 2,
+    orientations: dict[int, Sequence] | None = None,
 ) -> Path:
     """Simulate ``n_subjects`` phantoms and write them as a BIDS dataset (see the module doc).
 
@@ -280,6 +317,12 @@ def simulate_bids_dataset(
     ``seed + 1000 + i``. ``tilt_deg`` (one value, or one per subject) tilts the slab about the
     world x axis (:func:`tilt_affine`); the fields are computed with the B0 direction of the
     tilted affine, so the raw data are a consistent oblique acquisition.
+
+    ``orientations`` gives some subjects several head orientations on one voxel grid, as for
+    COSMOS: ``{subject_index: [rot, rot, ...]}`` with each ``rot`` a tilt in degrees about the
+    world x axis or a pair ``(about_x, about_y)``; that subject is written as ``acq-ori1``,
+    ``acq-ori2``, ... (same phantom and array, rotated affine, fields along each B0), in the
+    layout of the development data's multi-orientation set.
 
     Returns
     -------
@@ -292,10 +335,23 @@ def simulate_bids_dataset(
     for i in range(int(n_subjects)):
         label = f"{i + 1:02d}"
         ph = make_head_phantom(shape, voxel_size, seed=seed + i, lesions=lesions, b0=b0)
-        ph.affine = tilt_affine(ph.affine, tilts[i])
-        fields = simulate_fields(ph, b0=b0, shim_order=shim_order)
-        gre = simulate_gre(ph, echo_times, b0=b0, snr=snr, seed=seed + 1000 + i, fields=fields)
-        subjects[label] = (ph, gre, fields)
+        rots = (orientations or {}).get(i)
+        if rots:
+            phs, gres, flds = [], [], []
+            for k, rot in enumerate(rots):
+                rx, ry = (float(rot), 0.0) if np.isscalar(rot) else (float(rot[0]), float(rot[1]))
+                ph_k = dataclasses.replace(ph, affine=rotate_affine(ph.affine, rx, ry))
+                f_k = simulate_fields(ph_k, b0=b0, shim_order=shim_order)
+                sig = seed + 1000 + 100 * k + i
+                phs.append(ph_k)
+                flds.append(f_k)
+                gres.append(simulate_gre(ph_k, echo_times, b0=b0, snr=snr, seed=sig, fields=f_k))
+            subjects[label] = (phs, gres, flds)
+        else:
+            ph.affine = tilt_affine(ph.affine, tilts[i])
+            fields = simulate_fields(ph, b0=b0, shim_order=shim_order)
+            gre = simulate_gre(ph, echo_times, b0=b0, snr=snr, seed=seed + 1000 + i, fields=fields)
+            subjects[label] = (ph, gre, fields)
         meta[label] = {
             "B0_tilt_deg": float(tilts[i]),
             "SignalSeed": seed + 1000 + i,
