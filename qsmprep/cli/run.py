@@ -1,178 +1,447 @@
-"""``qsmprep`` command line.
+"""``qsmprep``: the BIDS App command line.
 
-``qsmprep demo OUT`` is the embedded default a newcomer runs first: it simulates a small BIDS
-dataset of multi-echo GRE magnitude + phase (with ground truth), discovers it with pybids,
-computes the total and local field maps with the field chain, writes them as a BIDS
-derivative dataset and prints their error against the ground truth.
+``qsmprep bids_dir output_dir participant [options]`` processes the participants' multi-echo
+GRE acquisitions into susceptibility maps (BIDS derivatives plus one HTML report per subject);
+``qsmprep bids_dir output_dir group`` gathers their metrics. ``qsmprep demo OUT`` simulates a
+small dataset with ground truth and runs both levels on it: the embedded default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import numpy as np
-
 from qsmprep.__about__ import __version__
+from qsmprep.config import BG_METHODS, CLASSICAL_METHODS, Settings, load_method_params
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "run_group", "run_participant"]
 
-
-def _load_megre(bids_dir: Path, subject: str):
-    """Magnitude and phase (X, Y, Z, E), echo times (s), B0 (T) and affine of one subject."""
-    import nibabel as nib
-    from bids import BIDSLayout
-
-    layout = BIDSLayout(str(bids_dir), validate=False)
-    common = {"subject": subject, "suffix": "MEGRE", "extension": [".nii", ".nii.gz"]}
-    phases = sorted(layout.get(part="phase", **common), key=lambda f: f.get_entities()["echo"])
-    mags = sorted(layout.get(part="mag", **common), key=lambda f: f.get_entities()["echo"])
-    if not phases or len(phases) != len(mags):
-        raise ValueError(
-            f"sub-{subject}: found {len(mags)} magnitude and {len(phases)} phase MEGRE images in"
-            f" {bids_dir}; each echo needs *_part-mag_MEGRE and *_part-phase_MEGRE"
-        )
-    te = [float(f.get_metadata()["EchoTime"]) for f in phases]
-    b0 = float(phases[0].get_metadata()["MagneticFieldStrength"])
-    imgs = [nib.load(f.path) for f in phases]
-    phase = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in imgs], axis=-1)
-    mag = np.stack([np.asarray(nib.load(f.path).dataobj, np.float32) for f in mags], axis=-1)
-    return mag, phase, te, b0, imgs[0].affine, imgs[0].header.get_zooms()[:3]
+LOGGER = logging.getLogger("qsmprep")
+NIPYPE_PLUGINS = (
+    "MultiProc",
+    "Linear",
+    "SLURM",
+    "SLURMGraph",
+    "SGE",
+    "SGEGraph",
+    "PBS",
+    "PBSGraph",
+    "LSF",
+    "Condor",
+    "DAGMan",
+    "OAR",
+    "IPython",
+)
 
 
-def _write_derivatives(out: Path, subject: str, affine, maps, sources, settings) -> list[Path]:
-    """Write field maps and mask atomically: a staging folder renamed into place."""
-    import nibabel as nib
-
-    deriv = out / "derivatives" / "qsmprep"
-    deriv.mkdir(parents=True, exist_ok=True)
-    desc = deriv / "dataset_description.json"
-    if not desc.exists():
-        desc.write_text(
-            json.dumps(
-                {
-                    "Name": "qsmprep derivatives",
-                    "BIDSVersion": "1.9.0",
-                    "DatasetType": "derivative",
-                    "GeneratedBy": [{"Name": "qsmprep", "Version": __version__}],
-                },
-                indent=2,
-            )
-        )
-    final = deriv / f"sub-{subject}" / "anat"
-    staging = deriv / f".sub-{subject}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    items = [
-        ("desc-brain_mask", maps.mask.astype(np.uint8), {"Type": "Brain"}),
-        ("desc-total_fieldmap", maps.total_hz, {"Units": "Hz"}),
-        ("desc-local_fieldmap", maps.local_hz, {"Units": "Hz"}),
-        ("desc-local_mask", maps.local_mask.astype(np.uint8), {"Type": "Brain"}),
-    ]
-    written = []
-    for suffix, data, meta in items:
-        name = f"sub-{subject}_{suffix}"
-        nib.save(nib.Nifti1Image(data, affine), staging / f"{name}.nii.gz")
-        meta = {
-            **meta,
-            "Sources": sources,
-            "Settings": settings,
-            "GeneratedBy": {"Name": "qsmprep", "Version": __version__},
-        }
-        (staging / f"{name}.json").write_text(json.dumps(meta, indent=2))
-        written.append(final / f"{name}.nii.gz")
-    final.mkdir(parents=True, exist_ok=True)
-    for f in staging.iterdir():
-        f.replace(final / f.name)
-    staging.rmdir()
-    return written
+class UsageError(ValueError):
+    """A problem with the command line or the inputs, reported without a traceback."""
 
 
-def run_demo(args) -> int:
-    import nibabel as nib
-
-    from qsmprep.recon.chain import compute_local_field
-    from qsmprep.recon.kernels import b0_dir_from_affine
-    from qsmprep.sim.bids import simulate_bids_dataset
-
-    out = Path(args.output_dir).resolve()
-    bids_dir = out / "bids"
-    t0 = time.perf_counter()
-    print(f"qsmprep {__version__} demo: simulating a BIDS dataset in {bids_dir}", flush=True)
-    simulate_bids_dataset(
-        bids_dir,
-        n_subjects=1,
-        shape=tuple(args.shape),
-        voxel_size=(args.voxel_size,) * 3,
-        seed=args.seed,
-    )
-    mag, phase, te, b0, affine, zooms = _load_megre(bids_dir, "01")
-    print(
-        f"  sub-01: {mag.shape[-1]} echoes, TE {[round(t * 1e3, 2) for t in te]} ms,"
-        f" {b0:g} T, {mag.shape[:3]} voxels of {tuple(round(float(z), 2) for z in zooms)} mm",
-        flush=True,
-    )
-    profile: dict = {}
-    maps = compute_local_field(
-        mag,
-        phase,
-        te,
-        zooms,
-        b0_dir=b0_dir_from_affine(affine),
-        bg_method=args.bg_method,
-        device=args.device,
-        profile=profile,
-    )
-    for name, rec in profile.items():
-        print(f"  {name:<22s} {rec['seconds']:6.2f} s", flush=True)
-    sources = sorted(str(p.relative_to(bids_dir)) for p in bids_dir.rglob("sub-01_*MEGRE.nii.gz"))
-    written = _write_derivatives(out, "01", affine, maps, sources, maps.settings)
-    truth = bids_dir / "derivatives" / "groundtruth" / "sub-01" / "anat"
-    true_local = np.asarray(nib.load(truth / "sub-01_desc-local_fieldmap.nii.gz").dataobj)
-    true_mask = np.asarray(nib.load(truth / "sub-01_desc-brain_mask.nii.gz").dataobj) > 0
-    m = maps.local_mask & true_mask
-    est = maps.local_hz[m] - maps.local_hz[m].mean()
-    ref = true_local[m] - true_local[m].mean()
-    nrmse = 100 * np.linalg.norm(est - ref) / np.linalg.norm(ref)
-    dice = 2 * (maps.mask & true_mask).sum() / (maps.mask.sum() + true_mask.sum())
-    print(f"  brain mask Dice vs truth: {dice:.3f}")
-    print(
-        f"  local field ({args.bg_method}) vs truth: NRMSE {nrmse:.1f} %,"
-        f" mean |error| {np.abs(est - ref).mean():.2f} Hz over {int(m.sum())} voxels"
-    )
-    print(f"wrote {len(written)} maps to {written[0].parent} in {time.perf_counter() - t0:.1f} s")
-    return 0
+def _labels(values):
+    if not values:
+        return None
+    return [v[4:] if v.startswith("sub-") else v for v in values]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The BIDS App parser (its help text is the CLI reference of the documentation)."""
     p = argparse.ArgumentParser(
-        prog="qsmprep", description="Quantitative susceptibility mapping for BIDS datasets."
+        prog="qsmprep",
+        description="qsmprep: quantitative susceptibility mapping of multi-echo GRE BIDS data."
+        " Run 'qsmprep demo OUT' for a simulated example.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
+    p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="simulate a small dataset and run the field chain on it")
-    d.add_argument("output_dir", help="folder for the simulated BIDS data and the derivatives")
-    d.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80])
-    d.add_argument("--voxel-size", type=float, default=2.0, help="isotropic voxel size (mm)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--bg-method", default="resharp", choices=["resharp", "vsharp", "sharp", "pdf"])
-    d.add_argument("--device", default="cpu", help="cpu, torch (CPU) or cuda")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+
+    g = p.add_argument_group("Selecting data")
+    g.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects to process (with or without 'sub-'); default all",
+    )
+    g.add_argument(
+        "--session-label",
+        nargs="+",
+        metavar="LABEL",
+        help="sessions to process (with or without 'ses-'); default all",
+    )
+    g.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help="JSON file of pybids entity filters applied to the MEGRE/T2starw query",
+    )
+    g.add_argument(
+        "--b0",
+        type=float,
+        metavar="TESLA",
+        help="field strength, overriding the sidecars' MagneticFieldStrength",
+    )
+    g.add_argument(
+        "--phase-sign",
+        type=int,
+        choices=[1, -1],
+        default=1,
+        help="multiply the phase by this sign (-1 for scanners of the opposite "
+        "handedness: veins and deep grey nuclei must come out positive)",
+    )
+
+    g = p.add_argument_group("Methods")
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        default=["tkd", "l2", "tv", "medi"],
+        metavar="METHOD",
+        help=f"dipole inversions, each also the desc- label of its "
+        f"Chimap; available: {', '.join(CLASSICAL_METHODS)}",
+    )
+    g.add_argument(
+        "--bg-method", choices=BG_METHODS, default="resharp", help="background field removal"
+    )
+    g.add_argument(
+        "--unwrap", choices=["quality", "laplacian"], default="quality", help="phase unwrapping"
+    )
+    g.add_argument(
+        "--mask-method",
+        choices=["magnitude", "phase"],
+        default="magnitude",
+        help="brain mask from the magnitude or from the phase quality",
+    )
+    g.add_argument(
+        "--reference",
+        type=Path,
+        metavar="CHIMAP",
+        help="reference susceptibility map (ppm, same space) for metric reports;"
+        " default: COSMOS when a subject has several head orientations",
+    )
+    g.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help='JSON/TOML file of method parameters, e.g. {"tv": {"lam": 5e-4}}',
+    )
+
+    g = p.add_argument_group("Performance and execution")
+    g.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        help="Nipype work directory (a rerun with the same one resumes); default "
+        "<output_dir>/../qsmprep_work",
+    )
+    g.add_argument("--nprocs", "--nthreads", type=int, default=1, help="parallel processes")
+    g.add_argument("--omp-nthreads", type=int, default=1, help="threads per process")
+    g.add_argument("--mem-gb", type=float, help="memory limit for the scheduler (GB)")
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where FFT-heavy inversions run; auto uses a GPU when torch sees one",
+    )
+    g.add_argument(
+        "--nipype-plugin",
+        choices=NIPYPE_PLUGINS,
+        default="MultiProc",
+        help="Nipype execution plugin (cluster plugins submit one job per node)",
+    )
+    g.add_argument(
+        "--plugin-config",
+        type=Path,
+        metavar="FILE",
+        help='JSON/YAML file: {"plugin": ..., "plugin_args": {...}}',
+    )
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def build_demo_parser() -> argparse.ArgumentParser:
+    d = argparse.ArgumentParser(
+        prog="qsmprep demo",
+        description="Simulate a small BIDS dataset with ground truth and run qsmprep on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("output_dir", type=Path, help="folder for the dataset, outputs and work")
+    d.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80])
+    d.add_argument("--voxel-size", type=float, default=2.0, help="isotropic voxel size (mm)")
+    d.add_argument("--subjects", type=int, default=1, help="simulated subjects")
+    d.add_argument(
+        "--orientations",
+        type=int,
+        default=1,
+        help="head orientations of the first subject (>= 2 also gives COSMOS)",
+    )
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--methods", nargs="+", default=["tkd", "l2", "tv", "medi"])
+    d.add_argument("--nprocs", type=int, default=2)
+    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return d
+
+
+def _read_json_or_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    text = path.read_text()
     try:
-        if args.command == "demo":
-            return run_demo(args)
-    except ValueError as exc:
+        if path.suffix.lower() in (".yml", ".yaml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{what} {path} could not be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def settings_from_args(args) -> Settings:
+    """Validate the command line and turn it into :class:`Settings`."""
+    bids_dir = args.bids_dir.absolute()
+    out = args.output_dir.absolute()
+    if not bids_dir.is_dir():
+        raise UsageError(f"bids_dir {bids_dir} is not a folder; give the root of a BIDS dataset")
+    if args.analysis_level == "participant":
+        inside = out == bids_dir or bids_dir in out.parents
+        if inside and (bids_dir / "derivatives") not in [out, *out.parents]:
+            raise UsageError(
+                f"output_dir {out} is inside the input dataset {bids_dir}; write outputs outside"
+                f" it or under {bids_dir / 'derivatives'}"
+            )
+    unknown = [m for m in args.methods if m not in CLASSICAL_METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {unknown}; available: {list(CLASSICAL_METHODS)}")
+    params = load_method_params(args.config) if args.config else {}
+    filters = (
+        _read_json_or_yaml(args.bids_filter_file, "--bids-filter-file")
+        if (args.bids_filter_file)
+        else None
+    )
+    plugin, plugin_args = args.nipype_plugin, {}
+    if args.plugin_config:
+        cfg = _read_json_or_yaml(args.plugin_config, "--plugin-config")
+        plugin = cfg.get("plugin", plugin)
+        plugin_args = dict(cfg.get("plugin_args", {}))
+    if plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=out,
+        analysis_level=args.analysis_level,
+        work_dir=args.work_dir,
+        participant_label=_labels(args.participant_label),
+        session_label=[s[4:] if s.startswith("ses-") else s for s in args.session_label]
+        if args.session_label
+        else None,
+        bids_filters=filters,
+        nprocs=args.nprocs,
+        omp_nthreads=args.omp_nthreads,
+        mem_gb=args.mem_gb,
+        device=args.device,
+        methods=list(dict.fromkeys(args.methods)),
+        bg_method=args.bg_method,
+        unwrap=args.unwrap,
+        mask_method=args.mask_method,
+        reference=args.reference,
+        b0=args.b0,
+        phase_sign=args.phase_sign,
+        method_params=params,
+        plugin=plugin,
+        plugin_args=plugin_args,
+    )
+
+
+def _configure_nipype(settings: Settings) -> None:
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    logs = settings.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ncfg.update_config(
+        {
+            "execution": {
+                "crashdump_dir": str(logs),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": False,
+                "remove_unnecessary_outputs": False,
+                "parameterize_dirs": False,
+            },
+            "monitoring": {"enabled": False},
+        }
+    )
+    nlogging.update_logging(ncfg)
+
+
+def run_participant(settings: Settings) -> int:
+    """Process every selected acquisition; 0 when all succeeded, 1 otherwise."""
+    from qsmprep import bids
+    from qsmprep.reports.html import build_subject_report
+    from qsmprep.workflows import init_participant_wf
+
+    errors: list = []
+    acqs = bids.collect_acquisitions(
+        settings.bids_dir,
+        participant_label=settings.participant_label,
+        session_label=settings.session_label,
+        bids_filters=settings.bids_filters,
+        b0=settings.b0,
+        errors=errors,
+    )
+    for err in errors:
+        LOGGER.error("skipped: %s", err)
+    if not acqs:
+        raise UsageError(
+            "no valid acquisition to process"
+            + (": " + "; ".join(str(e) for e in errors) if errors else "")
+        )
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    bids.write_dataset_description(settings.output_dir)
+    settings.write(settings.output_dir / "qsmprep_settings.json")
+    _configure_nipype(settings)
+    groups = bids.group_orientations(acqs)
+    failed: dict[str, str] = {str(e): "invalid input" for e in errors}
+    subjects = sorted({a.subject for a in acqs})
+    for sub in subjects:
+        sub_acqs = [a for a in acqs if a.subject == sub]
+        sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
+        LOGGER.info(
+            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+        )
+        t0 = time.perf_counter()
+        crashes_before = set((settings.output_dir / "logs").glob("crash-*"))
+        try:
+            wf = init_participant_wf(sub_acqs, settings, sub_groups)
+            wf.base_dir = str(settings.work_dir)
+            wf.run(plugin=settings.plugin, plugin_args=settings.plugin_args)
+        except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
+            new = sorted(set((settings.output_dir / "logs").glob("crash-*")) - crashes_before)
+            names = [
+                a.prefix
+                for a in sub_acqs
+                if any(a.prefix.replace("-", "_") in c.name.replace("-", "_") for c in new)
+            ]
+            for a in names or [a.prefix for a in sub_acqs]:
+                failed[a] = f"{type(exc).__name__}; crash logs: " + (
+                    ", ".join(str(c) for c in new) if new else "see the log above"
+                )
+            log = settings.output_dir / "logs" / f"sub-{sub}_error.log"
+            log.write_text(traceback.format_exc())
+            LOGGER.error("sub-%s failed (%s); details in %s", sub, exc, log)
+        LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
+        build_subject_report(
+            settings.output_dir,
+            sub,
+            settings=settings.to_dict(),
+            log={k: v for k, v in failed.items() if f"sub-{sub}" in k} or None,
+        )
+    if failed:
+        print("qsmprep: these acquisitions failed:", file=sys.stderr)
+        for name, why in failed.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_group(settings: Settings) -> int:
+    from qsmprep.reports.group import build_group_report
+
+    if not settings.output_dir.is_dir():
+        raise UsageError(
+            f"output_dir {settings.output_dir} does not exist; run the participant level first"
+        )
+    tsv, html = build_group_report(settings.output_dir)
+    print(f"group metrics: {tsv}\ngroup report: {html}")
+    return 0
+
+
+def run_demo(argv) -> int:
+    """Simulate a dataset with ground truth, run the participant and group levels on it."""
+    import numpy as np
+
+    from qsmprep.sim.bids import simulate_bids_dataset
+
+    a = build_demo_parser().parse_args(argv)
+    out = a.output_dir.absolute()
+    bids_dir = out / "bids"
+    t0 = time.perf_counter()
+    rots = [0.0, (20.0, 0.0), (0.0, -20.0), (-15.0, 15.0), (15.0, 15.0)][: a.orientations]
+    print(
+        f"qsmprep {__version__} demo: simulating {a.subjects} subject(s) in {bids_dir}", flush=True
+    )
+    simulate_bids_dataset(
+        bids_dir,
+        n_subjects=a.subjects,
+        shape=tuple(a.shape),
+        voxel_size=(a.voxel_size,) * 3,
+        seed=a.seed,
+        orientations={0: rots} if a.orientations > 1 else None,
+    )
+    common = [str(bids_dir), str(out / "derivatives" / "qsmprep")]
+    opts = [
+        "--methods",
+        *a.methods,
+        "--nprocs",
+        str(a.nprocs),
+        "--device",
+        a.device,
+        "-w",
+        str(out / "work"),
+    ]
+    code = main([*common, "participant", *opts])
+    code = max(code, main([*common, "group"]))
+    # score against the simulator's ground truth
+    import nibabel as nib
+
+    deriv = out / "derivatives" / "qsmprep"
+    for chimap in sorted(deriv.rglob("*_desc-*_Chimap.nii.gz")):
+        sub = chimap.name.split("_")[0]
+        gt = bids_dir / "derivatives" / "groundtruth" / sub / "anat"
+        truth = nib.load(gt / f"{sub}_Chimap.nii.gz").get_fdata()
+        mask = (nib.load(gt / f"{sub}_desc-brain_mask.nii.gz").get_fdata() > 0) & (
+            nib.load(chimap).get_fdata() != 0
+        )
+        from qsmprep.metrics import nrmse, xsim
+
+        chi = nib.load(chimap).get_fdata()
+        print(
+            f"  {chimap.name}: NRMSE {nrmse(chi, truth, mask):.1f} %, "
+            f"XSIM {xsim(chi, truth, mask):.3f} vs ground truth "
+            f"({int(np.count_nonzero(mask))} voxels)"
+        )
+    print(f"reports: {sorted(str(p) for p in deriv.glob('*.html'))}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s (exit code {code})")
+    return code
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        return run_demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = settings_from_args(args)
+        if settings.analysis_level == "participant":
+            return run_participant(settings)
+        return run_group(settings)
+    except ValueError as exc:  # UsageError, BIDSInputError and invalid parameters
         print(f"qsmprep: error: {exc}", file=sys.stderr)
         return 1
-    return 2  # pragma: no cover - argparse restricts the commands
 
 
 if __name__ == "__main__":
