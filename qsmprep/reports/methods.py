@@ -1,0 +1,366 @@
+"""Methods paragraph with citations, generated from the effective settings of a run.
+
+:func:`methods_paragraph` writes a boilerplate description for a paper's methods section that
+names every option that shaped the result (mask, unwrapping, background removal, inversion
+methods and their parameters, referencing, reference maps and metrics), each with its
+literature reference. Methods unknown here (e.g. a newly added deep-learning method) are named
+without a citation; add them to :data:`METHODS` and :data:`CITATIONS` to describe them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from qsmprep.__about__ import __version__
+
+__all__ = ["CITATIONS", "METHODS", "MethodsText", "methods_paragraph", "methods_text"]
+
+#: Full references, by key.
+CITATIONS: dict[str, str] = {
+    "nipype": "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and "
+    "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.",
+    "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
+    "datasets. J Open Source Softw 2019;4(40):1294.",
+    "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst "
+    "Man Cybern 1979;9:62-66.",
+    "romeo": "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid "
+    "opensource minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
+    "qsmxt": "Stewart AW, Robinson SD, O'Brien K, et al. QSMxT: Robust masking and artifact "
+    "reduction for quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.",
+    "mcpc3ds": "Eckstein K, Dymerska B, Bachrata B, et al. Computationally efficient "
+    "combination of multi-channel phase data from multi-echo acquisitions (ASPIRE). Magn Reson "
+    "Med 2018;79:2996-3006.",
+    "laplacian_unwrap": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for "
+    "interferometric applications. Opt Lett 2003;28:1194-1196.",
+    "kressler": "Kressler B, de Rochefort L, Liu T, Spincemaille P, Jiang Q, Wang Y. Nonlinear "
+    "regularization for per voxel estimation of magnetic susceptibility distributions from MRI "
+    "field maps. IEEE Trans Med Imaging 2010;29:273-281.",
+    "sharp": "Schweser F, Deistung A, Lehr BW, Reichenbach JR. Quantitative imaging of "
+    "intrinsic magnetic tissue properties using MRI signal phase: an approach to in vivo brain "
+    "iron metabolism? NeuroImage 2011;54:2789-2807.",
+    "vsharp": "Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed "
+    "sensing. Magn Reson Med 2012;67:137-147.",
+    "resharp": "Sun H, Wilman AH. Background field removal using spherical mean value filtering "
+    "and Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.",
+    "pdf": "Liu T, Khalidov I, de Rochefort L, et al. A novel background field removal method "
+    "for MRI using projection onto dipole fields (PDF). NMR Biomed 2011;24:1129-1136.",
+    "tkd": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic "
+    "susceptibility mapping of brain tissue in vivo using MRI phase data. Magn Reson Med "
+    "2009;62:1510-1522.",
+    "tkd_correction": "Schweser F, Deistung A, Sommer K, Reichenbach JR. Toward online "
+    "reconstruction of quantitative susceptibility maps: superfast dipole inversion. Magn "
+    "Reson Med 2013;69:1582-1594.",
+    "tsvd": "Wharton S, Schaefer A, Bowtell R. Susceptibility mapping in the human brain using "
+    "threshold-based k-space division. Magn Reson Med 2010;63:1292-1304.",
+    "l2": "Bilgic B, Chatnuntawech I, Fan AP, et al. Fast image reconstruction with "
+    "L2-regularization. J Magn Reson Imaging 2014;40:181-191.",
+    "tv": "Bilgic B, Fan AP, Polimeni JR, et al. Fast quantitative susceptibility mapping with "
+    "L1-regularization and automatic parameter selection. Magn Reson Med 2014;72:1444-1459.",
+    "fansi": "Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear "
+    "susceptibility inversion with variational regularization. Magn Reson Med "
+    "2018;80:814-821.",
+    "medi2011": "Liu T, Liu J, de Rochefort L, et al. Morphology enabled dipole inversion "
+    "(MEDI) from a single-angle acquisition: comparison with COSMOS in human brain imaging. "
+    "Magn Reson Med 2011;66:777-783.",
+    "medi2012": "Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion for "
+    "quantitative susceptibility mapping using structural consistency between the magnitude "
+    "image and the susceptibility map. NeuroImage 2012;59:2560-2568.",
+    "medi2013": "Liu T, Wisnieff C, Lou M, Chen W, Spincemaille P, Wang Y. Nonlinear "
+    "formulation of the magnetic field to source relationship for robust quantitative "
+    "susceptibility mapping. Magn Reson Med 2013;69:467-476.",
+    "medi0": "Liu Z, Spincemaille P, Yao Y, Zhang Y, Wang Y. MEDI+0: Morphology enabled dipole "
+    "inversion with automatic uniform cerebrospinal fluid zero reference for quantitative "
+    "susceptibility mapping. Magn Reson Med 2018;79:2795-2803.",
+    "cosmos": "Liu T, Spincemaille P, de Rochefort L, Kressler B, Wang Y. Calculation of "
+    "susceptibility through multiple orientation sampling (COSMOS): a method for conditioning "
+    "the inverse problem from measured magnetic field map to susceptibility source image in "
+    "MRI. Magn Reson Med 2009;61:196-204.",
+    "challenge2016": "Langkammer C, Schweser F, Shmueli K, et al. Quantitative susceptibility "
+    "mapping: Report from the 2016 reconstruction challenge. Magn Reson Med "
+    "2018;79:1661-1673.",
+    "xsim": "Milovic C, Tejos C, Acosta-Cabronero J, et al. The 2016 QSM Challenge: Lessons "
+    "learned and considerations for a future challenge design. Magn Reson Med "
+    "2020;84:1624-1637.",
+    "ssim": "Wang Z, Bovik AC, Sheikh HR, Simoncelli EP. Image quality assessment: from error "
+    "visibility to structural similarity. IEEE Trans Image Process 2004;13:600-612.",
+}
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str  # as written in the text
+    description: str  # follows the name
+    cites: tuple[str, ...]
+    function: str  # "module:function" whose defaults are the parameters
+    key_params: tuple[str, ...] = ()
+
+
+#: Background-removal and inversion methods: text, citations, key parameters.
+METHODS: dict[str, _Method] = {
+    "sharp": _Method(
+        "SHARP", "sophisticated harmonic artifact reduction for phase data", ("sharp",),
+        "qsmprep.recon.background:sharp", ("radius", "threshold"),
+    ),
+    "vsharp": _Method(
+        "V-SHARP", "SHARP with variable spherical kernel radii", ("vsharp", "sharp"),
+        "qsmprep.recon.background:vsharp", ("radii", "threshold"),
+    ),
+    "resharp": _Method(
+        "RESHARP", "SHARP with Tikhonov regularization", ("resharp",),
+        "qsmprep.recon.background:resharp", ("radius", "alpha"),
+    ),
+    "pdf": _Method(
+        "PDF", "projection onto dipole fields", ("pdf",),
+        "qsmprep.recon.background:pdf", ("tol", "max_iter"),
+    ),
+    "tkd": _Method(
+        "TKD", "truncated k-space division", ("tkd",),
+        "qsmprep.recon.inversion.direct:tkd", ("threshold", "correct"),
+    ),
+    "tsvd": _Method(
+        "TSVD", "k-space division with the ill-conditioned cone set to zero", ("tsvd",),
+        "qsmprep.recon.inversion.direct:tsvd", ("threshold",),
+    ),
+    "l2": _Method(
+        "closed-form L2", "Tikhonov-regularized inversion", ("l2",),
+        "qsmprep.recon.inversion.direct:l2", ("lam", "reg"),
+    ),
+    "tv": _Method(
+        "TV", "total-variation regularized inversion solved by ADMM", ("tv", "fansi"),
+        "qsmprep.recon.inversion.tv:tv", ("lam", "max_iter", "tol"),
+    ),
+    "medi": _Method(
+        "MEDI", "morphology enabled dipole inversion, nonlinear data term",
+        ("medi2011", "medi2012", "medi2013"),
+        "qsmprep.recon.inversion.medi:medi", ("lam", "percentage", "lambda_csf", "max_iter"),
+    ),
+}  # fmt: skip
+
+_UNITS = {"radius": "mm", "radii": "mm", "r_max": "mm"}
+_SKIP = {"device", "info", "b0_dir", "pad"}
+
+
+def _defaults(function: str) -> dict:
+    """Default keyword values of ``module:function`` (``{}`` when it cannot be imported)."""
+    try:
+        from importlib import import_module
+
+        mod, _, name = function.partition(":")
+        sig = inspect.signature(getattr(import_module(mod), name))
+    except Exception:  # noqa: BLE001 - a missing optional method only loses its defaults
+        return {}
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_value(v) for v in value)
+    return str(value)
+
+
+def _params(key: str, method_params: Mapping) -> str:
+    """``"radius 6 mm, alpha 0.0001"``: explicit parameters, then defaults of key ones."""
+    spec = METHODS.get(key)
+    given = dict(method_params.get(key) or {})
+    shown = {}
+    for k, v in given.items():
+        if k not in _SKIP and isinstance(v, (int, float, str, bool, list, tuple)):
+            shown[k] = v
+    if spec is not None:
+        defaults = _defaults(spec.function)
+        for k in spec.key_params:
+            if k not in shown and defaults.get(k) is not None:
+                shown[k] = defaults[k]
+    parts = []
+    for k, v in shown.items():
+        if k == "correct" and isinstance(v, bool):
+            parts.append(f"scale correction {'on' if v else 'off'}")
+            continue
+        unit = _UNITS.get(k)
+        parts.append(f"{k} {_fmt_value(v)}" + (f" {unit}" if unit else ""))
+    return ", ".join(parts)
+
+
+@dataclass
+class MethodsText:
+    """A methods paragraph with numbered citations ``[n]`` and the numbered reference list."""
+
+    paragraph: str
+    references: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        refs = "\n".join(f"[{i}] {r}" for i, r in enumerate(self.references, start=1))
+        return f"{self.paragraph}\n\nReferences\n{refs}" if refs else self.paragraph
+
+
+class _Cite:
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def __call__(self, *keys: str) -> str:
+        nums = []
+        for k in keys:
+            if k not in CITATIONS:
+                continue
+            if k not in self.keys:
+                self.keys.append(k)
+            nums.append(self.keys.index(k) + 1)
+        return f" [{', '.join(map(str, nums))}]" if nums else ""
+
+
+def _get(settings: Mapping, key: str, default=None):
+    value = settings.get(key, default)
+    return default if value is None else value
+
+
+def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> MethodsText:
+    """The methods paragraph and its reference list (see :func:`methods_paragraph`)."""
+    s = dict(settings or {})
+    mp = dict(_get(s, "method_params", {}) or {})
+    cite = _Cite()
+    out = []
+    out.append(
+        f"Susceptibility maps were computed with qsmprep {_get(s, 'version', __version__)}, "
+        f"a BIDS App built on Nipype{cite('nipype')} and PyBIDS{cite('pybids')}."
+    )
+    if _get(s, "mask_method", "magnitude") == "phase":
+        out.append(
+            "For each acquisition, a brain mask was obtained by thresholding the ROMEO "
+            f"phase-quality map{cite('romeo')} as in QSMxT{cite('qsmxt')}, followed by "
+            "morphological opening, hole filling and brain-scalp separation."
+        )
+    else:
+        out.append(
+            "For each acquisition, a brain mask was obtained by thresholding the "
+            f"root-sum-of-squares magnitude over echoes (Otsu's method{cite('otsu')}), "
+            "followed by morphological opening, hole filling and brain-scalp separation."
+        )
+    pre = []
+    units = _get(s, "phase_units", [])
+    units = [units] if isinstance(units, str) else list(units)
+    if any(str(u).lower().startswith("int") for u in units):
+        pre.append("phase images stored as scanner integers were rescaled to radians")
+    if int(_get(s, "phase_sign", 1)) < 0:
+        pre.append("the phase sign was inverted")
+    if s.get("b0") is not None:
+        pre.append(f"the field strength was set to {_fmt_value(float(s['b0']))} T")
+    if pre:
+        out.append("Before processing, " + " and ".join(pre) + ".")
+    offset = (
+        f"The phase offset was removed (MCPC-3D-S{cite('mcpc3ds')}) and the phase of the "
+        "echoes was unwrapped"
+    )
+    if _get(s, "unwrap", "quality") == "laplacian":
+        out.append(
+            f"{offset} echo by echo with the Laplacian method{cite('laplacian_unwrap')}, the "
+            "2-pi multiple of each echo's constant being set against the preceding echo."
+        )
+    else:
+        out.append(
+            f"{offset} by quality-guided region growing with ROMEO weights{cite('romeo')} "
+            "(first echo), followed by temporal unwrapping of the later echoes against the "
+            "preceding echo."
+        )
+    out.append(
+        "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
+        f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}."
+    )
+    bg = str(_get(s, "bg_method", "resharp"))
+    spec = METHODS.get(bg)
+    params = _params(bg, mp)
+    if spec is not None:
+        out.append(
+            f"Background fields were removed with {spec.name}{cite(*spec.cites)} "
+            f"({_join(spec.description, params)}), which also defined the local-field mask."
+        )
+    else:
+        out.append(
+            f"Background fields were removed with {bg}" + (f" ({params})." if params else ".")
+        )
+    clauses = []
+    for method in _get(s, "methods", ["tkd", "l2", "tv", "medi"]):
+        spec = METHODS.get(method)
+        params = _params(method, mp)
+        if spec is None:
+            clauses.append(f"{method}" + (f" ({params})" if params else ""))
+            continue
+        cites = spec.cites
+        if method == "tkd" and (mp.get("tkd") or {}).get("correct"):
+            cites = (*cites, "tkd_correction")
+        if method == "medi" and (mp.get("medi") or {}).get("lambda_csf"):
+            cites = (*cites, "medi0")
+        clauses.append(f"{spec.name}{cite(*cites)} ({_join(spec.description, params)})")
+    if clauses:
+        listed = (
+            clauses[0] if len(clauses) == 1 else "; ".join(clauses[:-1]) + "; and " + clauses[-1]
+        )
+        out.append(
+            "The local field, converted to ppm of B0, was inverted to magnetic susceptibility "
+            "with the B0 direction taken from the image orientation, using "
+            f"{listed}."
+        )
+    out.append(
+        "Each susceptibility map was referenced to its mean within the local-field mask, and "
+        "its data consistency was reported as the residual "
+        "100 ||M (D chi - f)|| / ||M f|| (%) in the local-field mask M."
+    )
+    ref = s.get("reference")
+    if ref:
+        out.append(
+            f"Maps were compared with the reference map {_basename(ref)} using the normalized "
+            f"root-mean-square error and the high-frequency error norm{cite('challenge2016')}, "
+            f"the structural similarity{cite('ssim')}, XSIM{cite('xsim')}, the peak "
+            "signal-to-noise ratio and the regression slope."
+        )
+    if cosmos:
+        text = (
+            "Several head orientations of one subject on one grid were combined into a COSMOS "
+            f"map{cite('cosmos')}"
+        )
+        if ref:
+            out.append(text + ".")
+        else:
+            out.append(
+                text + ", which served as the reference for the normalized root-mean-square "
+                f"error, the high-frequency error norm{cite('challenge2016')}, the structural "
+                f"similarity{cite('ssim')}, XSIM{cite('xsim')}, the peak signal-to-noise "
+                "ratio and the regression slope."
+            )
+    return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
+
+
+def _join(description: str, params: str) -> str:
+    return f"{description}; {params}" if params else description
+
+
+def _basename(path) -> str:
+    return str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def methods_paragraph(settings: Mapping | None = None, *, cosmos: bool = False) -> str:
+    """A methods paragraph with numbered citations that reflects the options of a run.
+
+    Parameters
+    ----------
+    settings : mapping, optional
+        The effective settings (``Settings.to_dict()``, or ``qsmprep_settings.json``). Keys
+        read: ``methods``, ``bg_method``, ``unwrap``, ``mask_method``, ``phase_sign``,
+        ``b0``, ``reference``, ``phase_units`` (input units found, e.g. ``["integer"]``),
+        ``method_params`` (``{method: {param: value}}``; parameters not
+        given are shown at the defaults of the ``qsmprep.recon`` function), ``version``.
+        Missing keys take the defaults of the command line.
+    cosmos : bool
+        Mention the COSMOS map computed from several head orientations.
+
+    Returns
+    -------
+    str
+        The paragraph, a blank line, ``References`` and the numbered references.
+    """
+    return str(methods_text(settings, cosmos=cosmos))
