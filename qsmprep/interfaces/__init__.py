@@ -1,0 +1,39 @@
+"""Nipype interfaces over :mod:`qsmprep.recon` and :mod:`qsmprep.metrics`: load, call, save.
+
+=====================  ==========================================================  ===========
+interface              does                                                        module
+=====================  ==========================================================  ===========
+``LoadEchoes``         per-echo magnitude + phase -> 4D magnitude, 4D phase (rad)  ``field``
+``BrainMask``          brain mask from magnitude or phase quality                  ``field``
+``UnwrapPhase``        multi-echo unwrapping                                       ``field``
+``FitField``           multi-echo fit: total field and its std (Hz)                ``field``
+``RemoveBackground``   background removal: local field (Hz) and its mask           ``field``
+``DipoleInversion``    one inversion method -> referenced chi (ppm), DC residual   ``inversion``
+``Cosmos``             multi-orientation COSMOS -> referenced chi (ppm)            ``inversion``
+``ComputeMetrics``     metrics per method -> TSV + JSON                            ``metrics``
+``WriteDerivative``    atomic copy into the derivative dataset + JSON sidecar      ``derivatives``
+=====================  ==========================================================  ===========
+
+Interfaces hold no algorithm: each loads NIfTI with nibabel, calls one numerical function and
+saves its results into the node's working directory with deterministic names and contents,
+so that Nipype's hash-based cache lets a rerun reuse finished nodes.
+"""
+
+from qsmprep.interfaces.derivatives import WriteDerivative
+from qsmprep.interfaces.field import BrainMask, FitField, LoadEchoes, RemoveBackground, UnwrapPhase
+from qsmprep.interfaces.inversion import INVERSION_METHODS, Cosmos, DipoleInversion
+from qsmprep.interfaces.metrics import METRIC_COLUMNS, ComputeMetrics
+
+__all__ = [
+    "INVERSION_METHODS",
+    "METRIC_COLUMNS",
+    "BrainMask",
+    "ComputeMetrics",
+    "Cosmos",
+    "DipoleInversion",
+    "FitField",
+    "LoadEchoes",
+    "RemoveBackground",
+    "UnwrapPhase",
+    "WriteDerivative",
+]

@@ -1,0 +1,78 @@
+"""NIfTI loading and saving shared by the interfaces (no numerics here).
+
+Outputs are written into the node's working directory (the current directory while an
+interface runs) under names derived from an input file with
+:func:`nipype.utils.filemanip.fname_presuffix`, so a rerun with the same inputs writes the same
+files. nibabel writes gzip streams without a time stamp, so equal data give equal bytes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nipype.utils.filemanip import fname_presuffix
+
+__all__ = ["effective_params", "load", "out_path", "save", "voxel_size"]
+
+
+def load(path, dtype=np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Data (scaled, as ``dtype``) and image of a NIfTI file."""
+    img = nib.load(os.fspath(path))
+    return np.asarray(img.dataobj, dtype=dtype), img
+
+
+def voxel_size(img) -> tuple[float, float, float]:
+    """Voxel size (mm) of the first three axes."""
+    return tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def out_path(in_file, suffix: str) -> str:
+    """``<in_file stem><suffix>.nii.gz`` in the current directory."""
+    stem = fname_presuffix(os.fspath(in_file), suffix=suffix, newpath=os.getcwd())
+    for ext in (".nii.gz", ".nii"):
+        if stem.endswith(ext):
+            return stem[: -len(ext)] + ".nii.gz"
+    return stem + ".nii.gz"
+
+
+def save(data, like, path, dtype=np.float32) -> str:
+    """Save ``data`` with the affine and header of the image ``like``; return the path."""
+    arr = np.asarray(data).astype(dtype)
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    img = nib.Nifti1Image(arr, like.affine, header)
+    img.header.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
+    img.header.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
+    nib.save(img, os.fspath(path))
+    return os.fspath(Path(path).resolve())
+
+
+def _jsonable(v) -> bool:
+    if v is None or isinstance(v, bool | int | str):
+        return True
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, list | tuple):
+        return all(_jsonable(x) for x in v)
+    return False
+
+
+def effective_params(func, params: dict, exclude=()) -> dict:
+    """Keyword parameters of ``func`` as they apply: its scalar defaults updated by ``params``.
+
+    Only JSON-able defaults are listed (arrays, masks and ``device``/``info`` are not
+    parameters of a method); the result goes into the sidecars for provenance.
+    """
+    out = {}
+    skip = {"device", "info", *exclude}
+    for name, p in inspect.signature(func).parameters.items():
+        if p.kind is p.KEYWORD_ONLY and name not in skip and _jsonable(p.default):
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    out.update({k: v for k, v in params.items() if k not in skip})
+    return out

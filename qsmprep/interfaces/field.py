@@ -1,0 +1,245 @@
+"""Interfaces of the field chain: echoes -> brain mask -> unwrapped phase -> field maps (Hz)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from qsmprep import bids
+from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.recon import background, echo, mask, unwrap
+from qsmprep.recon._checks import check_echo_times
+
+__all__ = ["BrainMask", "FitField", "LoadEchoes", "RemoveBackground", "UnwrapPhase"]
+
+_DEVICES = ("cpu", "auto", "cuda", "torch")
+
+
+class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
+    magnitude = InputMultiObject(
+        File(exists=True), mandatory=True, desc="3D magnitude image of each echo, by echo time"
+    )
+    phase = InputMultiObject(
+        File(exists=True), mandatory=True, desc="3D phase image of each echo, by echo time"
+    )
+    echo_times = traits.List(
+        traits.Float, mandatory=True, desc="echo times (s), one per echo, strictly increasing"
+    )
+    phase_units = traits.Enum(
+        "rad", "integer", usedefault=True, desc="unit of the stored phase: rad or integer"
+    )
+    phase_sign = traits.Enum(1, -1, usedefault=True, desc="phase sign convention (+1 or -1)")
+
+
+class _LoadEchoesOutputSpec(TraitedSpec):
+    magnitude = File(exists=True, desc="4D magnitude, echoes on the last axis")
+    phase = File(exists=True, desc="4D wrapped phase (rad), echoes on the last axis")
+
+
+class LoadEchoes(SimpleInterface):
+    """Stack per-echo magnitude and phase into 4D images (:func:`qsmprep.bids.load_phase`)."""
+
+    input_spec = _LoadEchoesInputSpec
+    output_spec = _LoadEchoesOutputSpec
+
+    def _run_interface(self, runtime):
+        mags, phases = list(self.inputs.magnitude), list(self.inputs.phase)
+        if len(mags) != len(phases):
+            raise ValueError(
+                f"got {len(mags)} magnitude and {len(phases)} phase images; give one of each"
+                " per echo"
+            )
+        check_echo_times(self.inputs.echo_times, len(phases))
+        units, sign = self.inputs.phase_units, self.inputs.phase_sign
+        mag = [bids.load_magnitude(f) for f in mags]
+        phase = [bids.load_phase(f, units, sign) for f in phases]
+        for fm, fp, m, p in zip(mags, phases, mag, phase, strict=True):
+            if m.shape != p.shape or p.shape != phase[0].shape:
+                raise ValueError(
+                    f"{fm} has shape {m.shape} and {fp} has shape {p.shape} (echo 1:"
+                    f" {phase[0].shape}); every echo's magnitude and phase need one grid"
+                )
+        mimg, pimg = nib.load(mags[0]), nib.load(phases[0])
+        self._results["magnitude"] = save(np.stack(mag, -1), mimg, out_path(mags[0], "_4d"))
+        self._results["phase"] = save(np.stack(phase, -1), pimg, out_path(phases[0], "_rad4d"))
+        return runtime
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="4D (or 3D) magnitude")
+    phase = File(exists=True, desc="4D wrapped phase (rad); needed by method 'phase'")
+    echo_times = traits.List(traits.Float, desc="echo times (s), for method 'phase'")
+    method = traits.Enum(
+        "magnitude", "phase", usedefault=True, desc="magnitude threshold or phase quality"
+    )
+    params = traits.Dict(usedefault=True, desc="keyword arguments of the mask function")
+
+
+class _MaskOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="brain mask (uint8)")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask by :func:`~qsmprep.recon.mask.mask_from_magnitude` or phase quality."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        mag, img = load(self.inputs.magnitude)
+        vs = voxel_size(img)
+        params = dict(self.inputs.params)
+        if self.inputs.method == "magnitude":
+            brain = mask.mask_from_magnitude(mag, vs, **params)
+        else:
+            if not isdefined(self.inputs.phase):
+                raise ValueError("mask method 'phase' needs the phase input")
+            phase, _ = load(self.inputs.phase)
+            te = self.inputs.echo_times if isdefined(self.inputs.echo_times) else None
+            brain = mask.mask_from_phase_quality(phase, mag, vs, echo_times=te, **params)
+        like = img.slicer[..., 0] if mag.ndim == 4 else img
+        self._results["out_file"] = save(
+            brain, like, out_path(self.inputs.magnitude, "_brainmask"), np.uint8
+        )
+        return runtime
+
+
+class _UnwrapInputSpec(BaseInterfaceInputSpec):
+    phase = File(exists=True, mandatory=True, desc="4D wrapped phase (rad)")
+    magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+    method = traits.Enum(
+        "quality", "laplacian", usedefault=True, desc="quality-guided (ROMEO) or Laplacian"
+    )
+    params = traits.Dict(usedefault=True, desc="keyword arguments of unwrap_multi_echo")
+
+
+class _UnwrapOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="4D unwrapped, offset-corrected phase (rad)")
+
+
+class UnwrapPhase(SimpleInterface):
+    """Multi-echo unwrapping by :func:`qsmprep.recon.unwrap.unwrap_multi_echo`."""
+
+    input_spec = _UnwrapInputSpec
+    output_spec = _UnwrapOutputSpec
+
+    def _run_interface(self, runtime):
+        phase, img = load(self.inputs.phase)
+        mag, _ = load(self.inputs.magnitude)
+        brain, _ = load(self.inputs.mask, bool)
+        out = unwrap.unwrap_multi_echo(
+            phase,
+            mag,
+            self.inputs.echo_times,
+            mask=brain,
+            method=self.inputs.method,
+            voxel_size=voxel_size(img),
+            **dict(self.inputs.params),
+        )
+        self._results["out_file"] = save(out, img, out_path(self.inputs.phase, "_unwrapped"))
+        return runtime
+
+
+class _FitFieldInputSpec(BaseInterfaceInputSpec):
+    phase = File(exists=True, mandatory=True, desc="4D unwrapped phase (rad)")
+    magnitude = File(exists=True, mandatory=True, desc="4D magnitude (fit weights M^2)")
+    mask = File(exists=True, mandatory=True, desc="brain mask; outputs are 0 outside")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+
+
+class _FitFieldOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc="total field (Hz)")
+    noise_field = File(exists=True, desc="standard deviation of the fitted field (Hz)")
+    noise_std = traits.Float(desc="complex noise std of the magnitude (NaN if not found)")
+
+
+class FitField(SimpleInterface):
+    """Weighted linear multi-echo fit (:func:`qsmprep.recon.echo.fit_field_linear`)."""
+
+    input_spec = _FitFieldInputSpec
+    output_spec = _FitFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        phase, img = load(self.inputs.phase)
+        mag, _ = load(self.inputs.magnitude)
+        brain, mimg = load(self.inputs.mask, bool)
+        sigma = echo.estimate_noise_std(mag, brain)
+        total, std, _ = echo.fit_field_linear(
+            phase,
+            mag,
+            self.inputs.echo_times,
+            mask=brain,
+            noise_std=sigma if np.isfinite(sigma) else None,
+        )
+        base = self.inputs.mask
+        self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
+        self._results["noise_field"] = save(std, mimg, out_path(base, "_noisefield"))
+        self._results["noise_std"] = float(sigma)
+        return runtime
+
+
+class _BackgroundInputSpec(BaseInterfaceInputSpec):
+    total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    method = traits.Enum(*background.METHODS, usedefault=True, desc="background removal method")
+    params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
+    b0_dir = traits.List(
+        traits.Float,
+        minlen=3,
+        maxlen=3,
+        value=[0.0, 0.0, 1.0],
+        usedefault=True,
+        desc="B0 direction in voxel coordinates (used by PDF)",
+    )
+    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto, cuda or torch")
+    use_gpu = traits.Bool(
+        False, usedefault=True, nohash=True, desc="schedule as GPU work (Nipype MultiProc)"
+    )
+
+
+class _BackgroundOutputSpec(TraitedSpec):
+    local_field = File(exists=True, desc="local field (Hz), 0 outside local_mask")
+    local_mask = File(exists=True, desc="mask where the local field is valid (uint8)")
+    meta = traits.Dict(desc="sidecar entries: Parameters (effective, JSON-able)")
+
+
+class RemoveBackground(SimpleInterface):
+    """Background field removal (:func:`qsmprep.recon.background.remove_background`)."""
+
+    input_spec = _BackgroundInputSpec
+    output_spec = _BackgroundOutputSpec
+
+    def _run_interface(self, runtime):
+        total, img = load(self.inputs.total_field)
+        brain, _ = load(self.inputs.mask, bool)
+        params = dict(self.inputs.params)
+        if self.inputs.method == "pdf":
+            params.setdefault("b0_dir", tuple(self.inputs.b0_dir))
+        local, local_mask = background.remove_background(
+            total,
+            brain,
+            voxel_size(img),
+            method=self.inputs.method,
+            device=self.inputs.device,
+            **params,
+        )
+        func = getattr(background, self.inputs.method)
+        used = effective_params(func, params, exclude=("b0_dir",))
+        self._results["meta"] = {"Parameters": used}
+        base = self.inputs.total_field
+        self._results["local_field"] = save(local, img, out_path(base, "_local"))
+        self._results["local_mask"] = save(
+            local_mask, img, out_path(self.inputs.mask, "_local"), np.uint8
+        )
+        return runtime

@@ -1,0 +1,163 @@
+"""Interfaces of the dipole inversion: local field (Hz) -> referenced chi map (ppm)."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.recon.inversion.consistency import data_consistency
+from qsmprep.recon.inversion.cosmos import cosmos
+from qsmprep.recon.inversion.reference import reference_mean
+from qsmprep.recon.kernels import hz_to_ppm
+from qsmprep.recon.mask import combine_magnitude
+
+__all__ = ["INVERSION_METHODS", "Cosmos", "DipoleInversion"]
+
+_FUNCTIONS = {
+    "tkd": "direct:tkd",
+    "tsvd": "direct:tsvd",
+    "l2": "direct:l2",
+    "tv": "tv:tv",
+    "medi": "medi:medi",
+}
+INVERSION_METHODS = tuple(_FUNCTIONS)
+"""Single-orientation inversions of :mod:`qsmprep.recon.inversion` run by DipoleInversion."""
+
+
+def _function(method: str):
+    """The inversion function of ``method`` (imported on use: optional modules stay lazy)."""
+    module, name = _FUNCTIONS[method].split(":")
+    return getattr(import_module(f"qsmprep.recon.inversion.{module}"), name)
+
+
+_DEVICES = ("cpu", "auto", "cuda", "torch")
+_B0_DIR = {"minlen": 3, "maxlen": 3, "value": [0.0, 0.0, 1.0], "usedefault": True}
+_USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_gpu set"
+
+
+class _InversionInputSpec(BaseInterfaceInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
+    mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
+    method = traits.Enum(*INVERSION_METHODS, mandatory=True, desc="inversion method")
+    params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
+    b0 = traits.Float(mandatory=True, desc="field strength (T)")
+    b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
+    echo_times = traits.List(traits.Float, desc="echo times (s); MEDI's echo spacing")
+    magnitude = File(exists=True, desc="4D or 3D magnitude (MEDI edge mask)")
+    noise_field = File(exists=True, desc="field std map (Hz; MEDI data weight)")
+    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+
+
+class _InversionOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="chi (ppm), mean 0 over the mask, 0 outside")
+    dc_residual = traits.Float(desc="data-consistency residual (%), reference-free")
+    parameters = traits.Dict(desc="effective parameters of the method (JSON-able)")
+    meta = traits.Dict(desc="sidecar entries: Parameters, DataConsistencyResidual (%)")
+
+
+class DipoleInversion(SimpleInterface):
+    """One dipole inversion by name; the result is referenced to the mean over the mask."""
+
+    input_spec = _InversionInputSpec
+    output_spec = _InversionOutputSpec
+
+    def _run_interface(self, runtime):
+        method, inp = self.inputs.method, self.inputs
+        field_hz, img = load(inp.local_field)
+        m, _ = load(inp.mask, bool)
+        field, vs, b0_dir = hz_to_ppm(field_hz, inp.b0), voxel_size(img), tuple(inp.b0_dir)
+        func = _function(method)
+        params = dict(inp.params)
+        extra = {}
+        if method == "medi":
+            if not isdefined(inp.magnitude):
+                raise ValueError("MEDI needs the magnitude input (its edge mask)")
+            te = list(inp.echo_times) if isdefined(inp.echo_times) else []
+            if te:  # the field's phase accrual time: the echo spacing (single echo: its TE)
+                params.setdefault("delta_te", te[1] - te[0] if len(te) > 1 else te[0])
+            params.setdefault("b0", inp.b0)
+            extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
+            if isdefined(inp.noise_field):
+                extra["noise_std"] = load(inp.noise_field)[0]
+        chi = func(field, m, vs, b0_dir=b0_dir, device=inp.device, **extra, **params)
+        chi = reference_mean(chi, m)
+        self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
+        dc = data_consistency(chi, field, m, vs, b0_dir=b0_dir, device=inp.device)
+        used = effective_params(func, params, exclude=("b0_dir",))
+        self._results.update(dc_residual=dc, parameters=used)
+        self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
+        return runtime
+
+
+class _CosmosInputSpec(BaseInterfaceInputSpec):
+    local_fields = InputMultiObject(
+        File(exists=True), mandatory=True, desc="local field (Hz) of each orientation"
+    )
+    masks = InputMultiObject(
+        File(exists=True), mandatory=True, desc="local-field mask of each orientation"
+    )
+    b0_dirs = traits.List(
+        traits.List(traits.Float, minlen=3, maxlen=3),
+        mandatory=True,
+        desc="B0 direction of each orientation in the voxel coordinates of the common grid",
+    )
+    b0 = traits.List(traits.Float, mandatory=True, desc="field strength (T) of each orientation")
+    params = traits.Dict(usedefault=True, desc="keyword arguments of recon.inversion.cosmos")
+    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+
+
+class _CosmosOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="COSMOS chi (ppm), mean 0 over the common mask")
+    mask = File(exists=True, desc="common mask of the orientations (uint8)")
+    parameters = traits.Dict(desc="effective parameters of COSMOS (JSON-able)")
+    meta = traits.Dict(desc="sidecar entries: Parameters")
+
+
+class Cosmos(SimpleInterface):
+    """Multi-orientation COSMOS (:func:`qsmprep.recon.inversion.cosmos`), mean-referenced."""
+
+    input_spec = _CosmosInputSpec
+    output_spec = _CosmosOutputSpec
+
+    def _run_interface(self, runtime):
+        inp = self.inputs
+        n = len(inp.local_fields)
+        if not (len(inp.masks) == len(inp.b0_dirs) == len(inp.b0) == n):
+            raise ValueError(
+                f"COSMOS got {n} fields, {len(inp.masks)} masks, {len(inp.b0_dirs)} B0"
+                f" directions and {len(inp.b0)} field strengths; give one of each per orientation"
+            )
+        fields, masks = [], []
+        for f, mf, b0 in zip(inp.local_fields, inp.masks, inp.b0, strict=True):
+            data, img = load(f)
+            fields.append(hz_to_ppm(data, b0))
+            masks.append(load(mf, bool)[0])
+        params = dict(inp.params)
+        chi = cosmos(
+            fields,
+            masks,
+            voxel_size(img),
+            [tuple(b) for b in inp.b0_dirs],
+            device=inp.device,
+            **params,
+        )
+        common = np.logical_and.reduce(masks)
+        chi = reference_mean(chi, common)
+        self._results["out_file"] = save(chi, img, out_path(inp.local_fields[0], "_cosmos_chi"))
+        self._results["mask"] = save(common, img, out_path(inp.masks[0], "_cosmos"), np.uint8)
+        used = effective_params(cosmos, params)
+        self._results.update(parameters=used, meta={"Parameters": used})
+        return runtime

@@ -1,0 +1,185 @@
+"""Field workflow: per-echo magnitude + phase -> brain mask, total and local field maps (Hz)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from qsmprep.interfaces import BrainMask, FitField, LoadEchoes, RemoveBackground, UnwrapPhase
+from qsmprep.workflows._util import check_choice, params_of
+
+__all__ = ["init_field_wf"]
+
+_MASK_DESC = {
+    "magnitude": "by Otsu's threshold of the root-sum-of-squares magnitude over echoes "
+    "(Otsu, 1979) and morphological refinement",
+    "phase": "by thresholding the ROMEO phase-quality map (Dymerska et al., 2021) as in QSMxT "
+    "(Stewart et al., 2022), with morphological refinement",
+}
+_UNWRAP_DESC = {
+    "quality": "unwrapped by quality-guided region growing (ROMEO; Dymerska et al., 2021) in "
+    "the first echo and temporally in the later echoes",
+    "laplacian": "unwrapped echo by echo with the Laplacian method (Schofield and Zhu, 2003)",
+}
+_BG_DESC = {
+    "resharp": "RESHARP (Sun and Wilman, 2014)",
+    "vsharp": "V-SHARP (Wu et al., 2012)",
+    "sharp": "SHARP (Schweser et al., 2011)",
+    "pdf": "projection onto dipole fields (PDF; Liu et al., 2011)",
+}
+_CITES = {
+    "mask": {"magnitude": ["otsu"], "phase": ["romeo", "qsmxt"]},
+    "unwrap": {"quality": ["mcpc3ds", "romeo"], "laplacian": ["mcpc3ds", "laplacian_unwrap"]},
+}
+
+
+def init_field_wf(
+    *,
+    mask_method: str = "magnitude",
+    unwrap_method: str = "quality",
+    bg_method: str = "resharp",
+    method_params: Mapping[str, Mapping] | None = None,
+    device: str = "cpu",
+    use_gpu: bool = False,
+    omp_nthreads: int = 1,
+    name: str = "field_wf",
+) -> pe.Workflow:
+    """Brain mask, unwrapping, multi-echo field fit and background removal of one acquisition.
+
+    Workflow graph::
+
+        inputnode -> load_echoes -> brain_mask -> unwrap_phase -> fit_field
+                  -> remove_background -> outputnode
+
+    Parameters
+    ----------
+    mask_method : {"magnitude", "phase"}
+        Brain mask from the magnitude or from the phase quality.
+    unwrap_method : {"quality", "laplacian"}
+        Multi-echo unwrapping method.
+    bg_method : {"resharp", "vsharp", "sharp", "pdf"}
+        Background field removal method.
+    method_params : dict, optional
+        Keyword arguments by section: ``"mask"``, ``"unwrap"`` and the background method name.
+    device : {"cpu", "auto", "cuda"}
+        Device of the background removal (``"auto"``: a GPU when one is visible at run time).
+    use_gpu : bool
+        Mark the background removal as GPU work for Nipype's MultiProc.
+    omp_nthreads : int
+        Threads of the CPU-heavy nodes (their ``n_procs``).
+    name : str
+        Workflow name.
+
+    Inputs (``inputnode``)
+    ----------------------
+    magnitude, phase
+        Lists of per-echo 3D NIfTI files, sorted by echo time.
+    echo_times
+        List of echo times (s).
+    phase_units, phase_sign
+        ``"rad"`` or ``"integer"``; +1 or -1.
+    b0_dir
+        B0 direction in voxel coordinates (3 floats).
+
+    Outputs (``outputnode``)
+    ------------------------
+    magnitude, phase
+        4D magnitude, 4D wrapped phase (rad).
+    brain_mask
+        Brain mask (uint8).
+    total_field, noise_field, local_field
+        Total field, its standard deviation and the local field (Hz).
+    local_mask
+        Where the local field is valid (uint8).
+    bg_meta
+        Sidecar entries of the background removal (its effective parameters).
+    """
+    check_choice(mask_method, _MASK_DESC, "mask method")
+    check_choice(unwrap_method, _UNWRAP_DESC, "unwrapping method")
+    check_choice(bg_method, _BG_DESC, "background removal method")
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=["magnitude", "phase", "echo_times", "phase_units", "phase_sign", "b0_dir"]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        IdentityInterface(
+            fields=[
+                "magnitude", "phase", "brain_mask", "total_field", "noise_field",
+                "local_field", "local_mask", "bg_meta",
+            ]
+        ),
+        name="outputnode",
+    )  # fmt: skip
+
+    load_echoes = pe.Node(LoadEchoes(), name="load_echoes")
+    brain_mask = pe.Node(
+        BrainMask(method=mask_method, params=params_of(method_params, "mask")),
+        name="brain_mask",
+    )
+    unwrap_phase = pe.Node(
+        UnwrapPhase(method=unwrap_method, params=params_of(method_params, "unwrap")),
+        name="unwrap_phase",
+        n_procs=omp_nthreads,
+    )
+    fit_field = pe.Node(FitField(), name="fit_field")
+    remove_background = pe.Node(
+        RemoveBackground(
+            method=bg_method,
+            params=params_of(method_params, bg_method),
+            device=device,
+            use_gpu=use_gpu,
+        ),
+        name="remove_background",
+        # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs
+        n_procs=1 if use_gpu else omp_nthreads,
+    )
+
+    workflow.connect([
+        (inputnode, load_echoes, [
+            ("magnitude", "magnitude"), ("phase", "phase"), ("echo_times", "echo_times"),
+            ("phase_units", "phase_units"), ("phase_sign", "phase_sign"),
+        ]),
+        (inputnode, brain_mask, [("echo_times", "echo_times")]),
+        (load_echoes, brain_mask, [("magnitude", "magnitude"), ("phase", "phase")]),
+        (inputnode, unwrap_phase, [("echo_times", "echo_times")]),
+        (load_echoes, unwrap_phase, [("magnitude", "magnitude"), ("phase", "phase")]),
+        (brain_mask, unwrap_phase, [("out_file", "mask")]),
+        (inputnode, fit_field, [("echo_times", "echo_times")]),
+        (load_echoes, fit_field, [("magnitude", "magnitude")]),
+        (unwrap_phase, fit_field, [("out_file", "phase")]),
+        (brain_mask, fit_field, [("out_file", "mask")]),
+        (inputnode, remove_background, [("b0_dir", "b0_dir")]),
+        (fit_field, remove_background, [("total_field", "total_field")]),
+        (brain_mask, remove_background, [("out_file", "mask")]),
+        (load_echoes, outputnode, [("magnitude", "magnitude"), ("phase", "phase")]),
+        (brain_mask, outputnode, [("out_file", "brain_mask")]),
+        (fit_field, outputnode, [
+            ("total_field", "total_field"), ("noise_field", "noise_field"),
+        ]),
+        (remove_background, outputnode, [
+            ("local_field", "local_field"), ("local_mask", "local_mask"),
+            ("meta", "bg_meta"),
+        ]),
+    ])  # fmt: skip
+
+    workflow.__desc__ = (
+        f"A brain mask was computed {_MASK_DESC[mask_method]}. The phase offset of the echoes "
+        "was removed (MCPC-3D-S; Eckstein et al., 2018) and the phase was "
+        f"{_UNWRAP_DESC[unwrap_method]}. The total field (Hz) was fitted to the unwrapped "
+        "phase of all echoes by weighted linear least squares (weights: squared magnitude), "
+        "with a map of its standard deviation (Kressler et al., 2010). The background field "
+        f"was removed with {_BG_DESC[bg_method]}, giving the local field and the mask where "
+        "it is valid."
+    )
+    workflow.__citations__ = [
+        *_CITES["mask"][mask_method],
+        *_CITES["unwrap"][unwrap_method],
+        "kressler",
+        bg_method,
+    ]
+    return workflow

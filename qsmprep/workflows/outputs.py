@@ -1,0 +1,243 @@
+"""Derivative sinks: publish the maps of a workflow into the BIDS derivative dataset.
+
+Names follow :func:`qsmprep.bids.derivative_path`; every NIfTI gets a JSON sidecar with its
+units, method, parameters, ``Sources`` (BIDS-relative input paths) and ``GeneratedBy``. Files
+are written by :class:`~qsmprep.interfaces.WriteDerivative` (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from qsmprep.__about__ import __version__
+from qsmprep.bids import derivative_path
+from qsmprep.interfaces import WriteDerivative
+from qsmprep.workflows._util import params_of
+
+__all__ = [
+    "GENERATED_BY",
+    "acquisition_sources",
+    "cosmos_path",
+    "init_cosmos_derivatives_wf",
+    "init_metrics_derivatives_wf",
+    "init_qsm_derivatives_wf",
+]
+
+GENERATED_BY = {"Name": "qsmprep", "Version": __version__}
+"""``GeneratedBy`` entry of every sidecar."""
+
+CHIMAP_REFERENCE = "mean of local mask"
+"""``Reference`` entry of a Chimap sidecar: chi has mean 0 over the local-field mask."""
+
+
+def acquisition_sources(acquisition) -> list[str]:
+    """BIDS-relative input paths of an acquisition (magnitude then phase, by echo)."""
+    sources = getattr(acquisition, "sources", None)
+    if sources is not None:
+        return list(sources)
+    return [Path(p).name for p in [*acquisition.magnitude, *acquisition.phase]]
+
+
+def _sink(name: str, out_file: Path, sidecar: dict | None) -> pe.Node:
+    ds = WriteDerivative(out_file=str(out_file))
+    if sidecar is not None:
+        ds.inputs.sidecar = sidecar
+    return pe.Node(ds, name=name, run_without_submitting=True)
+
+
+def init_qsm_derivatives_wf(
+    *,
+    acquisition,
+    output_dir: str | Path,
+    methods: Sequence[str],
+    bg_method: str,
+    mask_method: str,
+    unwrap_method: str,
+    phase_sign: int = 1,
+    method_params: Mapping[str, Mapping] | None = None,
+    name: str = "qsm_derivatives_wf",
+) -> pe.Workflow:
+    """Write the masks, field maps and Chimaps of one acquisition.
+
+    Inputs (``inputnode``)
+    ----------------------
+    brain_mask, local_mask, total_field, noise_field, local_field, bg_meta
+        From the field workflow (``bg_meta``: sidecar entries of the background removal).
+    chimap_<method>, meta_<method>
+        From the inversion workflow.
+
+    Each sink node (``ds_<map>``) reports its written path as ``out_file``.
+    """
+    workflow = pe.Workflow(name=name)
+    a = acquisition
+    fields = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
+    per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "meta")]
+    inputnode = pe.Node(
+        IdentityInterface(fields=[*fields, "bg_meta", *per_method]), name="inputnode"
+    )
+    base = {"Sources": acquisition_sources(a), "GeneratedBy": GENERATED_BY}
+    echo = {
+        "EchoTime": [float(t) for t in a.echo_times],
+        "B0": float(a.b0),
+        "PhaseUnits": a.phase_units,
+        "PhaseSign": int(phase_sign),
+    }
+
+    def path(desc, suffix, ext=".nii.gz"):
+        return derivative_path(output_dir, a, desc=desc, suffix=suffix, extension=ext)
+
+    ds_brain_mask = _sink(
+        "ds_brain_mask",
+        path("brain", "mask"),
+        {
+            "Type": "Brain",
+            "Method": mask_method,
+            "Parameters": params_of(method_params, "mask"),
+            **base,
+        },
+    )
+    ds_local_mask = _sink(
+        "ds_local_mask",
+        path("local", "mask"),
+        {
+            "Type": "Brain",
+            "Description": "voxels where the local field and the Chimaps are valid",
+            "BackgroundMethod": bg_method,
+            **base,
+        },
+    )
+    ds_total_field = _sink(
+        "ds_total_field",
+        path("total", "fieldmap"),
+        {
+            "Units": "Hz",
+            "Description": "total field offset: weighted linear fit of the unwrapped phase",
+            "UnwrapMethod": unwrap_method,
+            **echo,
+            **base,
+        },
+    )
+    ds_noise_field = _sink(
+        "ds_noise_field",
+        path("noise", "fieldmap"),
+        {
+            "Units": "Hz",
+            "Description": "standard deviation of the fitted total field",
+            **echo,
+            **base,
+        },
+    )
+    ds_local_field = _sink(
+        "ds_local_field",
+        path("local", "fieldmap"),
+        {
+            "Units": "Hz",
+            "Description": "local field after background field removal",
+            "Method": bg_method,
+            "B0Direction": [float(v) for v in a.b0_dir],
+            **echo,
+            **base,
+        },
+    )
+
+    workflow.connect([
+        (inputnode, ds_brain_mask, [("brain_mask", "in_file")]),
+        (inputnode, ds_local_mask, [("local_mask", "in_file")]),
+        (inputnode, ds_total_field, [("total_field", "in_file")]),
+        (inputnode, ds_noise_field, [("noise_field", "in_file")]),
+        (inputnode, ds_local_field, [("local_field", "in_file"), ("bg_meta", "meta")]),
+    ])  # fmt: skip
+
+    for method in methods:
+        ds_chimap = _sink(
+            f"ds_chimap_{method}",
+            path(method, "Chimap"),
+            {
+                "Units": "ppm",
+                "Method": method,
+                "Reference": CHIMAP_REFERENCE,
+                "B0": float(a.b0),
+                "B0Direction": [float(v) for v in a.b0_dir],
+                "EchoTime": [float(t) for t in a.echo_times],
+                "BackgroundMethod": bg_method,
+                **base,
+            },
+        )
+        workflow.connect([
+            (inputnode, ds_chimap, [(f"chimap_{method}", "in_file"), (f"meta_{method}", "meta")]),
+        ])  # fmt: skip
+    return workflow
+
+
+def init_metrics_derivatives_wf(
+    *,
+    acquisition,
+    output_dir: str | Path,
+    name: str = "metrics_derivatives_wf",
+) -> pe.Workflow:
+    """Write ``<prefix>_metrics.tsv`` and ``<prefix>_metrics.json`` of one acquisition.
+
+    Inputs (``inputnode``): ``metrics_tsv``, ``metrics_json``.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(fields=["metrics_tsv", "metrics_json"]), name="inputnode"
+    )
+    tsv, json = (
+        derivative_path(output_dir, acquisition, suffix="metrics", extension=ext)
+        for ext in (".tsv", ".json")
+    )
+    ds_metrics_tsv = _sink("ds_metrics_tsv", tsv, None)
+    ds_metrics_json = _sink("ds_metrics_json", json, None)
+    workflow.connect([
+        (inputnode, ds_metrics_tsv, [("metrics_tsv", "in_file")]),
+        (inputnode, ds_metrics_json, [("metrics_json", "in_file")]),
+    ])  # fmt: skip
+    return workflow
+
+
+def init_cosmos_derivatives_wf(
+    *,
+    acquisitions: Sequence,
+    output_dir: str | Path,
+    name: str = "cosmos_derivatives_wf",
+) -> pe.Workflow:
+    """Write the COSMOS Chimap of one orientation group.
+
+    Named ``sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz`` (see
+    :func:`qsmprep.bids.derivative_path`).
+
+    Inputs (``inputnode``): ``chimap``, ``meta`` (sidecar entries of the COSMOS node).
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["chimap", "meta"]), name="inputnode")
+    first = acquisitions[0]
+    ds_cosmos = _sink(
+        "ds_cosmos",
+        cosmos_path(output_dir, acquisitions),
+        {
+            "Units": "ppm",
+            "Method": "cosmos",
+            "Reference": "mean of the common local mask of the orientations",
+            "B0": [float(a.b0) for a in acquisitions],
+            "B0Direction": [[float(v) for v in a.b0_dir] for a in acquisitions],
+            "Orientations": [a.prefix for a in acquisitions],
+            "EchoTime": [float(t) for t in first.echo_times],
+            "Sources": [s for a in acquisitions for s in acquisition_sources(a)],
+            "GeneratedBy": GENERATED_BY,
+        },
+    )
+    workflow.connect([(inputnode, ds_cosmos, [("chimap", "in_file"), ("meta", "meta")])])
+    return workflow
+
+
+def cosmos_path(output_dir, acquisitions: Sequence) -> Path:
+    """Derivative path of the COSMOS Chimap of an orientation group."""
+    first = acquisitions[0]
+    return derivative_path(
+        output_dir, (first.subject, first.session), desc="cosmos", suffix="Chimap"
+    )

@@ -1,0 +1,200 @@
+"""QSM workflow of one acquisition: field maps, inversions, metrics and derivatives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from nipype.interfaces.utility import IdentityInterface
+from nipype.pipeline import engine as pe
+
+from qsmprep.workflows._util import gpu_work
+from qsmprep.workflows.field import init_field_wf
+from qsmprep.workflows.inversion import init_inversion_wf
+from qsmprep.workflows.metrics import init_metrics_wf
+from qsmprep.workflows.outputs import init_qsm_derivatives_wf
+
+__all__ = ["init_qsm_wf"]
+
+_OUTPUTS = [
+    "brain_mask", "local_mask", "total_field", "noise_field", "local_field", "magnitude",
+    "chimaps", "dc_residuals", "metrics_tsv", "metrics_json",
+]  # fmt: skip
+
+
+def init_qsm_wf(
+    *,
+    acquisition,
+    output_dir: str | Path | None,
+    methods: Sequence[str] = ("tkd", "l2", "tv", "medi"),
+    bg_method: str = "resharp",
+    unwrap_method: str = "quality",
+    mask_method: str = "magnitude",
+    method_params: Mapping[str, Mapping] | None = None,
+    device: str = "cpu",
+    phase_sign: int = 1,
+    reference: str | Path | None = None,
+    metrics: bool = True,
+    omp_nthreads: int = 1,
+    name: str = "qsm_wf",
+) -> pe.Workflow:
+    """Susceptibility maps of one acquisition, from its per-echo magnitude and phase files.
+
+    Workflow graph::
+
+        inputnode -> field_wf -> inversion_wf -> metrics_wf -> outputnode
+                             \\-> derivatives_wf (masks, field maps, Chimaps)
+
+    The acquisition's files and metadata are set on ``inputnode`` here; derivative names are
+    derived from it (:func:`qsmprep.bids.derivative_path`). Embed the workflow in a larger one
+    through ``inputnode``/``outputnode``; pass ``output_dir=None`` to leave out the sinks.
+
+    Parameters
+    ----------
+    acquisition : :class:`qsmprep.bids.Acquisition`
+        Uses ``magnitude``, ``phase``, ``echo_times``, ``b0``, ``b0_dir``, ``phase_units``
+        and, for the derivative names and sidecars, its entities and ``sources``.
+    output_dir : path or None
+        Root of the BIDS derivative dataset.
+    methods : sequence of str
+        Inversion methods (``desc-`` labels of the Chimaps).
+    bg_method, unwrap_method, mask_method : str
+        See :func:`~qsmprep.workflows.init_field_wf`.
+    method_params : dict, optional
+        Keyword arguments by stage or method (``"mask"``, ``"unwrap"``, background and
+        inversion method names).
+    device : {"cpu", "auto", "cuda"}
+        Device of background removal and inversion; GPU work is flagged with ``use_gpu``
+        (:func:`~qsmprep.workflows.gpu_work`).
+    phase_sign : {1, -1}
+        Phase sign convention of the data.
+    reference : path, optional
+        A reference Chimap (ppm) on the acquisition's grid for the metrics.
+    metrics : bool
+        Include the metrics workflow (:func:`~qsmprep.workflows.init_metrics_wf`). Leave it
+        out when the reference is computed from this workflow's outputs (COSMOS): the
+        enclosing workflow then adds the metrics workflow beside it, as a nested workflow
+        may not both feed and consume another one.
+    omp_nthreads : int
+        Threads of the CPU-heavy nodes.
+    name : str
+        Workflow name.
+
+    Inputs (``inputnode``)
+    ----------------------
+    magnitude, phase, echo_times, phase_units, phase_sign, b0, b0_dir
+        Set from ``acquisition``.
+
+    Outputs (``outputnode``)
+    ------------------------
+    brain_mask, local_mask, total_field, noise_field, local_field, magnitude
+        From the field workflow (Hz; magnitude 4D).
+    chimaps, dc_residuals
+        Chi maps (ppm) and data-consistency residuals (%) in the order of ``methods``.
+    metrics_tsv, metrics_json
+        The metrics table (with ``metrics`` only).
+    """
+    methods = list(methods)
+    use_gpu = gpu_work(device)
+    a = acquisition
+    fields = ["magnitude", "phase", "echo_times", "phase_units", "phase_sign", "b0", "b0_dir"]
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    inputnode.inputs.magnitude = [str(p) for p in a.magnitude]
+    inputnode.inputs.phase = [str(p) for p in a.phase]
+    inputnode.inputs.echo_times = [float(t) for t in a.echo_times]
+    inputnode.inputs.phase_units = a.phase_units
+    inputnode.inputs.phase_sign = int(phase_sign)
+    inputnode.inputs.b0 = float(a.b0)
+    inputnode.inputs.b0_dir = [float(v) for v in a.b0_dir]
+    outputnode = pe.Node(IdentityInterface(fields=_OUTPUTS), name="outputnode")
+
+    field_wf = init_field_wf(
+        mask_method=mask_method,
+        unwrap_method=unwrap_method,
+        bg_method=bg_method,
+        method_params=method_params,
+        device=device,
+        use_gpu=use_gpu,
+        omp_nthreads=omp_nthreads,
+    )
+    inversion_wf = init_inversion_wf(
+        methods=methods,
+        method_params=method_params,
+        device=device,
+        use_gpu=use_gpu,
+        omp_nthreads=omp_nthreads,
+    )
+
+    workflow.connect([
+        (inputnode, field_wf, [
+            ("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase"),
+            ("echo_times", "inputnode.echo_times"), ("phase_units", "inputnode.phase_units"),
+            ("phase_sign", "inputnode.phase_sign"), ("b0_dir", "inputnode.b0_dir"),
+        ]),
+        (inputnode, inversion_wf, [
+            ("b0", "inputnode.b0"), ("b0_dir", "inputnode.b0_dir"),
+            ("echo_times", "inputnode.echo_times"),
+        ]),
+        (field_wf, inversion_wf, [
+            ("outputnode.local_field", "inputnode.local_field"),
+            ("outputnode.local_mask", "inputnode.local_mask"),
+            ("outputnode.magnitude", "inputnode.magnitude"),
+            ("outputnode.noise_field", "inputnode.noise_field"),
+        ]),
+        (field_wf, outputnode, [
+            ("outputnode.brain_mask", "brain_mask"), ("outputnode.local_mask", "local_mask"),
+            ("outputnode.total_field", "total_field"),
+            ("outputnode.noise_field", "noise_field"),
+            ("outputnode.local_field", "local_field"), ("outputnode.magnitude", "magnitude"),
+        ]),
+        (inversion_wf, outputnode, [
+            ("outputnode.chimaps", "chimaps"), ("outputnode.dc_residuals", "dc_residuals"),
+        ]),
+    ])  # fmt: skip
+    if metrics:
+        metrics_wf = init_metrics_wf(
+            acquisition=a, methods=methods, output_dir=output_dir, reference=reference
+        )
+        workflow.connect([
+            (field_wf, metrics_wf, [
+                ("outputnode.local_field", "inputnode.local_field"),
+                ("outputnode.local_mask", "inputnode.local_mask"),
+            ]),
+            (inversion_wf, metrics_wf, [("outputnode.chimaps", "inputnode.chimaps")]),
+            (metrics_wf, outputnode, [
+                ("outputnode.metrics_tsv", "metrics_tsv"),
+                ("outputnode.metrics_json", "metrics_json"),
+            ]),
+        ])  # fmt: skip
+
+    if output_dir is not None:
+        derivatives_wf = init_qsm_derivatives_wf(
+            acquisition=a,
+            output_dir=output_dir,
+            methods=methods,
+            bg_method=bg_method,
+            mask_method=mask_method,
+            unwrap_method=unwrap_method,
+            phase_sign=phase_sign,
+            method_params=method_params,
+        )
+        field_out = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
+        workflow.connect([
+            (field_wf, derivatives_wf, [
+                (f"outputnode.{f}", f"inputnode.{f}") for f in field_out
+            ]),
+            (field_wf, derivatives_wf, [("outputnode.bg_meta", "inputnode.bg_meta")]),
+            (inversion_wf, derivatives_wf, [
+                (f"outputnode.{k}_{m}", f"inputnode.{k}_{m}")
+                for m in methods for k in ("chimap", "meta")
+            ]),
+        ])  # fmt: skip
+
+    workflow.__desc__ = (
+        f"Acquisition {a.prefix}: {len(a.echo_times)} echo(es) at {float(a.b0):g} T "
+        f"(phase in {a.phase_units})."
+    )
+    workflow.__citations__ = []
+    return workflow
