@@ -12,6 +12,8 @@ measured values plus a margin of about 10 % of the value.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -195,9 +197,10 @@ def test_linear_in_the_field_so_unit_free(phantom, phantom_fields):
 
 
 def test_pdf_honours_oblique_b0(phantom):
-    # total field simulated with B0 tilted 25 degrees from the array's third axis
+    # total field simulated with B0 tilted 25 degrees from the array's third axis, with the
+    # continuous kernel that PDF fits (the check is that PDF uses b0_dir, not kernel mismatch)
     b0_dir = (np.sin(np.radians(25.0)), 0.0, np.cos(np.radians(25.0)))
-    fields = simulate_fields(phantom, b0_dir=b0_dir)
+    fields = simulate_fields(phantom, b0_dir=b0_dir, kernel="continuous")
     vs, brain = phantom.voxel_size, phantom.brain_mask
     right, m = bg.pdf(fields["total_hz"], brain, vs, b0_dir=b0_dir)
     wrong, _ = bg.pdf(fields["total_hz"], brain, vs, b0_dir=(0.0, 0.0, 1.0))
@@ -338,3 +341,25 @@ def test_bad_input(args, kw, match):
     kw = {"method": "resharp", **kw}
     with pytest.raises(ValueError, match=match):
         bg.remove_background(*args, **kw)
+
+
+def test_resharp_on_oblique_simulation_is_as_good_as_axial(phantom):
+    # The simulator's finite-difference kernel for oblique background sources keeps the
+    # background harmonic in the brain; with the continuous kernel the 9.4 ppm air edges ring
+    # at the Nyquist frequency and RESHARP cannot remove it. Measured on the 3 mm phantom,
+    # B0 tilted 20 degrees: axial 42.9 %, tilted 41.3 %, tilted with the continuous kernel 217 %.
+    from qsmprep.sim.bids import tilt_affine
+
+    tilted = dataclasses.replace(phantom, affine=tilt_affine(phantom.affine, 20.0))
+    vs, brain = phantom.voxel_size, phantom.brain_mask
+    errs = {}
+    for name, ph, kernel in (
+        ("axial", phantom, "auto"),
+        ("tilted", tilted, "auto"),
+        ("tilted_continuous", tilted, "continuous"),
+    ):
+        f = simulate_fields(ph, kernel=kernel)
+        local, m = bg.resharp(f["total_hz"], brain, vs)
+        errs[name] = _errors(local, f["local_hz"], m)[0]
+    assert errs["tilted"] < 1.3 * errs["axial"], errs
+    assert errs["tilted_continuous"] > 2 * errs["tilted"], errs

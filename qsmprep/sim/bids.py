@@ -286,7 +286,10 @@ def _write_subject(root, gt_root, sub, ph, gre, fields, tr, flip, metadata, acq=
         "below the field of view), demeaned and shimmed over the brain with solid spherical "
         "harmonics (ShimOrder); stored over the head, zero in air",
         "ShimOrder": 2,
-        "DipoleKernel": "continuous k-space kernel D = 1/3 - (k.b)^2/|k|^2, D(0) = 0, "
+        "DipoleKernel": "local field: continuous k-space kernel D = 1/3 - (k.b)^2/|k|^2; "
+        "background sources: the same for B0 along an array axis, the finite-difference kernel "
+        "(qsmprep.recon.kernels.dipole_kernel_fd) for oblique B0 and multi-orientation sets; "
+        "D(0) = 0, "
         "2N zero padding",
         "Storage": "float32",
     }
@@ -341,7 +344,8 @@ def simulate_bids_dataset(
             for k, rot in enumerate(rots):
                 rx, ry = (float(rot), 0.0) if np.isscalar(rot) else (float(rot[0]), float(rot[1]))
                 ph_k = dataclasses.replace(ph, affine=rotate_affine(ph.affine, rx, ry))
-                f_k = simulate_fields(ph_k, b0=b0, shim_order=shim_order)
+                # one kernel for all orientations of a COSMOS set (see simulate_fields)
+                f_k = simulate_fields(ph_k, b0=b0, shim_order=shim_order, kernel="fd")
                 sig = seed + 1000 + 100 * k + i
                 phs.append(ph_k)
                 flds.append(f_k)

@@ -6,7 +6,7 @@ import numpy as np
 
 from qsmprep.recon._backend import asarray, irfftn, rfftn, to_numpy
 from qsmprep.recon._checks import check_b0_dir, check_finite, check_volume, check_voxel_size
-from qsmprep.recon.kernels import crop, dipole_kernel, padded_shape
+from qsmprep.recon.kernels import crop, dipole_kernel, dipole_kernel_fd, padded_shape
 
 __all__ = ["forward_field"]
 
@@ -17,6 +17,7 @@ def forward_field(
     b0_dir=(0.0, 0.0, 1.0),
     *,
     pad: int | tuple[int, int, int] | None = None,
+    kernel: str = "continuous",
     device: str | None = "cpu",
 ) -> np.ndarray:
     """Field perturbation of a susceptibility distribution, ``f = F^-1{ D F{chi} }``.
@@ -33,6 +34,9 @@ def forward_field(
     pad : int or 3 ints, optional
         Zero-padding in voxels per axis; default the array size (a 2N grid), which keeps the
         wrap-around of the slowly decaying dipole field below 1 % of its peak.
+    kernel : {"continuous", "fd"}
+        :func:`~qsmprep.recon.kernels.dipole_kernel` (default) or the finite-difference
+        :func:`~qsmprep.recon.kernels.dipole_kernel_fd` (no Nyquist ringing for oblique B0).
 
     Returns
     -------
@@ -46,6 +50,9 @@ def forward_field(
     shape = tuple(chi.shape)
     grid = padded_shape(shape, shape if pad is None else pad)
     x = asarray(chi, device=device, dtype=np.float64)
-    d = dipole_kernel(grid, vs, b, device=device, dtype=np.float64)
+    if kernel not in ("continuous", "fd"):
+        raise ValueError(f"kernel must be 'continuous' or 'fd', got {kernel!r}")
+    make = dipole_kernel if kernel == "continuous" else dipole_kernel_fd
+    d = make(grid, vs, b, device=device, dtype=np.float64)
     f = irfftn(d * rfftn(x, s=grid), s=grid)
     return to_numpy(crop(f, shape))

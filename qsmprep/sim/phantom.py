@@ -712,6 +712,7 @@ def simulate_fields(
     b0: float | None = None,
     shim_order: int = 2,
     neck_mm: float = 60.0,
+    kernel: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Ground-truth total, local and background fields of a head phantom.
 
@@ -738,6 +739,15 @@ def simulate_fields(
         0, 1 or 2.
     neck_mm : float
         Continuation of the neck below the matrix for the total field (mm; 0 disables).
+    kernel : {"auto", "continuous", "fd"}
+        Dipole kernel of the forward model (:func:`qsmprep.sim.forward_field`). ``"auto"``
+        uses the continuous kernel when B0 lies along an array axis and the finite-difference
+        kernel otherwise, for the background sources only (the local field always uses the
+        continuous kernel, the model the inversions invert): with an oblique B0 the continuous
+        kernel's jump at the edge of k-space rings at the 9.4 ppm air/tissue edges and leaves
+        a non-harmonic background in the brain (RESHARP on the true total field of a 2 mm head
+        tilted 20 degrees: 132 % NRMSE with the continuous kernel, 35 % with the
+        finite-difference one, 36 % axial).
 
     Returns
     -------
@@ -755,16 +765,20 @@ def simulate_fields(
     head = np.asarray(phantom.head_mask, bool)
     chi = np.asarray(phantom.chi, np.float64)
 
-    local = forward_field(chi * brain, vs, b)
-    local -= local[brain].mean()
-    local *= brain
+    if kernel == "auto":
+        kernel = "continuous" if max(abs(c) for c in b) > 1 - 1e-6 else "fd"
+    # local field: always the continuous kernel (the model every inversion inverts)
+    local_raw = forward_field(chi * brain, vs, b)
+    local = (local_raw - local_raw[brain].mean()) * brain
 
-    rel = chi - CHI_AIR
+    # background: sources outside the brain (exterior air at 0, tissue at chi - 9.4, the brain
+    # region at -9.4 so that it adds up to the whole head), with ``kernel``
+    rel = chi - CHI_AIR - chi * brain
     n_neck = int(round(max(neck_mm, 0.0) / vs[2]))
     if n_neck:
         rel = np.pad(rel, ((0, 0), (0, 0), (n_neck, 0)), mode="edge")
-    total = forward_field(rel, vs, b)[:, :, n_neck:]
-    del rel
+    total = local_raw + forward_field(rel, vs, b, kernel=kernel)[:, :, n_neck:]
+    del rel, local_raw
     centre = np.stack(np.nonzero(brain), axis=1).mean(axis=0)
     coef, *_ = np.linalg.lstsq(shim_basis(brain, vs, shim_order, centre), total[brain], rcond=None)
     grid = [
