@@ -11,27 +11,28 @@ function       method                                                      modul
 ``cosmos``     multi-orientation closed form (Liu 2009)                    ``cosmos``
 =============  ==========================================================  ==================
 
-Referencing (``reference``): whole-mask mean or an ROI mean.
+Referencing (``reference``): whole-mask mean or an ROI mean. Reference-free quality
+(``consistency``): the data-consistency residual of a map against its local field.
 """
 
-from importlib import import_module
+from qsmprep.recon.inversion.consistency import data_consistency
+from qsmprep.recon.inversion.cosmos import cosmos
+from qsmprep.recon.inversion.direct import l2, tkd, tsvd
+from qsmprep.recon.inversion.medi import gradient_mask, medi
+from qsmprep.recon.inversion.reference import reference_mean, reference_roi
+from qsmprep.recon.inversion.tv import tv
 
-_EXPORTS = {
-    "tkd": "direct",
-    "tsvd": "direct",
-    "l2": "direct",
-    "tv": "tv",
-    "medi": "medi",
-    "gradient_mask": "medi",
-    "cosmos": "cosmos",
-    "reference_mean": "reference",
-    "reference_roi": "reference",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f"qsmprep.recon.inversion.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'qsmprep.recon.inversion' has no attribute {name!r}")
+# Eager imports: a lazy ``__getattr__`` would be shadowed by the submodules of the same name
+# (``cosmos``, ``medi``, ``tv``) once they are imported.
+__all__ = [
+    "cosmos",
+    "data_consistency",
+    "gradient_mask",
+    "l2",
+    "medi",
+    "reference_mean",
+    "reference_roi",
+    "tkd",
+    "tsvd",
+    "tv",
+]

@@ -22,8 +22,8 @@ is weighted, a second split ``y = D x`` (penalty ``mu``, dual ``u_y``)::
 k-space symbol of the periodic forward-difference gradient used in real space, so the x-update
 is an exact solve. Without a data weight the ``y`` split is dropped and ``D F f`` enters the
 x-update directly (one FFT pair per iteration instead of two). Both splits are over-relaxed
-(Boyd et al. 2011, section 3.4.3; ``relax``), which cut the iterations by 10 to 20 % on our
-phantoms.
+(Boyd et al. 2011, section 3.4.3; ``relax``): on our 2 mm phantom, 1.8 needed 10 % fewer
+iterations than none and stopped 2 to 3 times closer to the minimiser.
 
 Grid: the data are cropped to the mask's bounding box and zero-padded by ``pad`` (default
 20 mm per axis, then to a fast FFT length), as in :mod:`qsmprep.recon.background`; chi is
@@ -155,11 +155,12 @@ def tv(
     ``h = (dx dy dz)^(1/3)`` in mm, which makes ``lam`` the weight of the difference between
     neighbouring voxels for isotropic voxels (as in FANSI) while the per-mm gradient keeps TV
     isotropic in space for anisotropic voxels. With that scaling the best ``lam`` on our head
-    phantom with the same noise per voxel (0.003 ppm) was the same at 1 and 2 mm: the NRMSE
+    phantom with the same noise per voxel (0.003 ppm) was nearly the same at 1 and 2 mm: the NRMSE
     was minimal near ``lam = 2.2e-4`` at 1 mm and ``1.75e-4`` at 2 mm (without the scaling the
-    optimum moved by a factor 1.6). The default 2e-4 was within 0.6 % NRMSE of the best at
-    both resolutions; noise-free data favour smaller values (QSM.jl uses 1e-3 per mm and
-    FANSI/SEPIA 4e-4 per voxel).
+    optimum moved by a factor 1.6). The default 2e-4 was within 0.1 NRMSE points of the best
+    at both resolutions (17.3 % at 1 mm, 23.6 % at 2 mm); noise-free data favour smaller
+    values (19.0 % at 2 mm, 14.1 % with 1e-4). QSM.jl uses 1e-3 per mm and FANSI/SEPIA 4e-4
+    per voxel.
 
     Parameters
     ----------
@@ -174,36 +175,41 @@ def tv(
     lam : float
         TV weight (default :data:`DEFAULT_LAMBDA`; see above).
     rho : float, optional
-        ADMM penalty of the gradient split; default ``300 lam h``. QSM.jl uses 100 lam; 300
-        needed about half the iterations for the same accuracy with the weighted data term.
+        ADMM penalty of the gradient split; default ``300 lam h``. On our 2 mm phantom the
+        default stopped after 124-138 iterations within 0.4 % of the minimiser; 100 did not
+        reach ``tol`` in 250 iterations, 1000 stopped early 2 % away from it.
     weight : (X, Y, Z) array, optional
         Data weight ``W`` (e.g. the inverse noise std of the field, or the magnitude), used
         inside the mask only and scaled to RMS 1 there, so ``lam`` keeps its meaning. Default:
         ``W`` = the mask (see ``data_mask``).
     mu : float
-        ADMM penalty of the data split (used when the data term is weighted; default 0.1:
-        the fastest of 0.03-3 for the default ``rho``; QSM.jl and FANSI use 1).
+        ADMM penalty of the data split (used when the data term is weighted). Default 0.1:
+        of 0.03, 0.1, 0.3 and 1 the best trade-off of iterations and accuracy for the default
+        ``rho``; 1 (QSM.jl, FANSI) needed 220-230 iterations.
     tv_weight : (X, Y, Z) array, optional
         Per-voxel TV weight ``G`` >= 0 (weighted TV): e.g. a 0/1 mask that is 0 on the edges
         of the magnitude image (MEDI's gradient mask) so those edges are not smoothed. Not
-        normalised: 1 is the plain TV. Used inside the mask; 1 outside it.
+        normalised: 1 is the plain TV. Used inside the mask; 1 outside it. Unregularised edge
+        voxels keep their noise: with 0 on the 30 % largest magnitude gradients the 2 mm
+        phantom's NRMSE fell from 19.0 to 17.8 % without noise but rose from 23.6 to 29 % with
+        noise.
     data_mask : bool
         With ``weight`` None: True (default) counts the data term over the mask only
         (``W = M``), the only region where the local field is known; False uses the
         unweighted data term over the whole padded grid (QSM.jl's ``tv`` without ``W``),
         which takes the field outside the mask for 0. That variant needs one FFT pair per
-        iteration instead of two and about 5x fewer iterations, but on our 2 mm phantom its
-        NRMSE was 38 % (44 % noisy) against 17 % (24 %) with the mask.
+        iteration instead of two and about 4x fewer iterations, but on our 2 mm phantom its
+        NRMSE was 38 % (44 % noisy) against 19 % (24 %) with the mask.
     relax : float
         ADMM over-relaxation in (0, 2) (1 = none; default 1.8).
     tol : float
         Stopping tolerance on the relative change of chi (default 1e-3, as QSM.jl).
     max_iter : int
-        Iteration limit (default 250; the default settings stopped after 120-180 iterations on
-        our 1 and 2 mm phantoms).
+        Iteration limit (default 250; the default settings stopped after 115-155 iterations on
+        our 1, 2 and 3 mm phantoms).
     pad : int or 3 ints, optional
-        Zero-padding of the mask's bounding box in voxels per axis (default 20 mm: 10 to 40 mm
-        changed the NRMSE by less than 0.3 %; no padding cost 1.6 %).
+        Zero-padding of the mask's bounding box in voxels per axis (default 20 mm: 20 to 80 mm
+        agreed within 0.1 NRMSE points on the 2 mm phantom; no padding cost 0.5).
     device : str
         ``"cpu"`` (NumPy + scipy.fft), ``"torch"`` (torch on the CPU) or ``"cuda"``.
     info : dict, optional
@@ -217,8 +223,8 @@ def tv(
     (``D(0) = 0``): reference it (:mod:`qsmprep.recon.inversion.reference`).
 
     Cost: 4 real FFTs of the padded grid per iteration with the (default) weighted data term,
-    2 without. A 224 x 224 x 160, 1 mm head (FFT grid 160 x 192 x 150) took 130-175
-    iterations and 20-27 s on 2 CPU cores.
+    2 without. A 224 x 224 x 160, 1 mm head (FFT grid 160 x 192 x 150) took 130-155
+    iterations (about 0.16 s each, mostly FFTs) and 22-32 s on 2 CPU cores.
 
     References
     ----------
