@@ -124,15 +124,16 @@ def test_participant_rerun_and_group(dataset, tmp_path, capsys):
 def test_one_bad_acquisition_does_not_sink_the_others(dataset, tmp_path, capsys):
     bids = tmp_path / "bids"
     shutil.copytree(dataset, bids)
-    side = bids / "sub-02/anat/sub-02_echo-2_part-phase_MEGRE.json"
-    meta = json.loads(side.read_text())
-    del meta["EchoTime"]
-    side.write_text(json.dumps(meta))
+    for part in ("mag", "phase"):
+        side = bids / f"sub-02/anat/sub-02_echo-2_part-{part}_MEGRE.json"
+        meta = json.loads(side.read_text())
+        del meta["EchoTime"]
+        side.write_text(json.dumps(meta))
     out = tmp_path / "out"
     code = run.main(_args(bids, out, tmp_path / "work", "--participant-label", "02", "01"))
     err = capsys.readouterr().err
     assert code == 1
-    assert "sub-02_echo-2_part-phase_MEGRE.json" in err and "EchoTime" in err
+    assert "sub-02_echo-2_part-" in err and "EchoTime" in err
     assert (out / "sub-01/anat/sub-01_acq-ori1_desc-tkd_Chimap.nii.gz").is_file()
     assert not (out / "sub-02/anat").exists()
 

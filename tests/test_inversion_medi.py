@@ -6,6 +6,7 @@ field is the recipe shared by the inversion tests (0.003 ppm Gaussian noise, see
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -14,11 +15,13 @@ import pytest
 from qsmprep import metrics
 from qsmprep.recon._backend import count_ffts
 from qsmprep.recon.background import _Grid
-from qsmprep.recon.inversion import medi as medi_module
+
 from qsmprep.recon.inversion.medi import gradient_mask, medi, rad_per_ppm
 from qsmprep.recon.kernels import GAMMA_BAR, dipole_kernel
 from qsmprep.recon.operators import div, grad
 from qsmprep.sim.forward import forward_field
+
+medi_module = importlib.import_module("qsmprep.recon.inversion.medi")  # the module
 
 NOISE_PPM = 0.003
 DELTA_TE = 0.004  # echo spacing of the gre2mm fixture (s)
