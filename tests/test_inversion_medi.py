@@ -15,7 +15,6 @@ import pytest
 from qsmprep import metrics
 from qsmprep.recon._backend import count_ffts
 from qsmprep.recon.background import _Grid
-
 from qsmprep.recon.inversion.medi import gradient_mask, medi, rad_per_ppm
 from qsmprep.recon.kernels import GAMMA_BAR, dipole_kernel
 from qsmprep.recon.operators import div, grad
