@@ -38,6 +38,7 @@ from qsmprep.recon._checks import (
     check_voxel_size,
 )
 from qsmprep.recon.kernels import dipole_kernel, padded_shape, smv_kernel, sphere_mask
+from qsmprep.recon.operators import cg
 
 __all__ = [
     "METHODS",
@@ -369,38 +370,6 @@ def vsharp(
 # iterative methods
 
 
-def _cg(apply_a, b, tol: float, max_iter: int, xp):
-    """Conjugate gradients for ``A x = b`` (A symmetric positive (semi)definite), ``x0 = 0``.
-
-    Stops when ``||b - A x|| <= tol ||b||``. Returns ``(x, iterations, relative_residual)``.
-    """
-
-    def dot(u, v):
-        return float(xp.sum(u * v))
-
-    x = xp.zeros_like(b)
-    r = b
-    p = b
-    rr = dot(r, r)
-    bnorm = math.sqrt(rr)
-    if bnorm == 0.0:
-        return x, 0, 0.0
-    it = 0
-    while it < max_iter and math.sqrt(rr) > tol * bnorm:
-        ap = apply_a(p)
-        pap = dot(p, ap)
-        if not pap > 0.0:
-            break
-        a = rr / pap
-        x = x + a * p
-        r = r - a * ap
-        rr_new = dot(r, r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-        it += 1
-    return x, it, math.sqrt(rr) / bnorm
-
-
 def resharp(
     field,
     mask,
@@ -481,10 +450,15 @@ def resharp(
     def apply_a(z):
         return mr * irfftn(h2 * rfftn(z), s=grid.grid) + alpha * z
 
-    z, it, res = _cg(apply_a, b, tol, int(max_iter), xp)
+    z, cg_info = cg(apply_a, b, tol=tol, max_iter=int(max_iter))
     local = mr * irfftn(h * rfftn(mr * z), s=grid.grid)
     _fill_info(
-        info, iterations=it, converged=bool(res <= tol), residual=res, grid=grid.grid, radius=r
+        info,
+        iterations=cg_info["iterations"],
+        converged=cg_info["converged"],
+        residual=cg_info["residual"],
+        grid=grid.grid,
+        radius=r,
     )
     return grid.extract(local), grid.extract(mr) > 0.5
 
