@@ -278,6 +278,8 @@ def _configure_nipype(settings: Settings) -> None:
                 "stop_on_first_crash": False,
                 "remove_unnecessary_outputs": False,
                 "parameterize_dirs": False,
+                # MultiProc polls its workers every 2 s by default, which dominates small runs
+                "poll_sleep_duration": 0.2,
             },
             "monitoring": {"enabled": False},
         }
