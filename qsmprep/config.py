@@ -17,18 +17,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
+from qsmprep.dl.weights import DL_METHODS as _DL_METHODS
 
 __all__ = [
+    "ALL_METHODS",
     "BG_METHODS",
     "CLASSICAL_METHODS",
+    "DL_METHODS",
     "PARAM_SECTIONS",
     "Settings",
     "load_method_params",
 ]
 
 CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
+DL_METHODS = tuple(_DL_METHODS)
+ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf")
-PARAM_SECTIONS = (*CLASSICAL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos")
+PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos")
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:

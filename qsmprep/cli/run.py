@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
-from qsmprep.config import BG_METHODS, CLASSICAL_METHODS, Settings, load_method_params
+from qsmprep.config import ALL_METHODS, BG_METHODS, DL_METHODS, Settings, load_method_params
 
 __all__ = ["build_parser", "main", "run_group", "run_participant"]
 
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["tkd", "l2", "tv", "medi"],
         metavar="METHOD",
-        help=f"dipole inversions, each also the desc- label of its "
-        f"Chimap; available: {', '.join(CLASSICAL_METHODS)}",
+        help=f"dipole inversions, each also the desc- label of its Chimap; classical: "
+        f"{', '.join(m for m in ALL_METHODS if m not in DL_METHODS)}; deep learning (trained "
+        f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): {', '.join(DL_METHODS)}",
     )
     g.add_argument(
         "--bg-method", choices=BG_METHODS, default="resharp", help="background field removal"
@@ -206,6 +207,19 @@ def _read_json_or_yaml(path: Path, what: str) -> dict:
     return data
 
 
+def _check_weights(methods, params) -> None:
+    """Fail before any work when a deep-learning method has no trained model to run."""
+    from qsmprep.dl.weights import resolve_model
+
+    for m in methods:
+        if m in DL_METHODS:
+            p = params.get(m, {})
+            try:
+                resolve_model(m, model=p.get("model"), weights=p.get("weights"))
+            except ValueError as err:
+                raise UsageError(str(err)) from err
+
+
 def settings_from_args(args) -> Settings:
     """Validate the command line and turn it into :class:`Settings`."""
     bids_dir = args.bids_dir.absolute()
@@ -219,10 +233,11 @@ def settings_from_args(args) -> Settings:
                 f"output_dir {out} is inside the input dataset {bids_dir}; write outputs outside"
                 f" it or under {bids_dir / 'derivatives'}"
             )
-    unknown = [m for m in args.methods if m not in CLASSICAL_METHODS]
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
-        raise UsageError(f"unknown method(s) {unknown}; available: {list(CLASSICAL_METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; available: {list(ALL_METHODS)}")
     params = load_method_params(args.config) if args.config else {}
+    _check_weights(args.methods, params)
     filters = (
         _read_json_or_yaml(args.bids_filter_file, "--bids-filter-file")
         if (args.bids_filter_file)

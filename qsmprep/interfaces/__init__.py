@@ -9,6 +9,7 @@ interface              does                                                     
 ``FitField``           multi-echo fit: total field and its std (Hz)                ``field``
 ``RemoveBackground``   background removal: local field (Hz) and its mask           ``field``
 ``DipoleInversion``    one inversion method -> referenced chi (ppm), DC residual   ``inversion``
+``DeepInversion``      one trained network -> referenced chi (ppm), DC residual    ``inversion``
 ``Cosmos``             multi-orientation COSMOS -> referenced chi (ppm)            ``inversion``
 ``ComputeMetrics``     metrics per method -> TSV + JSON                            ``metrics``
 ``WriteDerivative``    atomic copy into the derivative dataset + JSON sidecar      ``derivatives``
@@ -21,15 +22,23 @@ so that Nipype's hash-based cache lets a rerun reuse finished nodes.
 
 from qsmprep.interfaces.derivatives import WriteDerivative
 from qsmprep.interfaces.field import BrainMask, FitField, LoadEchoes, RemoveBackground, UnwrapPhase
-from qsmprep.interfaces.inversion import INVERSION_METHODS, Cosmos, DipoleInversion
+from qsmprep.interfaces.inversion import (
+    DL_METHODS,
+    INVERSION_METHODS,
+    Cosmos,
+    DeepInversion,
+    DipoleInversion,
+)
 from qsmprep.interfaces.metrics import METRIC_COLUMNS, ComputeMetrics
 
 __all__ = [
+    "DL_METHODS",
     "INVERSION_METHODS",
     "METRIC_COLUMNS",
     "BrainMask",
     "ComputeMetrics",
     "Cosmos",
+    "DeepInversion",
     "DipoleInversion",
     "FitField",
     "LoadEchoes",

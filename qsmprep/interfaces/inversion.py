@@ -15,6 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from qsmprep.dl.weights import DL_METHODS
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.recon.inversion.consistency import data_consistency
 from qsmprep.recon.inversion.cosmos import cosmos
@@ -22,7 +23,7 @@ from qsmprep.recon.inversion.reference import reference_mean
 from qsmprep.recon.kernels import hz_to_ppm
 from qsmprep.recon.mask import combine_magnitude
 
-__all__ = ["INVERSION_METHODS", "Cosmos", "DipoleInversion"]
+__all__ = ["DL_METHODS", "INVERSION_METHODS", "Cosmos", "DeepInversion", "DipoleInversion"]
 
 _FUNCTIONS = {
     "tkd": "direct:tkd",
@@ -96,6 +97,56 @@ class DipoleInversion(SimpleInterface):
         self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
         dc = data_consistency(chi, field, m, vs, b0_dir=b0_dir, device=inp.device)
         used = effective_params(func, params, exclude=("b0_dir",))
+        self._results.update(dc_residual=dc, parameters=used)
+        self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
+        return runtime
+
+
+class _DeepInputSpec(BaseInterfaceInputSpec):
+    local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
+    mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
+    method = traits.Enum(*DL_METHODS, mandatory=True, desc="deep-learning inversion method")
+    params = traits.Dict(
+        usedefault=True,
+        desc="model (registered name), weights (checkpoint file), tile_shape, overlap",
+    )
+    b0 = traits.Float(mandatory=True, desc="field strength (T)")
+    b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
+    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+
+
+class DeepInversion(SimpleInterface):
+    """Dipole inversion by a trained network (:func:`qsmprep.dl.invert.dl_invert`).
+
+    The result is referenced to the mean over the mask, as the classical methods are; the
+    sidecar records the model, its weights file and sha256.
+    """
+
+    input_spec = _DeepInputSpec
+    output_spec = _InversionOutputSpec
+
+    def _run_interface(self, runtime):
+        from qsmprep.dl.invert import dl_invert
+
+        inp = self.inputs
+        field_hz, img = load(inp.local_field)
+        m, _ = load(inp.mask, bool)
+        field, vs, b0_dir = hz_to_ppm(field_hz, inp.b0), voxel_size(img), tuple(inp.b0_dir)
+        params = dict(inp.params)
+        unknown = set(params) - {"model", "weights", "tile_shape", "overlap"}
+        if unknown:
+            raise ValueError(
+                f"unknown parameters {sorted(unknown)} for {inp.method!r}; "
+                "use model, weights, tile_shape or overlap"
+            )
+        device = "cpu" if inp.device == "torch" else inp.device
+        chi, info = dl_invert(inp.method, field, m, vs, b0_dir, device=device, **params)
+        chi = reference_mean(chi, m)
+        name = out_path(inp.local_field, f"_{inp.method}_chi")
+        self._results["out_file"] = save(chi, img, name)
+        dc = data_consistency(chi, field, m, vs, b0_dir=b0_dir)
+        used = {**params, **info}
         self._results.update(dc_residual=dc, parameters=used)
         self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
         return runtime

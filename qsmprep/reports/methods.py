@@ -83,6 +83,15 @@ CITATIONS: dict[str, str] = {
     "xsim": "Milovic C, Tejos C, Acosta-Cabronero J, et al. The 2016 QSM Challenge: Lessons "
     "learned and considerations for a future challenge design. Magn Reson Med "
     "2020;84:1624-1637.",
+    "qsmnet": "Yoon J, Gong E, Chatnuntawech I, et al. Quantitative susceptibility mapping "
+    "using deep neural network: QSMnet. NeuroImage 2018;179:199-206.",
+    "deepqsm": "Bollmann S, Rasmussen KGB, Kristensen M, et al. DeepQSM - using deep learning "
+    "to solve the dipole inversion for quantitative susceptibility mapping. NeuroImage "
+    "2019;195:373-383.",
+    "adaptiveconv": "Kang D, Dhar D, Chan AB. Incorporating side information by adaptive "
+    "convolution. Adv Neural Inf Process Syst 2017;30:3867-3877.",
+    "dsbn": "Chang WG, You T, Seo S, Kwak S, Han B. Domain-specific batch normalization for "
+    "unsupervised domain adaptation. Proc IEEE/CVF CVPR 2019:7354-7362.",
     "ssim": "Wang Z, Bovik AC, Sheikh HR, Simoncelli EP. Image quality assessment: from error "
     "visibility to structural similarity. IEEE Trans Image Process 2004;13:600-612.",
 }
@@ -135,6 +144,28 @@ METHODS: dict[str, _Method] = {
         "MEDI", "morphology enabled dipole inversion, nonlinear data term",
         ("medi2011", "medi2012", "medi2013"),
         "qsmprep.recon.inversion.medi:medi", ("lam", "percentage", "lambda_csf", "max_iter"),
+    ),
+    "unet": _Method(
+        "U-Net", "a 3D U-Net trained on synthetic data", ("qsmnet", "deepqsm"),
+        "qsmprep.dl.invert:dl_invert", ("model",),
+    ),
+    "adaptive": _Method(
+        "adaptive-convolution U-Net",
+        "first-layer filters generated from voxel size and B0 direction, transfer-learned",
+        ("adaptiveconv", "qsmnet"), "qsmprep.dl.invert:dl_invert", ("model",),
+    ),
+    "dsbn": _Method(
+        "QSMInvNet+", "a U-Net with domain-specific batch normalization and a data-consistency "
+        "loss on unlabelled scans", ("dsbn", "qsmnet"), "qsmprep.dl.invert:dl_invert",
+        ("model",),
+    ),
+    "dcfinetune": _Method(
+        "QSMInvNet", "a U-Net fine-tuned on scans with a data-consistency loss", ("qsmnet",),
+        "qsmprep.dl.invert:dl_invert", ("model",),
+    ),
+    "unsup": _Method(
+        "uQSM-style U-Net", "trained with a data-consistency loss only", ("qsmnet",),
+        "qsmprep.dl.invert:dl_invert", ("model",),
     ),
 }  # fmt: skip
 

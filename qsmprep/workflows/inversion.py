@@ -1,4 +1,4 @@
-"""Inversion workflow: one DipoleInversion node per method, outputs per method and as lists."""
+"""Inversion workflow: one inversion node per method, outputs per method and as lists."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
-from qsmprep.interfaces import INVERSION_METHODS, DipoleInversion
+from qsmprep.interfaces import DL_METHODS, INVERSION_METHODS, DeepInversion, DipoleInversion
 from qsmprep.workflows._util import check_choice, params_of
 
 __all__ = ["init_inversion_wf"]
@@ -29,7 +29,29 @@ _METHOD_DESC = {
         "2011, 2012, 2013)",
         ["medi2011", "medi2012", "medi2013"],
     ),
+    "unet": (
+        "a 3D U-Net trained on synthetic data (Yoon et al., 2018; Bollmann et al., 2019)",
+        ["qsmnet", "deepqsm"],
+    ),
+    "adaptive": (
+        "an adaptive-convolution U-Net whose first-layer filters are generated from the voxel "
+        "size and B0 direction (Kang et al., 2017), pre-trained on synthetic data and "
+        "transfer-learned",
+        ["adaptiveconv", "qsmnet"],
+    ),
+    "dsbn": (
+        "a U-Net with domain-specific batch normalization trained on synthetic data and "
+        "unlabelled scans with a data-consistency loss (QSMInvNet+; Chang et al., 2019)",
+        ["dsbn", "qsmnet"],
+    ),
+    "dcfinetune": (
+        "a U-Net trained on synthetic data and fine-tuned on scans with a data-consistency loss "
+        "(QSMInvNet)",
+        ["qsmnet"],
+    ),
+    "unsup": ("a U-Net trained with a data-consistency loss only (uQSM-style)", ["qsmnet"]),
 }
+ALL_METHODS = (*INVERSION_METHODS, *DL_METHODS)
 
 
 def init_inversion_wf(
@@ -51,7 +73,10 @@ def init_inversion_wf(
     Parameters
     ----------
     methods : sequence of str
-        Inversion methods, in output order (``tkd``, ``tsvd``, ``l2``, ``tv``, ``medi``).
+        Inversion methods, in output order: classical (``tkd``, ``tsvd``, ``l2``, ``tv``,
+        ``medi``; :class:`~qsmprep.interfaces.DipoleInversion`) and deep-learning (``unet``,
+        ``adaptive``, ``dsbn``, ``dcfinetune``, ``unsup``;
+        :class:`~qsmprep.interfaces.DeepInversion`).
     method_params : dict, optional
         Keyword arguments by method name.
     device : {"cpu", "auto", "cuda"}
@@ -82,11 +107,11 @@ def init_inversion_wf(
     """
     methods = list(methods)
     if not methods:
-        raise ValueError("no inversion method given; choose from " + ", ".join(INVERSION_METHODS))
+        raise ValueError("no inversion method given; choose from " + ", ".join(ALL_METHODS))
     if len(set(methods)) != len(methods):
         raise ValueError(f"inversion methods repeat: {methods}")
     for m in methods:
-        check_choice(m, INVERSION_METHODS, "inversion method")
+        check_choice(m, ALL_METHODS, "inversion method")
 
     workflow = pe.Workflow(name=name)
     inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir"]
@@ -99,8 +124,9 @@ def init_inversion_wf(
     merge_residuals = pe.Node(Merge(len(methods)), name="merge_residuals")
 
     for i, method in enumerate(methods, start=1):
+        interface = DeepInversion if method in DL_METHODS else DipoleInversion
         node = pe.Node(
-            DipoleInversion(
+            interface(
                 method=method,
                 params=params_of(method_params, method),
                 device=device,

@@ -1,0 +1,121 @@
+"""Deep-learning dipole inversion by method name, as the BIDS App runs it.
+
+:func:`dl_invert` resolves a method's trained model (:mod:`qsmprep.dl.weights`), checks it
+(architecture and sha256), and runs :func:`qsmprep.dl.inference.predict` on a local field in
+ppm. Loaded models are kept for the life of the process, so several maps in one worker do not
+reload the weights.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from qsmprep.dl.weights import DL_METHODS, resolve_model
+
+__all__ = ["DL_ARCH", "dl_invert", "load_method_model"]
+
+DL_ARCH = {
+    "unet": "unet",
+    "adaptive": "adaptive",
+    "dsbn": "dsbn",
+    "dcfinetune": "unet",
+    "unsup": "unet",
+}
+"""The architecture each method's checkpoint must have."""
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, sha256: str | None, arch: str, device: str, mtime: float):
+    from qsmprep.dl.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, device=device, arch=arch, sha256=sha256)
+
+
+def load_method_model(method: str, *, model: str | None = None, weights=None, device="cpu"):
+    """``(network, meta, entry)`` for a deep-learning method (see :func:`dl_invert`)."""
+    from qsmprep.dl.inference import resolve_device
+
+    entry = resolve_model(method, model=model, weights=weights)
+    dev = str(resolve_device(device))
+    path = Path(entry.path).resolve()
+    net, meta = _load(str(path), entry.sha256, DL_ARCH[method], dev, path.stat().st_mtime)
+    return net, meta, entry
+
+
+def dl_invert(
+    method: str,
+    field_ppm: np.ndarray,
+    mask: np.ndarray,
+    voxel_size,
+    b0_dir=(0.0, 0.0, 1.0),
+    *,
+    model: str | None = None,
+    weights=None,
+    device: str = "auto",
+    tile_shape=None,
+    overlap: int = 16,
+) -> tuple[np.ndarray, dict]:
+    """Susceptibility (ppm) of a local field (ppm) by a trained network.
+
+    Parameters
+    ----------
+    method : {"unet", "adaptive", "dsbn", "dcfinetune", "unsup"}
+        See :data:`qsmprep.dl.weights.DL_METHODS`.
+    field_ppm, mask : (X, Y, Z) arrays
+        Local field in ppm of B0 and the mask where it is valid.
+    voxel_size : 3 floats
+        mm.
+    b0_dir : 3 floats
+        B0 direction in voxel axes (side information of the adaptive network).
+    model : str, optional
+        Registered model name instead of the method's default.
+    weights : path, optional
+        Checkpoint file instead of the registry.
+    device : {"auto", "cpu", "cuda"}
+        Where the network runs.
+    tile_shape : int or 3 ints, optional
+        Tile size for volumes that do not fit in memory at once (None: one pass; a CUDA
+        out-of-memory error falls back to tiles by itself).
+    overlap : int
+        Tile overlap (voxels).
+
+    Returns
+    -------
+    chi : (X, Y, Z) float32 array
+        ppm, 0 outside the mask (not referenced: see
+        :func:`qsmprep.recon.inversion.reference.reference_mean`).
+    info : dict
+        JSON-able provenance: model name, file, sha256, architecture, domain, training step.
+    """
+    from qsmprep.dl.inference import predict
+
+    if method not in DL_METHODS:
+        raise ValueError(f"unknown deep-learning method {method!r}; choose from {list(DL_ARCH)}")
+    net, meta, entry = load_method_model(method, model=model, weights=weights, device=device)
+    # QSMInvNet+ runs measured scans through the target-domain batch-norm statistics
+    domain = "target" if DL_ARCH[method] == "dsbn" else None
+    chi = predict(
+        net,
+        field_ppm,
+        mask,
+        voxel_size,
+        b0_dir,
+        device=next(net.parameters()).device,
+        tile_shape=tile_shape,
+        overlap=overlap,
+        domain=domain,
+    )
+    info = {
+        "Model": entry.name,
+        "WeightsFile": Path(entry.path).name,
+        "WeightsSha256": meta.get("sha256"),
+        "Architecture": DL_ARCH[method],
+        "TrainingSteps": meta.get("step"),
+        "Domain": domain,
+    }
+    if tile_shape is not None:
+        info["TileShape"] = tile_shape
+    return chi.astype(np.float32, copy=False), info

@@ -1,0 +1,153 @@
+"""Trained networks shipped with qsmprep, and where to find them.
+
+The weights live in this package directory (``registry.json`` lists each model's file, sha256,
+architecture and model card). ``QSMPREP_WEIGHTS_DIR`` points qsmprep at another directory with
+the same layout (for example weights trained at a site with ``qsmprep-train``); nothing is ever
+downloaded. A file named in a registry is checked against its sha256 when it is loaded.
+
+Each deep-learning method of the BIDS App (``--methods``) maps to one model name:
+
+========== ============== =====================================================================
+method     default model  network
+========== ============== =====================================================================
+unet       unet           conventional 3D U-Net (Yoon et al., 2018), synthetic pre-training
+adaptive   adaptive       adaptive-convolution U-Net, pre-trained then transfer-learned
+dsbn       dsbn           U-Net with domain-specific batch norm (QSMInvNet+), target BN
+dcfinetune dcfinetune     U-Net pre-trained, then fine-tuned by data consistency (QSMInvNet)
+unsup      unsup          U-Net trained by data consistency only (uQSM-style)
+========== ============== =====================================================================
+
+A method's ``model`` parameter selects another registered model (for example
+``adaptive-pretrained``) and its ``weights`` parameter any checkpoint file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DL_METHODS",
+    "WEIGHTS_ENV",
+    "ModelEntry",
+    "available_models",
+    "registry_path",
+    "resolve_model",
+    "weights_dir",
+]
+
+WEIGHTS_ENV = "QSMPREP_WEIGHTS_DIR"
+"""Environment variable naming a directory of weights that replaces the shipped ones."""
+
+DL_METHODS = {
+    "unet": ("unet", "conventional U-Net"),
+    "adaptive": ("adaptive", "adaptive-convolution U-Net"),
+    "dsbn": ("dsbn", "QSMInvNet+ (domain-specific batch normalization)"),
+    "dcfinetune": ("dcfinetune", "QSMInvNet (data-consistency fine-tuning)"),
+    "unsup": ("unsup", "uQSM-style unsupervised U-Net"),
+}
+"""BIDS App method name -> (default model name, description)."""
+
+REGISTRY = "registry.json"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A checkpoint file and what the registry says about it."""
+
+    name: str
+    path: Path
+    arch: str | None
+    sha256: str | None
+    card: Path | None
+    description: str = ""
+
+
+def weights_dir() -> Path:
+    """The directory searched for weights: ``$QSMPREP_WEIGHTS_DIR`` or this package's."""
+    env = os.environ.get(WEIGHTS_ENV)
+    return Path(env).expanduser() if env else Path(__file__).parent
+
+
+def registry_path(directory: Path | None = None) -> Path:
+    """The ``registry.json`` of a weights directory (default :func:`weights_dir`)."""
+    return Path(directory or weights_dir()) / REGISTRY
+
+
+def _read_registry(directory: Path) -> dict:
+    path = registry_path(directory)
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["models"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a qsmprep weights registry ({err}); it must be JSON with a "
+            '"models" object mapping names to {"file", "sha256", "arch"}'
+        ) from err
+
+
+def available_models(directory: Path | None = None) -> dict[str, ModelEntry]:
+    """Models listed in the registry of ``directory`` (default :func:`weights_dir`)."""
+    directory = Path(directory or weights_dir())
+    out = {}
+    for name, e in _read_registry(directory).items():
+        card = e.get("card")
+        out[name] = ModelEntry(
+            name=name,
+            path=directory / e["file"],
+            arch=e.get("arch"),
+            sha256=e.get("sha256"),
+            card=directory / card if card else None,
+            description=e.get("description", ""),
+        )
+    return out
+
+
+def resolve_model(method: str, *, model: str | None = None, weights=None) -> ModelEntry:
+    """The checkpoint that a deep-learning ``method`` runs.
+
+    Parameters
+    ----------
+    method : str
+        One of :data:`DL_METHODS`.
+    model : str, optional
+        A model name of the registry instead of the method's default.
+    weights : path, optional
+        A checkpoint file; it wins over the registry (no sha256 to check against).
+
+    Raises
+    ------
+    ValueError
+        Unknown method, or no such model / file, with what to do about it.
+    """
+    if method not in DL_METHODS:
+        raise ValueError(
+            f"unknown deep-learning method {method!r}; choose from {', '.join(DL_METHODS)}"
+        )
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ValueError(f"weights file {path} for {method!r} does not exist")
+        return ModelEntry(name=path.stem, path=path, arch=None, sha256=None, card=None)
+    name = model or DL_METHODS[method][0]
+    directory = weights_dir()
+    models = available_models(directory)
+    if name not in models:
+        where = f"${WEIGHTS_ENV}={directory}" if os.environ.get(WEIGHTS_ENV) else f"{directory}"
+        have = ", ".join(sorted(models)) or "none"
+        raise ValueError(
+            f"no trained model {name!r} for method {method!r} in {where} (registered: {have}). "
+            f"Train one with `qsmprep-train` and register it in {REGISTRY} there, point "
+            f"{WEIGHTS_ENV} at a directory that has it, or give the method a checkpoint file "
+            f"with --method-params ({method}: {{weights: FILE}})"
+        )
+    entry = models[name]
+    if not entry.path.is_file():
+        raise ValueError(
+            f"{entry.path} (model {name!r}, listed in {registry_path(directory)}) is missing; "
+            "reinstall qsmprep or fix the registry"
+        )
+    return entry
