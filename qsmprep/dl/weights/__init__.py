@@ -33,6 +33,7 @@ __all__ = [
     "WEIGHTS_ENV",
     "ModelEntry",
     "available_models",
+    "register_model",
     "registry_path",
     "resolve_model",
     "weights_dir",
@@ -151,3 +152,25 @@ def resolve_model(method: str, *, model: str | None = None, weights=None) -> Mod
             "reinstall qsmprep or fix the registry"
         )
     return entry
+
+
+def register_model(
+    directory, name: str, checkpoint, *, arch: str, sha256: str, card=None, description=""
+) -> Path:
+    """Add or replace ``name`` in the ``registry.json`` of ``directory`` (written atomically).
+
+    ``checkpoint`` and ``card`` are files inside ``directory`` (stored by their relative path),
+    so a weights directory can be moved or baked into an image as a whole.
+    """
+    directory = Path(directory)
+    models = _read_registry(directory)
+    rel = Path(checkpoint).resolve().relative_to(directory.resolve())
+    entry = {"file": rel.as_posix(), "sha256": sha256, "arch": arch, "description": description}
+    if card is not None:
+        entry["card"] = Path(card).resolve().relative_to(directory.resolve()).as_posix()
+    models[name] = entry
+    path = registry_path(directory)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
