@@ -281,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--device", default="cpu", help="cpu (NumPy/scipy), torch (CPU), cuda")
     i.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    a = sub.add_parser(
+        "accuracy",
+        help="the QSMInvNet+ and adaptive-convolution comparisons on simulated test sets, run "
+        "through the BIDS App (see qsmprep.benchmarks.accuracy)",
+    )
+    a.add_argument("out_dir", help="folder for data, derivatives, accuracy.md and figures")
+    a.add_argument("--datasets", type=int, default=3, help="simulated heads per test set")
+    a.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80], help="2 mm grid")
+    a.add_argument("--seed", type=int, default=1000, help="first phantom seed of the test sets")
+    a.add_argument("--tilt", type=float, default=30.0, help="slab tilt of the tilted set (deg)")
+    a.add_argument("--snr", type=float, default=100.0)
+    a.add_argument("--sets", nargs="+", default=["multi", "tilted"], choices=["multi", "tilted"])
+    a.add_argument("--nprocs", type=int, default=2)
+    a.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    a.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p
 
 
@@ -290,6 +306,15 @@ def main(argv=None) -> int:
         result = bench_field(args)
     elif args.bench == "inversion":
         result = bench_inversion(args)
+    elif args.bench == "accuracy":
+        from qsmprep.benchmarks.accuracy import run_accuracy
+
+        result = run_accuracy(
+            args.out_dir, datasets=args.datasets, shape=tuple(args.shape), seed=args.seed,
+            tilt=args.tilt, snr=args.snr, nprocs=args.nprocs, device=args.device,
+            sets=tuple(args.sets),
+        )  # fmt: skip
+        print(result["markdown"])
     else:  # pragma: no cover - argparse restricts the choices
         return 2
     if args.json:

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``qsmprep-bench``: simulated data in, measured tables out."""
