@@ -1,0 +1,296 @@
+"""``qsmprep-train``: train, adapt and benchmark the deep-learning dipole inversions.
+
+Subcommands::
+
+    qsmprep-train pretrain --arch unet|dsbn|adaptive --out DIR        # synthetic data
+    qsmprep-train adapt --method dsbn --target OUT_OR_BIDS --out DIR  # QSMInvNet+
+    qsmprep-train adapt --method dc-finetune --init CKPT --target ... # QSMInvNet
+    qsmprep-train adapt --method unsupervised --target ...            # uQSM-style
+    qsmprep-train finetune --init CKPT --target ... --reference cosmos  # transfer learning
+    qsmprep-train bench --arch unet --patch-size 64                   # throughput
+
+``--target`` is a qsmprep output directory (``OUT/derivatives/qsmprep``) or a BIDS dataset
+(the field chain runs first); which one is detected. ``--resume`` continues an interrupted run
+in ``--out`` to the same final weights. Each run writes ``<name>.pt``, its model card
+``<name>.md``, ``last.pt`` (resumable) and ``train_log.csv`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+
+from qsmprep.__about__ import __version__
+
+__all__ = ["build_parser", "main"]
+
+
+def _kv(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is valid JSON, else kept as a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--out", required=out_required, metavar="DIR", help="output directory of the run"
+    )
+    g.add_argument("--name", help="stem of the final checkpoint (default METHOD-ARCH)")
+    g.add_argument("--steps", type=int, default=None, help="optimiser steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
+    g.add_argument(
+        "--target-batch-size", type=int, default=None, help="target patches per dsbn step"
+    )
+    g.add_argument(
+        "--patch-size",
+        type=int,
+        nargs="+",
+        default=[64],
+        metavar="N",
+        help="patch shape: 1 or 3 ints, multiples of 2**(depth-1) (default 64)",
+    )
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument(
+        "--restart-steps",
+        type=int,
+        default=0,
+        help="first period of the cosine warm restarts (default: all steps)",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--stop-at", type=int, default=0, help="stop after this step (resume later)")
+    g.add_argument("--log-every", type=int, default=10, help="CSV log interval (steps)")
+    g.add_argument("--val-every", type=int, default=100, help="validation interval (steps)")
+    g.add_argument(
+        "--ckpt-every", type=int, default=100, help="resumable checkpoint interval (steps)"
+    )
+    g.add_argument("--val-batches", type=int, default=4, help="held-out batches")
+    g.add_argument("--half", action="store_true", help="store the final weights as float16")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    m = p.add_argument_group("model")
+    m.add_argument("--init", metavar="CKPT", help="checkpoint to start from")
+    m.add_argument("--base-channels", type=int, default=None, help="first-level channels (16)")
+    m.add_argument("--depth", type=int, default=None, help="U-Net levels (5)")
+    m.add_argument(
+        "--model",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other model config entries (activation=relu, ...)",
+    )
+    m.add_argument("--loss", choices=["l1", "l2"], default="l1", help="supervised loss")
+    m.add_argument("--grad-weight", type=float, default=0.0, help="gradient-difference term")
+    s = p.add_argument_group("synthetic data")
+    s.add_argument(
+        "--synth",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SyntheticQSMData options, e.g. kind=shapes, noise_ppm=[0,0.003], "
+        'voxel_size=[[0.6,1.2],[0.6,1.2],[0.6,3]], b0_dir="random"',
+    )
+
+
+def _target(p: argparse.ArgumentParser, *, reference_default=None) -> None:
+    t = p.add_argument_group("target scans")
+    t.add_argument(
+        "--target",
+        metavar="DIR",
+        help="qsmprep output directory (OUT/derivatives/qsmprep) or BIDS dataset",
+    )
+    t.add_argument(
+        "--reference",
+        default=reference_default,
+        help="reference chi: a desc label (cosmos), a NIfTI file or a glob pattern"
+        + (f" (default {reference_default})" if reference_default else ""),
+    )
+    t.add_argument("--b0", type=float, default=None, help="field strength override (T)")
+    t.add_argument("--te", type=float, default=None, help="echo time of the phase scale (s)")
+    t.add_argument("--participant-label", nargs="+", default=None, help="BIDS subjects")
+    t.add_argument(
+        "--bg-method",
+        default="resharp",
+        choices=["resharp", "sharp", "vsharp", "pdf"],
+        help="BIDS datasets: background removal of the field chain",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qsmprep-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="supervised pre-training on synthetic data")
+    pre.add_argument("--arch", choices=["unet", "dsbn", "adaptive"], default="unet")
+    _common(pre)
+
+    ad = sub.add_parser("adapt", help="adapt to unlabelled target scans (dsbn, dc, uQSM)")
+    ad.add_argument("--arch", choices=["unet", "dsbn", "adaptive"], default=None)
+    ad.add_argument("--method", choices=["dsbn", "dc-finetune", "unsupervised"], default="dsbn")
+    ad.add_argument("--lambda-max", type=float, default=1.0, help="dsbn: weight of L_T")
+    ad.add_argument(
+        "--ramp", choices=["sigmoid", "linear", "none"], default="sigmoid", help="dsbn ramp"
+    )
+    ad.add_argument("--ramp-steps", type=int, default=0, help="dsbn ramp length (steps/2)")
+    ad.add_argument("--tv-weight", type=float, default=0.0, help="unsupervised: TV term")
+    _common(ad)
+    _target(ad)
+
+    ft = sub.add_parser("finetune", help="transfer learning on scans with a reference chi")
+    ft.add_argument("--arch", choices=["unet", "dsbn", "adaptive"], default=None)
+    ft.add_argument("--method", choices=["transfer"], default="transfer")
+    ft.add_argument("--lr-decoder", type=float, default=1e-3, help="decoder learning rate")
+    ft.add_argument("--lr-other", type=float, default=1e-5, help="encoder learning rate")
+    _common(ft)
+    _target(ft, reference_default="cosmos")
+
+    b = sub.add_parser("bench", help="training throughput (patches/s) and peak memory")
+    b.add_argument("--arch", choices=["unet", "dsbn", "adaptive"], default="unet")
+    b.add_argument("--patch-size", type=int, default=64)
+    b.add_argument("--batch-size", type=int, default=2)
+    b.add_argument("--base-channels", type=int, default=16)
+    b.add_argument("--depth", type=int, default=5)
+    b.add_argument("--steps", type=int, default=5, help="timed steps")
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--kind", choices=["shapes", "brain", "mix"], default="shapes")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--amp", action="store_true")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    return p
+
+
+def config_from_args(args, argv) -> object:
+    """The :class:`~qsmprep.dl.train.TrainConfig` of a parsed command line."""
+    from qsmprep.dl.train import TrainConfig
+
+    method = {"pretrain": "supervised"}.get(args.command, getattr(args, "method", None))
+    model = dict(args.model)
+    if args.base_channels is not None:
+        model["base_channels"] = args.base_channels
+    if args.depth is not None:
+        model["depth"] = args.depth
+    default_lr = 1e-3
+    cfg = TrainConfig(
+        method=method,
+        arch=args.arch,
+        model=model,
+        init=args.init,
+        steps=args.steps if args.steps is not None else 1000,
+        batch_size=args.batch_size,
+        target_batch_size=args.target_batch_size,
+        patch_size=tuple(args.patch_size),
+        lr=args.lr if args.lr is not None else default_lr,
+        weight_decay=args.weight_decay,
+        restart_steps=args.restart_steps,
+        loss=args.loss,
+        grad_weight=args.grad_weight,
+        synth=dict(args.synth),
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        out=args.out,
+        name=args.name,
+        log_every=args.log_every,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        val_batches=args.val_batches,
+        quiet=args.quiet,
+        resume=args.resume,
+        stop_at=args.stop_at,
+        half=args.half,
+        command="qsmprep-train " + shlex.join(argv),
+    )
+    if args.command in ("adapt", "finetune"):
+        cfg.target = args.target
+        cfg.reference = args.reference
+        opts = {"bg_method": args.bg_method}
+        for key in ("b0", "te", "participant_label"):
+            if getattr(args, key) is not None:
+                opts[key] = getattr(args, key)
+        cfg.target_options = opts
+    if args.command == "adapt":
+        cfg.lambda_max = args.lambda_max
+        cfg.ramp = args.ramp
+        cfg.ramp_steps = args.ramp_steps
+        cfg.tv_weight = args.tv_weight
+    if args.command == "finetune":
+        cfg.transfer_lr_decoder = args.lr_decoder
+        cfg.transfer_lr_other = args.lr_other
+    return cfg
+
+
+def run_bench(args) -> dict:
+    from qsmprep.dl.train import benchmark
+
+    r = benchmark(
+        args.arch,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        base_channels=args.base_channels,
+        depth=args.depth,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        kind=args.kind,
+        amp=args.amp,
+    )
+    print(
+        f"# qsmprep {__version__} training throughput: {r['arch']} base {r['base_channels']} "
+        f"depth {r['depth']}, {r['parameters']} parameters, batch {r['batch_size']} x "
+        f"{'x'.join(map(str, r['patch_size']))}, {r['hardware']}"
+    )
+    print(
+        f"training step {r['step_s']:.3f} s ({r['patches_per_s']:.2f} patches/s); synthetic "
+        f"batch {r['data_s']:.3f} s; with data {r['patches_per_s_with_data']:.2f} patches/s; "
+        f"peak memory {r['peak_memory_mb']:.0f} MiB"
+    )
+    return r
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(int(args.threads))
+        if args.command == "bench":
+            result = run_bench(args)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=2)
+            return 0
+        from qsmprep.dl.train import train
+
+        path = train(config_from_args(args, argv))
+        print(f"qsmprep-train: wrote {path}")
+        return 0
+    except ValueError as exc:
+        print(f"qsmprep-train: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

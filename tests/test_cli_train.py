@@ -1,0 +1,112 @@
+"""``qsmprep-train``: smoke runs of each subcommand and exit codes of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qsmprep.cli.train import main
+from qsmprep.dl.checkpoint import load_checkpoint
+
+TINY = [
+    "--patch-size", "16", "--base-channels", "4", "--depth", "3", "--batch-size", "1",
+    "--device", "cpu", "--quiet", "--threads", "1", "--val-batches", "1", "--log-every", "1",
+    "--synth", "kind=shapes",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def unet_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_pre")
+    assert main(["pretrain", "--arch", "unet", "--out", str(out), "--steps", "2", *TINY]) == 0
+    return out / "supervised-unet.pt"
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from test_dl_target import write_qsmprep_output
+
+    root = tmp_path_factory.mktemp("cli_target")
+    write_qsmprep_output(root / "derivatives" / "qsmprep")
+    return root  # the demo layout: derivatives/qsmprep below it
+
+
+def test_pretrain_writes_checkpoint_card_and_log(unet_ckpt, capsys):
+    out = unet_ckpt.parent
+    assert (out / "supervised-unet.md").is_file() and (out / "train_log.csv").is_file()
+    model, meta = load_checkpoint(unet_ckpt, arch="unet")
+    assert meta["step"] == 2 and model.config["base_channels"] == 4
+    assert meta["extra"]["command"].startswith("qsmprep-train pretrain --arch unet")
+    assert meta["extra"]["command"] in (out / "supervised-unet.md").read_text()
+
+
+def test_adapt_dsbn_and_resume(tmp_path, target, capsys):
+    out = tmp_path / "dsbn"
+    args = ["adapt", "--method", "dsbn", "--target", str(target), "--out", str(out), *TINY]
+    assert main([*args, "--steps", "3", "--stop-at", "2"]) == 0
+    assert "last.pt" in capsys.readouterr().out
+    assert main(["adapt", "--out", str(out), "--resume", "--quiet"]) == 0
+    model, meta = load_checkpoint(out / "dsbn-dsbn.pt", arch="dsbn")
+    assert meta["step"] == 3 and model.default_domain == "target"
+
+
+def test_finetune_transfer(tmp_path, target, unet_ckpt):
+    out = tmp_path / "ft"
+    code = main(
+        ["finetune", "--init", str(unet_ckpt), "--target", str(target), "--out", str(out),
+         "--steps", "2", *TINY]
+    )  # fmt: skip
+    assert code == 0
+    _, meta = load_checkpoint(out / "transfer-unet.pt")
+    assert meta["data"]["target"]["reference"] == "cosmos"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["adapt", "--method", "unsupervised"], "--target"),
+        (["adapt", "--method", "dsbn", "--target", "/nonexistent/qsmprep"], "does not exist"),
+        (["finetune", "--target", "."], "--init"),
+        (["adapt", "--method", "dc-finetune", "--target", "."], "--init"),
+        (["pretrain", "--resume"], "nothing to resume"),
+        (["pretrain", "--patch-size", "18"], "multiple of 4"),
+    ],
+)
+def test_errors_exit_nonzero(tmp_path, argv, message, capsys):
+    sub, rest = argv[0], argv[1:]  # later options win: the tested ones come last
+    assert main([sub, *TINY, "--steps", "2", "--out", str(tmp_path / "o"), *rest]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qsmprep-train: error:") and message in err
+
+
+def test_wrong_architecture_of_init(tmp_path, target, unet_ckpt, capsys):
+    code = main(
+        ["adapt", "--method", "dsbn", "--init", str(unet_ckpt), "--target", str(target),
+         "--out", str(tmp_path), *TINY]
+    )  # fmt: skip
+    assert code == 1 and "holds a 'unet' model" in capsys.readouterr().err
+    code = main(
+        ["pretrain", "--arch", "adaptive", "--init", str(unet_ckpt), "--out", str(tmp_path)]
+    )
+    assert code == 1 and "'adaptive'" in capsys.readouterr().err
+
+
+def test_bench_and_usage_errors(tmp_path, capsys):
+    js = tmp_path / "bench.json"
+    argv = ["bench", "--arch", "unet", "--patch-size", "16", "--base-channels", "4"]
+    assert main([*argv, "--depth", "3", "--steps", "1", "--device", "cpu", "--json", str(js)]) == 0
+    assert "patches/s" in capsys.readouterr().out
+    r = json.loads(js.read_text())
+    assert r["patches_per_s"] > 0 and r["peak_memory_mb"] > 0
+    with pytest.raises(SystemExit) as e:
+        main(["adapt", "--method", "magic", "--out", str(tmp_path)])
+    assert e.value.code == 2
