@@ -13,6 +13,8 @@ not silently fall back to a default.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,7 +35,7 @@ CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
 DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf")
-PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos")
+PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos", "space")
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:
@@ -44,7 +46,10 @@ def load_method_params(path: str | Path) -> dict[str, dict]:
     text = p.read_text()
     try:
         if p.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:
@@ -89,6 +94,9 @@ class Settings:
     method_params: dict[str, dict] = field(default_factory=dict)
     plugin: str = "MultiProc"
     plugin_args: dict = field(default_factory=dict)
+    # template space (qsmprep.space): ``Template[:res-n]`` entries, chi reference region
+    output_spaces: list[str] = field(default_factory=list)
+    reference_region: str = "mask"
     version: str = __version__
 
     def __post_init__(self):
@@ -106,6 +114,13 @@ class Settings:
             )
         if self.phase_sign not in (1, -1):
             raise ValueError(f"phase_sign must be 1 or -1, got {self.phase_sign!r}")
+        from qsmprep.space.templates import parse_output_spaces
+
+        self.output_spaces = [s.spec for s in parse_output_spaces(self.output_spaces)]
+        if self.reference_region not in ("mask", "csf"):
+            raise ValueError(
+                f"reference_region must be 'mask' or 'csf', got {self.reference_region!r}"
+            )
 
     def params(self, section: str) -> dict:
         """Keyword arguments of a stage or method from the config file (a copy)."""
@@ -141,7 +156,10 @@ class Settings:
     def write(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(p)
+        # a unique temporary name: parallel array jobs may write into one output folder
+        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the derivative is shared
+        Path(tmp).replace(p)
         return p
