@@ -297,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--nprocs", type=int, default=2)
     a.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     a.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    s = sub.add_parser(
+        "space",
+        help="template space: atlas ROI means vs ground-truth labels, registration Dice, extra "
+        "wall time per participant (see qsmprep.space.bench)",
+    )
+    s.add_argument("bids_dir", help="BIDS dataset with derivatives/groundtruth (dseg, Chimap)")
+    s.add_argument("out_dir", help="folder for the derivatives and work directories")
+    s.add_argument("--methods", nargs="+", default=["tv"])
+    s.add_argument("--output-spaces", nargs="+", default=["MNI152NLin2009cAsym:res-1"])
+    s.add_argument("--reference-region", choices=["mask", "csf"], default="mask")
+    s.add_argument("--nprocs", type=int, default=2)
+    s.add_argument("--no-timing", action="store_true", help="skip the native-only run")
+    s.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p
 
 
@@ -313,6 +327,15 @@ def main(argv=None) -> int:
             args.out_dir, datasets=args.datasets, shape=tuple(args.shape), seed=args.seed,
             tilt=args.tilt, snr=args.snr, nprocs=args.nprocs, device=args.device,
             sets=tuple(args.sets),
+        )  # fmt: skip
+        print(result["markdown"])
+    elif args.bench == "space":
+        from qsmprep.space.bench import run_space_benchmark
+
+        result = run_space_benchmark(
+            args.bids_dir, args.out_dir, methods=args.methods, output_spaces=args.output_spaces,
+            reference_region=args.reference_region, nprocs=args.nprocs,
+            timing=not args.no_timing,
         )  # fmt: skip
         print(result["markdown"])
     else:  # pragma: no cover - argparse restricts the choices

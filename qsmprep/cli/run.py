@@ -134,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON/TOML file of method parameters, e.g. {"tv": {"lam": 5e-4}}',
     )
 
+    g = p.add_argument_group("Template space (TemplateFlow, read offline from TEMPLATEFLOW_HOME)")
+    g.add_argument(
+        "--output-spaces",
+        nargs="+",
+        default=[],
+        metavar="SPACE",
+        help="also write the Chimaps in these template spaces, e.g. MNI152NLin2009cAsym:res-1"
+        " (registration of the magnitude with ANTs; atlas ROI statistics in native space);"
+        " default: native only",
+    )
+    g.add_argument(
+        "--reference-region",
+        choices=["mask", "csf"],
+        default="mask",
+        help="reference chi to the mean of the local-field mask, or of the atlas ventricles"
+        " (CSF; registers to MNI152NLin2009cAsym when no output space is given)",
+    )
+
     g = p.add_argument_group("Performance and execution")
     g.add_argument(
         "-w",
@@ -276,6 +294,8 @@ def settings_from_args(args) -> Settings:
         method_params=params,
         plugin=plugin,
         plugin_args=plugin_args,
+        output_spaces=list(getattr(args, "output_spaces", None) or []),
+        reference_region=getattr(args, "reference_region", "mask"),
     )
 
 
@@ -306,8 +326,13 @@ def run_participant(settings: Settings) -> int:
     """Process every selected acquisition; 0 when all succeeded, 1 otherwise."""
     from qsmprep import bids
     from qsmprep.reports.html import build_subject_report
+    from qsmprep.space.plan import plan_from_settings
     from qsmprep.workflows import init_participant_wf
 
+    # templates and atlases are checked before any work (TemplateNotFoundError: exit 1)
+    plan = plan_from_settings(settings)
+    for warning in plan.warnings:
+        LOGGER.warning("template space: %s", warning)
     errors: list = []
     acqs = bids.collect_acquisitions(
         settings.bids_dir,

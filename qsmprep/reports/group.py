@@ -219,6 +219,9 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
     elif rows:
         body.append('<p class="note">No numeric metric values to plot.</p>')
 
+    from qsmprep.space.report import group_roistats_section
+
+    body += group_roistats_section(output_dir, problems, tracebacks)
     if rows:
         head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
         lines = [f'<div class="scroll"><table><tr>{head}</tr>']

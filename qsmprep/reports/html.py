@@ -633,6 +633,14 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
         )
     else:
         out.append('<p class="note">No metrics table (<code>_metrics.tsv</code>) was found.</p>')
+    from qsmprep.space.report import space_section
+
+    out.append(
+        rep.attempt(
+            f"{acq.prefix}: template space", space_section, rep.output_dir, acq.prefix, rep.rel
+        )
+        or ""
+    )
     missing = [m for m in (settings.get("methods") or []) if m not in acq.chimaps]
     if missing:
         rep.problems.append(f"{acq.prefix}: no Chimap for {', '.join(missing)}")

@@ -7,11 +7,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from nipype.interfaces.utility import Merge
 from nipype.pipeline import engine as pe
 
+from qsmprep.space.plan import plan_from_settings
 from qsmprep.workflows._util import node_label
 from qsmprep.workflows.cosmos import init_cosmos_wf
 from qsmprep.workflows.metrics import init_metrics_wf
 from qsmprep.workflows.outputs import cosmos_path
 from qsmprep.workflows.qsm import init_qsm_wf
+from qsmprep.workflows.space import add_space_wf
 
 __all__ = ["init_participant_wf", "methods_description"]
 
@@ -75,6 +77,7 @@ def init_participant_wf(
             for a in group:
                 reference_of[a.id] = cosmos_path(settings.output_dir, group).name
 
+    plan = plan_from_settings(settings)
     workflow = pe.Workflow(name=name)
     common = {
         "output_dir": settings.output_dir,
@@ -98,6 +101,8 @@ def init_participant_wf(
         )
         workflow.add_nodes([qsm_wf])
         qsm_wfs[a.id] = qsm_wf
+        if plan.enabled:  # template space: registration, atlas ROIs, template-space maps
+            add_space_wf(workflow, qsm_wf, a, settings, plan)
 
     for group in groups:
         first = group[0]
