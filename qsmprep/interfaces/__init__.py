@@ -1,19 +1,25 @@
 """Nipype interfaces over :mod:`qsmprep.recon` and :mod:`qsmprep.metrics`: load, call, save.
 
-=====================  ==========================================================  ===========
-interface              does                                                        module
-=====================  ==========================================================  ===========
-``LoadEchoes``         per-echo magnitude + phase -> 4D magnitude, 4D phase (rad)  ``field``
-``BrainMask``          brain mask from magnitude or phase quality                  ``field``
-``UnwrapPhase``        multi-echo unwrapping                                       ``field``
-``FitField``           multi-echo fit: total field and its std (Hz)                ``field``
-``RemoveBackground``   background removal: local field (Hz) and its mask           ``field``
-``DipoleInversion``    one inversion method -> referenced chi (ppm), DC residual   ``inversion``
-``DeepInversion``      one trained network -> referenced chi (ppm), DC residual    ``inversion``
-``Cosmos``             multi-orientation COSMOS -> referenced chi (ppm)            ``inversion``
-``ComputeMetrics``     metrics per method -> TSV + JSON                            ``metrics``
-``WriteDerivative``    atomic copy into the derivative dataset + JSON sidecar      ``derivatives``
-=====================  ==========================================================  ===========
+==========================  ==========================================================  ===========
+interface                   does                                                        module
+==========================  ==========================================================  ===========
+``LoadEchoes``              per-echo magnitude + phase -> 4D magnitude, 4D phase (rad)  field
+``BrainMask``               brain mask from magnitude or phase quality                  field
+``UnwrapPhase``             multi-echo unwrapping                                       field
+``FitField``                multi-echo fit: total field and its std (Hz)                field
+``RemoveBackground``        background removal: local field (Hz) and its mask           field
+``DipoleInversion``         one inversion method -> referenced chi (ppm), DC residual   inversion
+``DeepInversion``           one trained network -> referenced chi (ppm), DC residual    inversion
+``Cosmos``                  multi-orientation COSMOS -> referenced chi (ppm)            inversion
+``ComputeMetrics``          metrics per method -> TSV + JSON                            metrics
+``WriteDerivative``         atomic copy into the derivative dataset + JSON sidecar      derivatives
+``RegisterToTemplate``      magnitude -> template: ANTs rigid + affine + SyN            space
+``AtlasToNative``           template atlas labels warped to the acquisition             space
+``ROIStatistics``           chi statistics per atlas region -> TSV                      space
+``ReferenceToRegion``       chi referenced to a region (atlas ventricles: CSF)          space
+``ApplyTemplateTransform``  chi map resampled into template space                       space
+``RegistrationFigure``      template edges over the warped magnitude (report)           space
+==========================  ==========================================================  ===========
 
 Interfaces hold no algorithm: each loads NIfTI with nibabel, calls one numerical function and
 saves its results into the node's working directory with deterministic names and contents,
@@ -30,8 +36,22 @@ from qsmprep.interfaces.inversion import (
     DipoleInversion,
 )
 from qsmprep.interfaces.metrics import METRIC_COLUMNS, ComputeMetrics
+from qsmprep.interfaces.space import (
+    ApplyTemplateTransform,
+    AtlasToNative,
+    ReferenceToRegion,
+    RegisterToTemplate,
+    RegistrationFigure,
+    ROIStatistics,
+)
 
 __all__ = [
+    "ApplyTemplateTransform",
+    "AtlasToNative",
+    "ReferenceToRegion",
+    "RegisterToTemplate",
+    "RegistrationFigure",
+    "ROIStatistics",
     "DL_METHODS",
     "INVERSION_METHODS",
     "METRIC_COLUMNS",

@@ -79,10 +79,10 @@ class RegisterToTemplate(SimpleInterface):
 
 
 class _FigureInputSpec(BaseInterfaceInputSpec):
-    warped = File(exists=True, mandatory=True)
-    fixed = File(exists=True, mandatory=True)
-    fixed_mask = File(exists=True, mandatory=True)
-    title = traits.Str("", usedefault=True)
+    warped = File(exists=True, mandatory=True, desc="magnitude warped into template space")
+    fixed = File(exists=True, mandatory=True, desc="template image")
+    fixed_mask = File(exists=True, mandatory=True, desc="template brain mask")
+    title = traits.Str("", usedefault=True, desc="figure title")
 
 
 class _FigureOutputSpec(TraitedSpec):
@@ -111,7 +111,7 @@ class _AtlasInputSpec(BaseInterfaceInputSpec):
     atlases = traits.List(traits.Dict, mandatory=True, desc="{spec, dseg, table} per atlas")
     inverse_xfm = File(exists=True, mandatory=True, desc="template -> native transform")
     brain_mask = File(exists=True, mandatory=True, desc="native grid (labels kept inside)")
-    num_threads = traits.Int(1, usedefault=True, nohash=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
 
 class _AtlasOutputSpec(TraitedSpec):
@@ -259,9 +259,9 @@ class _ApplyInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="native image (chi, ppm)")
     reference = File(exists=True, mandatory=True, desc="an image on the output grid")
     transforms = traits.List(File(exists=True), mandatory=True, desc="ANTs transforms")
-    interpolation = traits.Str("linear", usedefault=True)
+    interpolation = traits.Str("linear", usedefault=True, desc="ANTs interpolation")
     suffix = traits.Str("_space", usedefault=True, desc="output name suffix")
-    num_threads = traits.Int(1, usedefault=True, nohash=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads")
 
 
 class _ApplyOutputSpec(TraitedSpec):
