@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("out_dir", help="folder for data, derivatives, accuracy.md and figures")
     a.add_argument("--datasets", type=int, default=3, help="simulated heads per test set")
     a.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80], help="2 mm grid")
-    a.add_argument("--seed", type=int, default=1000, help="first phantom seed of the test sets")
+    a.add_argument("--seed", type=int, default=5000, help="first phantom seed of the test sets")
     a.add_argument("--tilt", type=float, default=30.0, help="slab tilt of the tilted set (deg)")
     a.add_argument("--snr", type=float, default=100.0)
     a.add_argument("--sets", nargs="+", default=["multi", "tilted"], choices=["multi", "tilted"])

@@ -176,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--amp", action="store_true")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+
+    r = sub.add_parser(
+        "recipe",
+        help="train and register every shipped model (target data, pre-training, adaptation, "
+        "transfer learning; see qsmprep.dl.recipe)",
+    )
+    r.add_argument("out", help="working folder; the models land in OUT/weights")
+    r.add_argument("--profile", choices=["tiny", "cpu", "gpu"], default="cpu")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--nprocs", type=int, default=2, help="processes of the BIDS App run")
+    r.add_argument("--only", nargs="+", metavar="MODEL", help="train only these models")
+    r.add_argument("--full-precision", action="store_true", help="store float32 weights")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -281,6 +296,16 @@ def main(argv=None) -> int:
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump(result, fh, indent=2)
+            return 0
+        if args.command == "recipe":
+            from qsmprep.dl.recipe import run_recipe
+
+            weights = run_recipe(
+                args.out, profile=args.profile, seed=args.seed, device=args.device,
+                nprocs=args.nprocs, only=args.only, quiet=args.quiet,
+                half=not args.full_precision,
+            )  # fmt: skip
+            print(f"qsmprep-train: models in {weights} (use QSMPREP_WEIGHTS_DIR={weights})")
             return 0
         from qsmprep.dl.train import train
 

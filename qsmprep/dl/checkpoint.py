@@ -140,6 +140,7 @@ def save_checkpoint(
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp files are private; weights are read by any user id
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,200 @@
+"""The training recipe of the shipped networks, as one command: ``qsmprep-train recipe``.
+
+The recipe makes every model that the BIDS App's deep-learning methods run, in order:
+
+1. **Target domain.** ``target_datasets`` simulated heads (phantom seeds ``seed`` and up, far
+   from the evaluation seeds of ``qsmprep-bench accuracy``), each at ``orientations`` head
+   orientations, with realistic multi-echo signal and noise, processed by the BIDS App itself
+   (quality-guided unwrapping, echo fit, RESHARP, COSMOS). The networks see pipeline-made local
+   fields, not dipole-convolved ones: the domain shift that matters.
+2. **Pre-training** on synthetic data (:class:`~qsmprep.dl.synth.SyntheticQSMData`): the
+   conventional U-Net (``unet-pretrained``) and the adaptive-convolution U-Net with random
+   voxel sizes and B0 directions (``adaptive-pretrained``).
+3. **Adaptation** to the unlabelled target scans: QSMInvNet+ (``dsbn``: synthetic batches
+   through the source BNs, target batches through the target BNs with the data-consistency
+   loss), QSMInvNet (``dcfinetune``: the pre-trained U-Net fine-tuned by data consistency)
+   and the uQSM-style network (``unsup``: data consistency only, from scratch).
+4. **Transfer learning** on the target scans with their COSMOS as the label: ``adaptive``
+   (FMN frozen, decoder lr 1e-3, the rest 1e-5) and ``unet`` (the conventional baseline).
+
+Every model is registered in ``OUT/weights/registry.json`` with its sha256 and model card, so
+``QSMPREP_WEIGHTS_DIR=OUT/weights qsmprep ... --methods dsbn adaptive`` runs them. Profiles
+set the size: ``tiny`` (a smoke test: seconds), ``cpu`` (what two CPU cores afford in about
+an hour per model) and ``gpu`` (the full configuration for an H100-class GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["PROFILES", "make_target_data", "run_recipe"]
+
+log = logging.getLogger(__name__)
+
+PROFILES: dict[str, dict] = {
+    "tiny": {
+        "pretrain_steps": 4, "adapt_steps": 3, "transfer_steps": 3, "patch": 16, "batch": 2,
+        "base_channels": 4, "depth": 3, "target_shape": (48, 48, 40), "target_datasets": 1,
+        "orientations": 3, "val_every": 0, "val_batches": 1,
+    },
+    "cpu": {
+        "pretrain_steps": 3000, "adapt_steps": 1000, "transfer_steps": 500, "patch": 32,
+        "batch": 4, "base_channels": 8, "depth": 4, "target_shape": (96, 96, 80),
+        "target_datasets": 2, "orientations": 5, "val_every": 250, "val_batches": 4,
+    },
+    "gpu": {
+        "pretrain_steps": 20000, "adapt_steps": 5000, "transfer_steps": 2000, "patch": 64,
+        "batch": 8, "base_channels": 16, "depth": 5, "target_shape": (96, 96, 80),
+        "target_datasets": 4, "orientations": 5, "val_every": 500, "val_batches": 8,
+    },
+}  # fmt: skip
+"""Sizes of the recipe: steps per stage, patch edge, batch, network width and depth, data."""
+
+ORIENTATIONS = [(0.0, 0.0), (25.0, 0.0), (-25.0, 0.0), (0.0, 25.0), (0.0, -25.0)]
+"""Head rotations (about world x, about world y; degrees) of the target heads."""
+
+# (registry name, training method, arch, init model, stage, description)
+STAGES = [
+    ("unet-pretrained", "supervised", "unet", None, "pretrain",
+     "conventional U-Net pre-trained on synthetic data"),
+    ("adaptive-pretrained", "supervised", "adaptive", None, "pretrain",
+     "adaptive-convolution U-Net pre-trained on synthetic data (no transfer learning)"),
+    ("dsbn", "dsbn", "dsbn", None, "adapt",
+     "QSMInvNet+: domain-specific batch norm, synthetic + unlabelled target scans"),
+    ("dcfinetune", "dc-finetune", None, "unet-pretrained", "adapt",
+     "QSMInvNet: pre-trained U-Net fine-tuned on target scans by data consistency"),
+    ("unsup", "unsupervised", "unet", None, "adapt",
+     "uQSM-style U-Net trained by data consistency only"),
+    ("adaptive", "transfer", None, "adaptive-pretrained", "transfer",
+     "adaptive-convolution U-Net, transfer-learned on target scans with COSMOS labels"),
+    ("unet", "transfer", None, "unet-pretrained", "transfer",
+     "conventional U-Net, transfer-learned on target scans with COSMOS labels"),
+]  # fmt: skip
+
+
+def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 2) -> Path:
+    """Simulate the target heads and run the BIDS App on them; return its output directory."""
+    from qsmprep.cli.run import main
+    from qsmprep.sim.bids import simulate_bids_dataset
+
+    p = PROFILES[profile]
+    out = Path(out)
+    bids = out / "bids"
+    deriv = out / "derivatives"
+    if (deriv / "dataset_description.json").is_file():
+        return deriv  # made by an earlier (interrupted) run of the recipe
+    if bids.exists():
+        shutil.rmtree(bids)
+    n = int(p["target_datasets"])
+    simulate_bids_dataset(
+        bids, n_subjects=n, shape=p["target_shape"], voxel_size=(2.0, 2.0, 2.0), seed=seed,
+        orientations={i: ORIENTATIONS[: p["orientations"]] for i in range(n)},
+    )  # fmt: skip
+    argv = [str(bids), str(deriv), "participant", "--methods", "tkd", "--nprocs", str(nprocs),
+            "--work-dir", str(out / "work")]  # fmt: skip
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"the BIDS App failed on the target data (exit {rc}): {argv}")
+    return deriv
+
+
+def run_recipe(
+    out,
+    *,
+    profile: str = "cpu",
+    seed: int = 0,
+    device: str = "auto",
+    nprocs: int = 2,
+    only=None,
+    quiet: bool = True,
+    half: bool = True,
+) -> Path:
+    """Train and register every shipped model; return the weights directory.
+
+    Parameters
+    ----------
+    out : path
+        Working folder: ``target/`` (data and pipeline outputs), ``runs/<name>/`` (checkpoints,
+        CSV logs, model cards) and ``weights/`` (the registered models).
+    profile : {"tiny", "cpu", "gpu"}
+        See :data:`PROFILES`.
+    seed : int
+        Seed of the target heads and of every training run.
+    device : {"auto", "cpu", "cuda"}
+    nprocs : int
+        Processes of the BIDS App run on the target data.
+    only : iterable of str, optional
+        Train only these models (their ``init`` models must exist in ``weights/``).
+    quiet : bool
+        No progress bars.
+    half : bool
+        Store the weights as float16 (half the size; outputs change by ~1e-4 relative).
+
+    A model whose final checkpoint is already registered is not trained again, so an
+    interrupted recipe continues where it stopped.
+    """
+    from qsmprep.dl.checkpoint import file_sha256
+    from qsmprep.dl.train import TrainConfig, train
+    from qsmprep.dl.weights import available_models, register_model
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {list(PROFILES)}")
+    p = PROFILES[profile]
+    out = Path(out).absolute()
+    weights = out / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    target = make_target_data(out / "target", profile=profile, seed=seed, nprocs=nprocs)
+    done = set(available_models(weights))
+    wanted = set(only) if only else None
+    timings = {}
+    for name, method, arch, init, stage, description in STAGES:
+        if (wanted is not None and name not in wanted) or name in done:
+            continue
+        steps = int(p[f"{stage}_steps"])
+        cfg = TrainConfig(
+            method=method,
+            arch=arch,
+            model={} if init else {"base_channels": p["base_channels"], "depth": p["depth"]},
+            init=str(weights / f"{init}.pt") if init else None,
+            steps=steps,
+            batch_size=int(p["batch"]),
+            patch_size=(int(p["patch"]),) * 3,
+            target=str(target) if stage != "pretrain" else None,
+            reference="cosmos" if stage == "transfer" else None,
+            seed=seed,
+            device=device,
+            out=str(out / "runs" / name),
+            name=name,
+            log_every=max(1, steps // 50),
+            val_every=int(p["val_every"]),
+            ckpt_every=max(1, steps // 10),
+            val_batches=int(p["val_batches"]),
+            quiet=quiet,
+            half=half,
+            command=f"qsmprep-train recipe {out} --profile {profile} --seed {seed} --only {name}",
+        )
+        t0 = time.perf_counter()
+        ckpt = train(cfg)
+        timings[name] = time.perf_counter() - t0
+        dest = weights / f"{name}.pt"
+        shutil.copy2(ckpt, dest)
+        card = ckpt.with_suffix(".md")
+        card_dest = None
+        if card.is_file():
+            card_dest = weights / f"{name}.md"
+            shutil.copy2(card, card_dest)
+        arch_of = arch or _arch_of(dest)
+        register_model(weights, name, dest, arch=arch_of, sha256=file_sha256(dest),
+                       card=card_dest, description=description)  # fmt: skip
+        log.info("recipe: %s trained in %.0f s", name, timings[name])
+    return weights
+
+
+def _arch_of(path: Path) -> str:
+    from qsmprep.dl.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(path)
+    return meta["config"]["arch"]
