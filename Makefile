@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# the CPU build of torch first (a GPU machine can install the CUDA build instead)
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[test,docs]"
+	$(PY) -m pip install -e ".[test,docs,templates]"
 	touch $@
 
 install: $(VENV)/.installed
