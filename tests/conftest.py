@@ -57,3 +57,18 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"development data not found at {path}")
     return path
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for a test, restored afterwards (the deep-learning tests use it).
+
+    Tiny volumes gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU
+    slow the whole run down several-fold.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qsmprep.cli.train import main
 from qsmprep.dl.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = [
     "--patch-size", "16", "--base-channels", "4", "--depth", "3", "--batch-size", "1",
     "--device", "cpu", "--quiet", "--threads", "1", "--val-batches", "1", "--log-every", "1",
     "--synth", "kind=shapes",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from qsmprep.dl.checkpoint import file_sha256, save_checkpoint  # noqa: E402
 from qsmprep.dl.invert import dl_invert  # noqa: E402

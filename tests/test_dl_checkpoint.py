@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from qsmprep.dl.checkpoint import (  # noqa: E402
     file_sha256,
@@ -16,20 +17,6 @@ from qsmprep.dl.checkpoint import (  # noqa: E402
     write_model_card,
 )
 from qsmprep.dl.nets import build_model, default_config  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread in this module, restored afterwards.
-
-    Tiny volumes gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU
-    slow the whole run down several-fold.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SIDE = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 1.0], [0.7, 0.7, 2.0, 0.2, 0.0, 0.98]])
 

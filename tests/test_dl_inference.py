@@ -6,22 +6,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from qsmprep.dl.inference import predict, resolve_device, tile_starts, tile_window  # noqa: E402
 from qsmprep.dl.nets import build_model, default_config  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread in this module, restored afterwards.
-
-    Tiny volumes gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU
-    slow the whole run down several-fold.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def warmed(arch="unet", depth=3, base=4, seed=0, **kw):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from qsmprep.dl.losses import (  # noqa: E402
     data_consistency_loss,
@@ -20,20 +21,6 @@ from qsmprep.dl.losses import (  # noqa: E402
 )
 from qsmprep.recon.kernels import dipole_kernel  # noqa: E402
 from qsmprep.sim.forward import forward_field  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread in this module, restored afterwards.
-
-    Tiny volumes gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU
-    slow the whole run down several-fold.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 B0_OBLIQUE = np.array([0.3, -0.2, 0.9]) / np.linalg.norm([0.3, -0.2, 0.9])
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 import torch.nn.functional as F  # noqa: E402
 
 from qsmprep.dl.nets import (  # noqa: E402
@@ -20,20 +21,6 @@ from qsmprep.dl.nets import (  # noqa: E402
     build_model,
     default_config,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread in this module, restored afterwards.
-
-    Tiny volumes gain nothing from threads, and OpenMP threads spinning on a shared, busy CPU
-    slow the whole run down several-fold.
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SIDE = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 1.0], [0.8, 0.8, 1.5, 0.3, 0.0, 0.954]])
 

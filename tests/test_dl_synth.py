@@ -12,18 +12,11 @@ from qsmprep.dl.synth import SyntheticQSMData, phase_scale, synthetic_field
 from qsmprep.recon.kernels import GAMMA_BAR
 from qsmprep.sim.forward import forward_field
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # small phantom bank: (64, 64, 48) at 3 mm builds in well under a second
 BANK = {"n_phantoms": 1, "phantom_shape": (64, 64, 48), "phantom_voxel_size": 3.0}
 ANISO = ((0.6, 1.2), (0.6, 1.2), (0.6, 3.0))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids oversubscription on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_same_seed_same_batches():

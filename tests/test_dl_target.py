@@ -17,16 +17,10 @@ from qsmprep.sim.bids import tilt_affine
 from qsmprep.sim.forward import forward_field
 from qsmprep.sim.phantom import make_head_phantom
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAPE, VOXEL = (40, 40, 32), 5.0
 ECHOES = [0.004, 0.008, 0.012, 0.016, 0.02]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _save(path: Path, data, affine, sidecar=None) -> None:

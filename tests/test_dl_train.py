@@ -11,6 +11,8 @@ import torch
 from qsmprep.dl.checkpoint import file_sha256, load_checkpoint
 from qsmprep.dl.train import TrainConfig, benchmark, lambda_schedule, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # tiny networks on 16^3 patches (depth 3: multiples of 4)
 TINY = {"base_channels": 4, "depth": 3}
 EASY = {  # shapes only, no noise: a tiny network learns it in tens of steps
@@ -22,15 +24,6 @@ EASY = {  # shapes only, no noise: a tiny network learns it in tens of steps
     "n_shapes": (2, 6),
     "shape_size_mm": (2.0, 5.0),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread avoids oversubscription on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(out, **kw) -> TrainConfig:
