@@ -20,7 +20,8 @@ The recipe makes every model that the BIDS App's deep-learning methods run, in o
 Every model is registered in ``OUT/weights/registry.json`` with its sha256 and model card, so
 ``QSMPREP_WEIGHTS_DIR=OUT/weights qsmprep ... --methods dsbn adaptive`` runs them. Profiles
 set the size: ``tiny`` (a smoke test: seconds), ``cpu`` (what two CPU cores afford in about
-an hour per model) and ``gpu`` (the full configuration for an H100-class GPU).
+an hour for all models, running independent stages side by side with ``--only``) and ``gpu``
+(the full configuration for an H100-class GPU).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ PROFILES: dict[str, dict] = {
         "orientations": 3, "val_every": 0, "val_batches": 1,
     },
     "cpu": {
-        "pretrain_steps": 3000, "adapt_steps": 1000, "transfer_steps": 500, "patch": 32,
+        "pretrain_steps": 2000, "adapt_steps": 600, "transfer_steps": 300, "patch": 32,
         "batch": 4, "base_channels": 8, "depth": 4, "target_shape": (96, 96, 80),
         "target_datasets": 2, "orientations": 5, "val_every": 250, "val_batches": 4,
     },

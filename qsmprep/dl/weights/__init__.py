@@ -162,15 +162,20 @@ def register_model(
     ``checkpoint`` and ``card`` are files inside ``directory`` (stored by their relative path),
     so a weights directory can be moved or baked into an image as a whole.
     """
+    import fcntl
+
     directory = Path(directory)
-    models = _read_registry(directory)
     rel = Path(checkpoint).resolve().relative_to(directory.resolve())
     entry = {"file": rel.as_posix(), "sha256": sha256, "arch": arch, "description": description}
     if card is not None:
         entry["card"] = Path(card).resolve().relative_to(directory.resolve()).as_posix()
-    models[name] = entry
     path = registry_path(directory)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
-    os.replace(tmp, path)
+    # several training jobs may register into one directory: read-modify-write under a lock
+    with open(directory / ".registry.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        models = _read_registry(directory)
+        models[name] = entry
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
+        os.replace(tmp, path)
     return path
