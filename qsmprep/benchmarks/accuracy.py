@@ -70,7 +70,11 @@ def _variants(rows):
 
 
 def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, device: str):
-    """Run the BIDS App once per model variant of a method (a method is one desc- label)."""
+    """Run the BIDS App once per model variant of a method (a method is one desc- label).
+
+    The runs share one work directory, so a second run reuses the field chain of the first
+    from Nipype's cache and only runs its inversions.
+    """
     from qsmprep.cli.run import main
 
     # group variants so that each run has each method at most once
@@ -90,7 +94,7 @@ def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, dev
         cfg.write_text(json.dumps({m: p for m, p in run.values() if p}))
         methods = [m for m, _ in run.values()]
         argv = [str(bids), str(o), "participant", "--methods", *methods, "--config", str(cfg),
-                "--work-dir", str(work / f"work{k}"), "--nprocs", str(nprocs),
+                "--work-dir", str(work / "work"), "--nprocs", str(nprocs),
                 "--device", device]  # fmt: skip
         rc = main(argv)
         if rc != 0:
