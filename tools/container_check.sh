@@ -123,11 +123,12 @@ run -v "$OUT:/out:rw" "$IMAGE" demo /out/demo --nprocs 2 > "$CACHE/demo.log" 2>&
 grep -E 'simulating|NRMSE|reports:|demo finished' "$CACHE/demo.log" || true
 echo "demo: $(($(date +%s) - t0)) s"
 
-step "5c. BIDS App on the demo dataset bound read-only"
+step "5c. BIDS App on the demo dataset bound read-only: shipped networks, baked template"
 mkdir -p "$OUT/app"
 chmod 0777 "$OUT/app"
 run -v "$OUT/demo/bids:/data:ro" -v "$OUT/app:/out:rw" "$IMAGE" \
-  /data /out/qsmprep participant --participant-label 01 --methods tkd -w /out/work \
+  /data /out/qsmprep participant --participant-label 01 --methods tkd dsbn adaptive \
+  --output-spaces MNI152NLin2009cAsym:res-1 -w /out/work \
   > "$CACHE/app.log" 2>&1 || { tail -40 "$CACHE/app.log"; fail "qsmprep participant"; }
 
 step "5d. outputs on the host"
@@ -141,6 +142,10 @@ expected=(
   "$deriv/sub-01/anat/sub-01_desc-brain_mask.nii.gz"
   "$deriv/sub-01/anat/sub-01_desc-local_fieldmap.nii.gz"
   "$OUT/app/qsmprep/sub-01/anat/sub-01_desc-tkd_Chimap.nii.gz"
+  "$OUT/app/qsmprep/sub-01/anat/sub-01_desc-dsbn_Chimap.nii.gz"
+  "$OUT/app/qsmprep/sub-01/anat/sub-01_desc-adaptive_Chimap.nii.gz"
+  "$OUT/app/qsmprep/sub-01/anat/sub-01_space-MNI152NLin2009cAsym_res-1_desc-dsbn_Chimap.nii.gz"
+  "$OUT/app/qsmprep/sub-01/anat/sub-01_desc-dsbn_roistats.tsv"
   "$OUT/app/qsmprep/sub-01.html"
 )
 for method in tkd l2 tv medi; do
