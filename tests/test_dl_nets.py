@@ -216,6 +216,36 @@ def test_domain_batchnorm_layer_matches_batchnorm():
 # --- adaptive convolution ----------------------------------------------------------------------
 
 
+def test_dsbn_state_from_batchnorm_reproduces_the_unet_in_both_domains():
+    from qsmprep.dl.nets.dsbn import dsbn_state_from_batchnorm
+
+    unet = small("unet").train()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for _ in range(3):
+            unet(torch.randn(2, 2, 16, 16, 16))
+        for m in unet.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    unet.eval()
+    dsbn = small("dsbn")
+    dsbn.load_state_dict(dsbn_state_from_batchnorm(unet.state_dict(), dsbn.state_dict()))
+    dsbn.eval()
+    x = torch.randn(1, 2, 16, 16, 16)
+    ref = unet(x)
+    for domain in DOMAINS:
+        assert torch.allclose(dsbn(x, domain=domain), ref, atol=1e-6)
+    wide = build_model(default_config("unet", base_channels=8, depth=3))
+    with pytest.raises(ValueError, match="shape"):
+        dsbn_state_from_batchnorm(wide.state_dict(), dsbn.state_dict())
+    shallow = build_model(default_config("unet", base_channels=4, depth=2))
+    with pytest.raises(ValueError, match="has no"):
+        dsbn_state_from_batchnorm(shallow.state_dict(), dsbn.state_dict())
+    extra = {**unet.state_dict(), "head.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="lacks"):
+        dsbn_state_from_batchnorm(extra, dsbn.state_dict())
+
+
 def test_adaptive_conv_equals_per_sample_conv():
     torch.manual_seed(1)
     conv = AdaptiveConv3d(2, 5, 3, hidden=(16, 16, 16))

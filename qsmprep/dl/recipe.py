@@ -63,7 +63,7 @@ STAGES = [
      "conventional U-Net pre-trained on synthetic data"),
     ("adaptive-pretrained", "supervised", "adaptive", None, "pretrain",
      "adaptive-convolution U-Net pre-trained on synthetic data (no transfer learning)"),
-    ("dsbn", "dsbn", "dsbn", None, "adapt",
+    ("dsbn", "dsbn", "dsbn", "unet-pretrained", "adapt",
      "QSMInvNet+: domain-specific batch norm, synthetic + unlabelled target scans"),
     ("dcfinetune", "dc-finetune", None, "unet-pretrained", "adapt",
      "QSMInvNet: pre-trained U-Net fine-tuned on target scans by data consistency"),

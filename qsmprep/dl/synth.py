@@ -165,8 +165,8 @@ class SyntheticQSMData:
         Generator; ``"mix"`` draws ``"brain"`` with probability ``brain_fraction``.
     voxel_size : float, 3 floats or 3 (low, high) pairs
         mm; ranges are drawn uniformly per sample. With ``inplane_isotropic`` and equal x/y
-        ranges, y takes x's draw (square in-plane voxels, e.g. ``((0.6, 1.2),) * 2 +
-        ((0.6, 3.0),)`` for anisotropic slices).
+        ranges, y takes x's draw (square in-plane voxels, e.g. ``((0.5, 2.5),) * 2 +
+        ((0.5, 3.5),)`` for anisotropic slices).
     b0_dir : "z", "random" or 3 floats
         B0 direction in voxel coordinates: along the third axis, drawn uniformly over the
         solid angle within ``max_tilt_deg`` of it (random azimuth), or fixed.

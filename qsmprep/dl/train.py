@@ -97,7 +97,7 @@ _CSV_FIELDS = [
     "elapsed_s",
 ]
 ADAPTIVE_SYNTH = {
-    "voxel_size": ((0.6, 1.2), (0.6, 1.2), (0.6, 3.0)),
+    "voxel_size": ((0.5, 2.5), (0.5, 2.5), (0.5, 3.5)),
     "b0_dir": "random",
     "max_tilt_deg": 45.0,
 }
@@ -413,18 +413,35 @@ def _tensorboard(out: Path):
 def _build(cfg: TrainConfig, device: torch.device):
     """Model (fresh or from ``init``) and the resolved architecture."""
     if cfg.init:
-        model, meta = load_checkpoint(cfg.init, device=device, arch=cfg.arch)
+        expect = None if cfg.method == "dsbn" else cfg.arch  # a unet init becomes a dsbn
+        model, meta = load_checkpoint(cfg.init, device=device, arch=expect)
         arch = model.config["arch"]
         if cfg.method == "dsbn" and arch != "dsbn":
-            raise ValueError(
-                f"init checkpoint {cfg.init} holds a {arch!r} model; method 'dsbn' needs a "
-                "'dsbn' one (pretrain with --arch dsbn)"
-            )
+            if arch != "unet" or model.config["norm"] != "batch":
+                raise ValueError(
+                    f"init checkpoint {cfg.init} holds a {arch!r} model with "
+                    f"{model.config['norm']!r} norm; method 'dsbn' starts from a 'dsbn' model "
+                    "or a batch-norm 'unet' (pretrain with --arch unet or --arch dsbn)"
+                )
+            model = _dsbn_from_unet(model)
+            arch = "dsbn"
         return model, arch, meta
     arch = cfg.arch or ("dsbn" if cfg.method == "dsbn" else "unet")
     torch.manual_seed(cfg.seed)
     model = build_model(default_config(arch, **cfg.model)).to(device)
     return model, arch, None
+
+
+def _dsbn_from_unet(model):
+    """The DSBN network with ``model``'s weights, each domain starting from its batch norms."""
+    from qsmprep.dl.nets.dsbn import dsbn_state_from_batchnorm
+
+    c = {k: v for k, v in model.config.items() if k != "arch"}
+    c.update(norm="dsbn", default_domain="source")
+    dsbn = build_model(default_config("dsbn", **c)).to(next(model.parameters()).device)
+    dsbn.load_state_dict(dsbn_state_from_batchnorm(model.state_dict(), dsbn.state_dict()))
+    dsbn.train(model.training)
+    return dsbn
 
 
 def _optimizer(cfg: TrainConfig, model):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DOMAINS", "DomainBatchNorm3d"]
+__all__ = ["DOMAINS", "DomainBatchNorm3d", "dsbn_state_from_batchnorm"]
 
 DOMAINS = ("source", "target")
 """Domain names; index 0 (``"source"``) is the labelled synthetic domain."""
@@ -61,3 +61,38 @@ class DomainBatchNorm3d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, domains={self.domains}"
+
+
+def dsbn_state_from_batchnorm(bn_state: dict, dsbn_state: dict) -> dict:
+    """A DSBN network's state dict filled from the state of the same network with plain BN.
+
+    Every ``<layer>.bns.<domain>.<tensor>`` of ``dsbn_state`` takes ``<layer>.<tensor>`` of
+    ``bn_state`` (each domain starts from the one set of statistics and affine parameters);
+    every other key is copied as is. This starts QSMInvNet+ from a U-Net pre-trained on
+    synthetic data, so that it gets the same synthetic training as the other adapted networks.
+
+    Raises
+    ------
+    ValueError
+        When the two networks differ in anything but their normalisation layers.
+    """
+    out, used = {}, set()
+    for key, ref in dsbn_state.items():
+        parts = key.split(".")
+        src = key
+        if "bns" in parts:
+            i = parts.index("bns")
+            src = ".".join(parts[:i] + parts[i + 2 :])
+        if src not in bn_state:
+            raise ValueError(f"the batch-norm network has no {src!r} (for {key!r})")
+        value = bn_state[src]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"{src!r} has shape {tuple(value.shape)}, the DSBN network needs {tuple(ref.shape)}"
+            )
+        out[key] = value.detach().clone().to(ref.dtype)
+        used.add(src)
+    extra = sorted(set(bn_state) - used)
+    if extra:
+        raise ValueError(f"the batch-norm network has tensors the DSBN one lacks: {extra}")
+    return out
