@@ -37,6 +37,16 @@ def test_every_model_is_registered_with_its_hash_and_card(recipe):
     assert models["dsbn"].arch == "dsbn" and models["adaptive"].arch == "adaptive"
     _, meta = load_checkpoint(models["dsbn"].path)
     assert meta["config"]["default_domain"] == "target"
+    # QSMInvNet+ and QSMInvNet both start from the pre-trained U-Net
+    pre = models["unet-pretrained"].sha256
+    for name in ("dsbn", "dcfinetune", "unet"):
+        assert load_checkpoint(models[name].path)[1]["data"]["init_sha256"] == pre, name
+    # conventional networks: cubic 1-2 mm voxels; adaptive ones: anisotropic 0.5-3.5 mm
+    syn = load_checkpoint(models["unet-pretrained"].path)[1]["data"]["synthetic"]
+    assert syn["isotropic"] and syn["voxel_size"] == [[1.0, 2.0]] * 3
+    syn = load_checkpoint(models["adaptive-pretrained"].path)[1]["data"]["synthetic"]
+    assert not syn["isotropic"] and syn["voxel_size"][2] == [0.5, 3.5]
+    assert syn["b0_dir"] == "random"
 
 
 def test_every_app_method_runs_the_recipe_models(recipe, monkeypatch):

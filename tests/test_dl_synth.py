@@ -99,6 +99,11 @@ def test_side_information_of_random_voxel_sizes_and_b0():
     fixed = SyntheticQSMData(16, kind="shapes", voxel_size=(1.0, 1.0, 2.0), seed=0).batch(2)
     np.testing.assert_array_equal(fixed["voxel_size"].numpy(), [[1, 1, 2]] * 2)
     np.testing.assert_array_equal(fixed["b0_dir"].numpy(), [[0, 0, 1]] * 2)
+    # cubic voxels of random size
+    iso = SyntheticQSMData(16, kind="shapes", voxel_size=((1.0, 2.0),) * 3, isotropic=True,
+                           seed=1).batch(8)["voxel_size"].numpy()  # fmt: skip
+    assert np.all(iso[:, 0] == iso[:, 1]) and np.all(iso[:, 0] == iso[:, 2])
+    assert np.all((iso >= 1.0) & (iso <= 2.0)) and np.ptp(iso[:, 0]) > 0.3
 
 
 def test_chi_is_referenced_and_masked():
@@ -137,6 +142,8 @@ def test_bad_arguments():
         SyntheticQSMData((4, 16, 16))
     with pytest.raises(ValueError, match="voxel_size"):
         SyntheticQSMData(16, voxel_size=(1.0, -1.0, 1.0))
+    with pytest.raises(ValueError, match="isotropic"):
+        SyntheticQSMData(16, voxel_size=ANISO, isotropic=True)
     with pytest.raises(ValueError, match="b0_dir"):
         SyntheticQSMData(16, b0_dir=(0, 0, 0))
     with pytest.raises(ValueError, match="max_tilt_deg"):

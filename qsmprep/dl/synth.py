@@ -167,6 +167,9 @@ class SyntheticQSMData:
         mm; ranges are drawn uniformly per sample. With ``inplane_isotropic`` and equal x/y
         ranges, y takes x's draw (square in-plane voxels, e.g. ``((0.5, 2.5),) * 2 +
         ((0.5, 3.5),)`` for anisotropic slices).
+    isotropic : bool
+        One draw for all three axes (cubic voxels of a random size; the three ranges must be
+        equal).
     b0_dir : "z", "random" or 3 floats
         B0 direction in voxel coordinates: along the third axis, drawn uniformly over the
         solid angle within ``max_tilt_deg`` of it (random azimuth), or fixed.
@@ -218,6 +221,7 @@ class SyntheticQSMData:
         kind: str = "mix",
         voxel_size=(1.0, 1.0, 1.0),
         inplane_isotropic: bool = True,
+        isotropic: bool = False,
         b0_dir="z",
         max_tilt_deg: float = 45.0,
         b0_tesla: Sequence[float] = (1.5, 3.0, 7.0),
@@ -257,6 +261,12 @@ class SyntheticQSMData:
         self.kind = kind
         self.voxel_ranges = _voxel_ranges(voxel_size)
         self.inplane_isotropic = bool(inplane_isotropic)
+        self.isotropic = bool(isotropic)
+        if self.isotropic and len({tuple(r) for r in self.voxel_ranges}) != 1:
+            raise ValueError(
+                "isotropic=True draws one voxel size for all three axes and needs one range, "
+                f"got {voxel_size!r}"
+            )
         if isinstance(b0_dir, str):
             if b0_dir not in ("z", "random"):
                 raise ValueError(f"b0_dir must be 'z', 'random' or 3 numbers, got {b0_dir!r}")
@@ -341,6 +351,7 @@ class SyntheticQSMData:
             "kind": self.kind,
             "voxel_size": [list(r) for r in self.voxel_ranges],
             "inplane_isotropic": self.inplane_isotropic,
+            "isotropic": self.isotropic,
             "b0_dir": self.b0_dir if isinstance(self.b0_dir, str) else list(self.b0_dir),
             "max_tilt_deg": self.max_tilt_deg,
             "b0_tesla": list(self.b0_tesla),
@@ -453,7 +464,9 @@ class SyntheticQSMData:
     def _draw_voxel_size(self, g) -> tuple[float, float, float]:
         r = self.voxel_ranges
         v = [_uniform(g, *r[i]) for i in range(3)]
-        if self.inplane_isotropic and r[0] == r[1]:
+        if self.isotropic:
+            v[1] = v[2] = v[0]
+        elif self.inplane_isotropic and r[0] == r[1]:
             v[1] = v[0]
         return tuple(v)
 
