@@ -139,6 +139,12 @@ class TrainConfig:
         unsupervised: weight of the total-variation term.
     transfer_lr_decoder, transfer_lr_other : float
         transfer: learning rates of the decoder and of the rest (the FMN is frozen).
+    fmn_lr_scale : float
+        Other methods: the filter-manifold network of an adaptive model learns at ``lr`` times
+        this. Each generated kernel weight is a bias plus a sum over the 64 hidden units of the
+        FMN's last layer, and Adam moves every one of those parameters by about ``lr`` a step,
+        so at the full rate the first-layer kernel would move some 30 times faster than an
+        ordinary convolution's; 0.03 brings it back to about ``lr``.
     clip_grad : float
         Gradient-norm clipping (0: off).
     synth : dict
@@ -196,6 +202,7 @@ class TrainConfig:
     tv_weight: float = 0.0
     transfer_lr_decoder: float = 1e-3
     transfer_lr_other: float = 1e-5
+    fmn_lr_scale: float = 0.03
     clip_grad: float = 1.0
     synth: dict = field(default_factory=dict)
     target: str | None = None
@@ -260,6 +267,8 @@ class TrainConfig:
         ps = np.atleast_1d(np.asarray(self.patch_size, int))
         if ps.size not in (1, 3) or ps.min() < 1:
             raise ValueError(f"patch_size must be 1 or 3 positive ints, got {self.patch_size!r}")
+        if not self.fmn_lr_scale > 0:
+            raise ValueError(f"fmn_lr_scale must be positive, got {self.fmn_lr_scale!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.loss not in ("l1", "l2"):
@@ -455,7 +464,14 @@ def _optimizer(cfg: TrainConfig, model):
             {"params": groups["encoder"], "lr": cfg.transfer_lr_other, "name": "encoder"},
         ]
     else:
-        params = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
+        fmn = {id(p) for p in model.param_groups_for_transfer()["fmn"]}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fmn]
+        params = [{"params": rest, "name": "all"}]
+        if fmn:
+            params.append({
+                "params": [p for p in model.parameters() if id(p) in fmn],
+                "lr": cfg.lr * float(cfg.fmn_lr_scale), "name": "fmn",
+            })  # fmt: skip
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base = min(g["lr"] for g in opt.param_groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
