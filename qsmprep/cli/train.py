@@ -61,6 +61,13 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument(
+        "--fmn-lr-scale",
+        type=float,
+        default=0.03,
+        help="adaptive models: the filter-manifold network learns at --lr times this "
+        "(default 0.03; transfer learning freezes it)",
+    )
+    g.add_argument(
         "--restart-steps",
         type=int,
         default=0,
@@ -216,6 +223,7 @@ def config_from_args(args, argv) -> object:
         patch_size=tuple(args.patch_size),
         lr=args.lr if args.lr is not None else default_lr,
         weight_decay=args.weight_decay,
+        fmn_lr_scale=args.fmn_lr_scale,
         restart_steps=args.restart_steps,
         loss=args.loss,
         grad_weight=args.grad_weight,
