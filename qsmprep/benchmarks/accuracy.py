@@ -33,7 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ROWS_ADAPTIVE", "ROWS_DSBN", "run_accuracy"]
+__all__ = ["ROWS_ADAPTIVE", "ROWS_DSBN", "ROWS_EXTERNAL", "run_accuracy"]
 
 ORIENTATIONS = [(0.0, 0.0), (25.0, 0.0), (-25.0, 0.0), (0.0, 25.0), (0.0, -25.0)]
 """Head rotations (about world x, about world y; degrees) of a COSMOS set."""
@@ -54,6 +54,10 @@ ROWS_ADAPTIVE = [
     ("TV", "tv", {}),
     ("MEDI", "medi", {}),
 ]
+ROWS_EXTERNAL = list({r[0]: r for r in ROWS_DSBN + ROWS_ADAPTIVE}.values())
+"""Every method of both tables, for data made by another simulator (``external``)."""
+METRICS_EXTERNAL = [("nrmse", "NRMSE (%)", 1), ("hfen", "HFEN (%)", 1), ("ssim", "SSIM", 3),
+                    ("psnr", "PSNR (dB)", 2), ("slope", "slope", 3)]  # fmt: skip
 METRICS_DSBN = [("psnr", "pSNR (dB)", 2), ("nrmse", "NRMSE (%)", 1), ("hfen", "HFEN (%)", 1),
                 ("ssim", "SSIM", 3)]  # fmt: skip
 METRICS_ADAPTIVE = [("nrmse", "NRMSE (%)", 1), ("ssim", "SSIM", 3), ("psnr", "PSNR (dB)", 2),
@@ -151,6 +155,22 @@ def _scatter(points: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _scans(outs, subjects, acq):
+    """(subject, file prefix, output dir, desc map) of every scored scan; ``acq="*"`` takes
+    every acquisition with a local-field mask."""
+    for sub in subjects:
+        for out, desc_map in outs:
+            anat = out / sub / "anat"
+            if acq == "*":
+                suffix = "_desc-local_mask.nii.gz"
+                prefixes = sorted(p.name[: -len(suffix)] for p in anat.glob(f"{sub}*{suffix}"))
+            else:
+                prefixes = [f"{sub}_acq-{acq}" if acq else sub]
+            for prefix in prefixes:
+                if (anat / f"{prefix}_desc-local_mask.nii.gz").is_file():
+                    yield sub, prefix, out, desc_map
+
+
 def _collect(outs, bids: Path, rows, *, acq: str | None, with_cosmos: bool):
     """Scores ``{row: {"truth": [...], "cosmos": [...]}}`` and pooled scatter points."""
     scores: dict = {label: {"truth": [], "cosmos": []} for label, *_ in rows}
@@ -160,34 +180,30 @@ def _collect(outs, bids: Path, rows, *, acq: str | None, with_cosmos: bool):
         labels_of[label] = params.get("model", method).replace("-", "")
     subjects = sorted(p.name for p in bids.glob("sub-*") if p.is_dir())
     gt_root = bids / "derivatives" / "groundtruth"
-    for sub in subjects:
-        prefix = f"{sub}_acq-{acq}" if acq else sub
+    for sub, prefix, out, desc_map in _scans(outs, subjects, acq):
         truth = _load(gt_root / sub / "anat" / f"{sub}_Chimap.nii.gz")
-        for out, desc_map in outs:
-            anat = out / sub / "anat"
-            mask_file = anat / f"{prefix}_desc-local_mask.nii.gz"
-            if not mask_file.is_file():
+        anat = out / sub / "anat"
+        mask_file = anat / f"{prefix}_desc-local_mask.nii.gz"
+        mask = _load(mask_file) > 0
+        cosmos = None
+        if with_cosmos:
+            cfile = anat / f"{sub}_desc-cosmos_Chimap.nii.gz"
+            cosmos = _load(cfile) if cfile.is_file() else None
+        for label, *_ in rows:
+            desc = labels_of[label]
+            if desc not in desc_map:
                 continue
-            mask = _load(mask_file) > 0
-            cosmos = None
-            if with_cosmos:
-                cfile = anat / f"{sub}_desc-cosmos_Chimap.nii.gz"
-                cosmos = _load(cfile) if cfile.is_file() else None
-            for label, *_ in rows:
-                desc = labels_of[label]
-                if desc not in desc_map:
-                    continue
-                f = anat / f"{prefix}_desc-{desc_map[desc]}_Chimap.nii.gz"
-                if not f.is_file():
-                    continue
-                chi = _load(f)
-                scores[label]["truth"].append(_score(chi, truth, mask))
-                if cosmos is not None:
-                    scores[label]["cosmos"].append(_score(chi, cosmos, mask))
-                ref = cosmos if cosmos is not None else truth
-                x, y = ref[mask] - ref[mask].mean(), chi[mask] - chi[mask].mean()
-                px, py, _ = points.get(label, ([], [], 0))
-                points[label] = (px + [x], py + [y], 0)
+            f = anat / f"{prefix}_desc-{desc_map[desc]}_Chimap.nii.gz"
+            if not f.is_file():
+                continue
+            chi = _load(f)
+            scores[label]["truth"].append(_score(chi, truth, mask))
+            if cosmos is not None:
+                scores[label]["cosmos"].append(_score(chi, cosmos, mask))
+            ref = cosmos if cosmos is not None else truth
+            x, y = ref[mask] - ref[mask].mean(), chi[mask] - chi[mask].mean()
+            px, py, _ = points.get(label, ([], [], 0))
+            points[label] = (px + [x], py + [y], 0)
     pooled = {}
     for label, (xs, ys, _) in points.items():
         x, y = np.concatenate(xs), np.concatenate(ys)
@@ -206,8 +222,15 @@ def run_accuracy(
     nprocs: int = 2,
     device: str = "cpu",
     sets=("multi", "tilted"),
+    external=(),
 ) -> dict:
     """Simulate the test sets, run the BIDS App on them, score, and write ``accuracy.md``.
+
+    ``external`` names BIDS datasets made by another simulator, with the true susceptibility
+    under ``derivatives/groundtruth/sub-*/anat/sub-*_Chimap.nii.gz`` (such as the
+    qsm-forward datasets of the development data): every method of both tables runs on them
+    and is scored on every acquisition against the truth, and against the pipeline's COSMOS
+    where a subject has several head orientations. No network was trained on them.
 
     Returns a dict with the tables (markdown), the raw scores and the wall times; the same
     content is written to ``out_dir/accuracy.json`` with figures beside ``accuracy.md``.
@@ -265,6 +288,27 @@ def run_accuracy(
             "![tilted scatter](scatter_tilted.png)", "",
         ]  # fmt: skip
         _scatter(p3, out_dir / "scatter_tilted.png", "anisotropic tilted: reconstruction vs truth")
+    for ext in external:
+        ext = Path(ext).absolute()
+        if not (ext / "derivatives" / "groundtruth").is_dir():
+            raise ValueError(
+                f"{ext} has no derivatives/groundtruth/ folder with the true susceptibility; "
+                "give a simulated BIDS dataset with ground truth"
+            )
+        t0 = time.perf_counter()
+        outs = _run_app(ext, out_dir / "derivatives" / ext.name, out_dir / "work" / ext.name,
+                        _variants(ROWS_EXTERNAL), nprocs, device)  # fmt: skip
+        result[f"{ext.name}_seconds"] = time.perf_counter() - t0
+        se, _ = _collect(outs, ext, ROWS_EXTERNAL, acq="*", with_cosmos=True)
+        result.setdefault("external", {})[ext.name] = se
+        n = len(se[ROWS_EXTERNAL[0][0]]["truth"])
+        md += [
+            f"## External data: `{ext.name}` ({n} scans made by another simulator; against "
+            "the truth)", "", _table(se, ROWS_EXTERNAL, METRICS_EXTERNAL, "truth"), "",
+        ]  # fmt: skip
+        if se[ROWS_EXTERNAL[0][0]]["cosmos"]:
+            md += ["Against the pipeline's COSMOS:", "",
+                   _table(se, ROWS_EXTERNAL, METRICS_EXTERNAL, "cosmos"), ""]  # fmt: skip
     md += [
         "Mean ± std over datasets; metrics of `qsmprep.metrics.evaluate` (NRMSE and HFEN in %, "
         "de-meaned; PSNR in-mask; slope of the regression of the reconstruction on the "

@@ -293,7 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=5000, help="first phantom seed of the test sets")
     a.add_argument("--tilt", type=float, default=30.0, help="slab tilt of the tilted set (deg)")
     a.add_argument("--snr", type=float, default=100.0)
-    a.add_argument("--sets", nargs="+", default=["multi", "tilted"], choices=["multi", "tilted"])
+    a.add_argument(
+        "--sets", nargs="*", default=["multi", "tilted"], choices=["multi", "tilted"],
+        help="simulated test sets (default both; none with an empty list)",
+    )  # fmt: skip
+    a.add_argument(
+        "--external", nargs="+", default=[], metavar="BIDS_DIR",
+        help="also score every method on these simulated BIDS datasets with ground truth "
+        "(derivatives/groundtruth), e.g. data made by another simulator",
+    )  # fmt: skip
     a.add_argument("--nprocs", type=int, default=2)
     a.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     a.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -326,7 +334,7 @@ def main(argv=None) -> int:
         result = run_accuracy(
             args.out_dir, datasets=args.datasets, shape=tuple(args.shape), seed=args.seed,
             tilt=args.tilt, snr=args.snr, nprocs=args.nprocs, device=args.device,
-            sets=tuple(args.sets),
+            sets=tuple(args.sets), external=tuple(args.external),
         )  # fmt: skip
         print(result["markdown"])
     elif args.bench == "space":
