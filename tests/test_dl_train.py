@@ -151,8 +151,9 @@ def test_dsbn_starts_from_a_pretrained_unet(tmp_path, target, pretrained):
                target=str(target), steps=2, lr=1e-12)  # fmt: skip
     model, meta = load_checkpoint(train(cfg), arch="dsbn")
     assert meta["data"]["init"] == str(pretrained["unet"])
-    assert {k: v for k, v in model.config.items() if k not in ("arch", "norm", "default_domain")} \
-        == {k: v for k, v in unet.config.items() if k not in ("arch", "norm", "default_domain")}
+    assert {
+        k: v for k, v in model.config.items() if k not in ("arch", "norm", "default_domain")
+    } == {k: v for k, v in unet.config.items() if k not in ("arch", "norm", "default_domain")}
     # with a vanishing learning rate the shared convolutions stay the pretrained ones
     ref = unet.state_dict()
     for k, v in model.state_dict().items():
@@ -160,7 +161,8 @@ def test_dsbn_starts_from_a_pretrained_unet(tmp_path, target, pretrained):
             assert torch.allclose(v.float(), ref[k].float(), atol=1e-6), k
     # the source statistics continue the unet's running averages, the target's moved apart
     bn = model.encoder[0].norm1.bns
-    assert int(bn["source"].num_batches_tracked) == int(unet.encoder[0].norm1.num_batches_tracked) + 2
+    n_pre = int(unet.encoder[0].norm1.num_batches_tracked)
+    assert int(bn["source"].num_batches_tracked) == n_pre + 2
     assert not torch.equal(bn["source"].running_mean, bn["target"].running_mean)
     bad = _cfg(tmp_path / "bad", method="dsbn", arch="dsbn", init=str(pretrained["adaptive"]),
                target=str(target), steps=1)  # fmt: skip

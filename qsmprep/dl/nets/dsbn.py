@@ -88,7 +88,8 @@ def dsbn_state_from_batchnorm(bn_state: dict, dsbn_state: dict) -> dict:
         value = bn_state[src]
         if tuple(value.shape) != tuple(ref.shape):
             raise ValueError(
-                f"{src!r} has shape {tuple(value.shape)}, the DSBN network needs {tuple(ref.shape)}"
+                f"{src!r} has shape {tuple(value.shape)}, "
+                f"the DSBN network needs {tuple(ref.shape)}"
             )
         out[key] = value.detach().clone().to(ref.dtype)
         used.add(src)
