@@ -63,9 +63,9 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     g.add_argument(
         "--fmn-lr-scale",
         type=float,
-        default=0.03,
+        default=1.0,
         help="adaptive models: the filter-manifold network learns at --lr times this "
-        "(default 0.03; transfer learning freezes it)",
+        "(default 1; transfer learning freezes it)",
     )
     g.add_argument(
         "--restart-steps",

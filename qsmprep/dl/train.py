@@ -141,10 +141,12 @@ class TrainConfig:
         transfer: learning rates of the decoder and of the rest (the FMN is frozen).
     fmn_lr_scale : float
         Other methods: the filter-manifold network of an adaptive model learns at ``lr`` times
-        this. Each generated kernel weight is a bias plus a sum over the 64 hidden units of the
-        FMN's last layer, and Adam moves every one of those parameters by about ``lr`` a step,
-        so at the full rate the first-layer kernel would move some 30 times faster than an
-        ordinary convolution's; 0.03 brings it back to about ``lr``.
+        this (default 1). Each generated kernel weight is a bias plus a sum over the 64 hidden
+        units of the FMN's last layer, and Adam moves every one of those parameters by about
+        ``lr`` a step, so at the full rate the first-layer kernel moves some 30 times as far
+        per step as an ordinary convolution's; 0.03 brings it back to about ``lr``. That made
+        fixed-geometry training faster but random-geometry pre-training worse (see
+        ``docs/deep-learning.md``), hence the default.
     clip_grad : float
         Gradient-norm clipping (0: off).
     synth : dict
@@ -202,7 +204,7 @@ class TrainConfig:
     tv_weight: float = 0.0
     transfer_lr_decoder: float = 1e-3
     transfer_lr_other: float = 1e-5
-    fmn_lr_scale: float = 0.03
+    fmn_lr_scale: float = 1.0
     clip_grad: float = 1.0
     synth: dict = field(default_factory=dict)
     target: str | None = None
@@ -464,7 +466,9 @@ def _optimizer(cfg: TrainConfig, model):
             {"params": groups["encoder"], "lr": cfg.transfer_lr_other, "name": "encoder"},
         ]
     else:
-        fmn = {id(p) for p in model.param_groups_for_transfer()["fmn"]}
+        fmn = set()
+        if float(cfg.fmn_lr_scale) != 1.0:
+            fmn = {id(p) for p in model.param_groups_for_transfer()["fmn"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fmn]
         params = [{"params": rest, "name": "all"}]
         if fmn:
