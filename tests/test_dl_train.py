@@ -219,8 +219,8 @@ def test_transfer_freezes_fmn_and_uses_two_learning_rates(tmp_path, target, pret
 
 
 def test_bad_settings(tmp_path, target, pretrained):
-    with pytest.raises(ValueError, match="holds a 'unet' model"):
-        bad = _cfg(tmp_path, method="dsbn", init=str(pretrained["unet"]), arch=None)
+    with pytest.raises(ValueError, match="holds a 'adaptive' model"):
+        bad = _cfg(tmp_path, method="dsbn", init=str(pretrained["adaptive"]), arch=None)
         bad.target = str(target)
         train(bad)
     with pytest.raises(ValueError, match="--arch dsbn"):
