@@ -60,6 +60,24 @@ def test_field_is_the_forward_model_of_chi():
     assert torch.allclose(f * b["mask"], b["field"], atol=1e-7)
 
 
+def test_residual_background_is_smooth_and_off_by_default():
+    kw = dict(kind="shapes", noise_ppm=0.0, whole_mask_prob=1.0, seed=2)
+    plain = SyntheticQSMData(32, **kw).batch(3)
+    same = SyntheticQSMData(32, background_ppm=0.0, **kw).batch(3)
+    assert torch.equal(plain["field"], same["field"])  # off: the same stream as before
+    b = SyntheticQSMData(32, background_ppm=0.004, **kw).batch(3)
+    assert torch.equal(b["chi"][0], plain["chi"][0])  # drawn after the first sample's chi
+    m = b["mask"] > 0
+    bg = b["field"] - synthetic_field(b["chi"], b["voxel_size"], b["b0_dir"])
+    level = float(bg[m].std())
+    assert 0.0005 < level < 0.004, level  # amplitude 0.004 x a unit-std smooth field
+    # smooth: neighbouring voxels differ by a small fraction of the field's spread
+    step = float((bg[..., 1:] - bg[..., :-1])[m[..., 1:] & m[..., :-1]].abs().mean())
+    assert step < 0.1 * level, (step, level)
+    with pytest.raises(ValueError, match="background_ppm"):
+        SyntheticQSMData(16, background_ppm=-0.1)
+
+
 def test_noise_level_and_weight():
     data = SyntheticQSMData(32, kind="shapes", noise_ppm=0.004, whole_mask_prob=1.0, seed=1)
     b = data.batch(2)

@@ -55,7 +55,9 @@ PROFILES: dict[str, dict] = {
 }  # fmt: skip
 """Sizes of the recipe: steps per stage, patch edge, batch, network width and depth, data."""
 
-CONVENTIONAL_SYNTH = {"voxel_size": ((1.0, 2.0),) * 3, "isotropic": True}
+CONVENTIONAL_SYNTH = {
+    "voxel_size": ((1.0, 2.0),) * 3, "isotropic": True, "background_ppm": (0.0, 0.004),
+}  # fmt: skip
 """Synthetic data of the networks without side information (all but the adaptive ones): cubic
 voxels of 1-2 mm, B0 along the third axis. A conventional U-Net is tied to the resolution it
 was trained at (pre-trained at 1 mm only, it scored 55 % NRMSE on a 2 mm phantom against 48 %

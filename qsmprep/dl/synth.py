@@ -183,6 +183,11 @@ class SyntheticQSMData:
         Standard deviation (ppm) of the Gaussian noise of the field; each sample draws a level
         and modulates it smoothly in space (factor 0.5-2); ``weight`` is the inverse noise
         level over the mask normalised to mean 1 (the mask when the level is 0).
+    background_ppm : float or (low, high)
+        Residual background field added to the local field: a smooth random field
+        (trilinear from 3 x 3 x 3 random control values) of an amplitude drawn in this range,
+        as background removal leaves in measured local fields (default off; the recipe's
+        conventional networks use 0-0.004 ppm).
     chi_range, large_chi_prob, large_chi : float
         Shape susceptibilities: uniform in +-``chi_range`` ppm, or with probability
         ``large_chi_prob`` in +-``large_chi``.
@@ -227,6 +232,7 @@ class SyntheticQSMData:
         b0_tesla: Sequence[float] = (1.5, 3.0, 7.0),
         te=(0.015, 0.025),
         noise_ppm=(0.0, 0.005),
+        background_ppm=(0.0, 0.0),
         chi_range: float = 0.2,
         large_chi_prob: float = 0.1,
         large_chi: float = 1.0,
@@ -286,6 +292,9 @@ class SyntheticQSMData:
         if self.te[0] <= 0:
             raise ValueError(f"te must be positive (s), got {te!r}")
         self.noise_ppm = _as_range(noise_ppm, "noise_ppm")
+        self.background_ppm = _as_range(background_ppm, "background_ppm")
+        if self.background_ppm[0] < 0:
+            raise ValueError(f"background_ppm must be >= 0, got {background_ppm!r}")
         if self.noise_ppm[0] < 0:
             raise ValueError(f"noise_ppm must be >= 0, got {noise_ppm!r}")
         self.chi_range = float(chi_range)
@@ -357,6 +366,7 @@ class SyntheticQSMData:
             "b0_tesla": list(self.b0_tesla),
             "te": list(self.te),
             "noise_ppm": list(self.noise_ppm),
+            "background_ppm": list(self.background_ppm),
             "chi_range": self.chi_range,
             "large_chi_prob": self.large_chi_prob,
             "large_chi": self.large_chi,
@@ -444,6 +454,8 @@ class SyntheticQSMData:
         modulation = torch.exp(self._smooth(g, 1, 3)[0] * (math.log(2.0) / 2.0)).clamp(0.5, 2.0)
         sigma = level * modulation
         noise = sigma * torch.randn(self.patch_shape, generator=g).to(dev)
+        if self.background_ppm[1] > 0:  # residual background field (no draw when off)
+            noise = noise + _uniform(g, *self.background_ppm) * self._smooth(g, 1, 3)[0]
         if level > 0:
             w = mask / sigma
             weight = w / w[m].mean()
