@@ -71,9 +71,10 @@ def test_residual_background_is_smooth_and_off_by_default():
     bg = b["field"] - synthetic_field(b["chi"], b["voxel_size"], b["b0_dir"])
     level = float(bg[m].std())
     assert 0.0005 < level < 0.004, level  # amplitude 0.004 x a unit-std smooth field
-    # smooth: neighbouring voxels differ by a small fraction of the field's spread
+    # smooth: neighbouring voxels differ by 0.11 x the field's spread (measured); white noise
+    # of the same spread would give about 1.13 x
     step = float((bg[..., 1:] - bg[..., :-1])[m[..., 1:] & m[..., :-1]].abs().mean())
-    assert step < 0.1 * level, (step, level)
+    assert step < 0.2 * level, (step, level)
     with pytest.raises(ValueError, match="background_ppm"):
         SyntheticQSMData(16, background_ppm=-0.1)
 
