@@ -95,7 +95,9 @@ def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, dev
         o = out / f"run{k}"
         cfg = work / f"params{k}.json"
         cfg.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(json.dumps({m: p for m, p in run.values() if p}))
+        text = json.dumps({m: p for m, p in run.values() if p})
+        if not cfg.is_file() or cfg.read_text() != text:  # keep its time stamp: Nipype's cache
+            cfg.write_text(text)
         methods = [m for m, _ in run.values()]
         argv = [str(bids), str(o), "participant", "--methods", *methods, "--config", str(cfg),
                 "--work-dir", str(work / "work"), "--nprocs", str(nprocs),
