@@ -129,6 +129,41 @@ def test_deep_inversion_interface(weights_dir, phantom, phantom_fields, tmp_path
     assert res.outputs.dc_residual > 0
 
 
+def test_new_weights_are_not_answered_from_the_cache(weights_dir, tmp_path):
+    """A Nipype node of the workflow reruns when the registered weights change."""
+    from nipype.pipeline import engine as pe
+
+    from qsmprep.dl.weights import weights_sha256
+    from qsmprep.interfaces import DeepInversion
+
+    rng = np.random.default_rng(1)
+    f, m = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    nib.save(nib.Nifti1Image(rng.normal(0, 2, (16, 16, 16)).astype(np.float32), np.eye(4)), f)
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.uint8), np.eye(4)), m)
+
+    def run():
+        node = pe.Node(DeepInversion(local_field=str(f), mask=str(m), method="unet", b0=B0),
+                       name="inversion_unet", base_dir=str(tmp_path / "work"))  # fmt: skip
+        node.inputs.weights_sha256 = weights_sha256("unet")
+        res = node.run()
+        return np.asarray(nib.load(res.outputs.out_file).dataobj), res.outputs.meta
+
+    first, meta1 = run()
+    # retrain: other weights under the same registered name
+    sha = save_checkpoint(weights_dir / "unet.pt", _tiny("unet", seed=5), step=9)
+    register_model(weights_dir, "unet", weights_dir / "unet.pt", arch="unet", sha256=sha)
+    second, meta2 = run()
+    assert meta2["Parameters"]["WeightsSha256"] == sha != meta1["Parameters"]["WeightsSha256"]
+    assert np.abs(second - first).max() > 1e-3 * np.abs(first).max()
+    # weights that changed between building and running the node are refused
+    node = DeepInversion(local_field=str(f), mask=str(m), method="unet", b0=B0)
+    node.inputs.weights_sha256 = "0" * 64
+    with pytest.raises(ValueError, match="not those the workflow was built with"):
+        node.run(cwd=str(tmp_path))
+    assert weights_sha256("unet", weights=weights_dir / "unet.pt") == sha
+    assert weights_sha256("unet", model="no-such-model") is None
+
+
 def test_deep_inversion_rejects_unknown_params(weights_dir, tmp_path):
     from qsmprep.interfaces import DeepInversion
 
@@ -148,6 +183,8 @@ def test_workflow_uses_deep_inversion_nodes(weights_dir):
     assert isinstance(wf.get_node("inversion_dsbn").interface, DeepInversion)
     assert isinstance(wf.get_node("inversion_tkd").interface, DipoleInversion)
     assert wf.get_node("inversion_adaptive").interface.inputs.use_gpu
+    node = wf.get_node("inversion_dsbn").interface
+    assert node.inputs.weights_sha256 == file_sha256(weights_dir / "dsbn.pt")
     assert "domain-specific batch normalization" in wf.__desc__
 
 

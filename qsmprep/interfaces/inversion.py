@@ -114,6 +114,11 @@ class _DeepInputSpec(BaseInterfaceInputSpec):
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
     device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+    weights_sha256 = traits.Str(
+        desc="SHA-256 of the weights the node must run (qsmprep.dl.weights.weights_sha256): "
+        "part of the node's hash, so new weights are not answered from Nipype's cache; a "
+        "mismatch at run time is an error"
+    )
 
 
 class DeepInversion(SimpleInterface):
@@ -142,6 +147,13 @@ class DeepInversion(SimpleInterface):
             )
         device = "cpu" if inp.device == "torch" else inp.device
         chi, info = dl_invert(inp.method, field, m, vs, b0_dir, device=device, **params)
+        expected = inp.weights_sha256 if isdefined(inp.weights_sha256) else None
+        if expected and info.get("WeightsSha256") and info["WeightsSha256"] != expected:
+            raise ValueError(
+                f"the weights of {inp.method!r} ({info['WeightsFile']}, sha256 "
+                f"{info['WeightsSha256']}) are not those the workflow was built with "
+                f"(sha256 {expected}); they changed during the run: run qsmprep again"
+            )
         chi = reference_mean(chi, m)
         name = out_path(inp.local_field, f"_{inp.method}_chi")
         self._results["out_file"] = save(chi, img, name)

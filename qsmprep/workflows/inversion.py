@@ -125,16 +125,18 @@ def init_inversion_wf(
 
     for i, method in enumerate(methods, start=1):
         interface = DeepInversion if method in DL_METHODS else DipoleInversion
+        params = params_of(method_params, method)
         node = pe.Node(
-            interface(
-                method=method,
-                params=params_of(method_params, method),
-                device=device,
-                use_gpu=use_gpu,
-            ),
+            interface(method=method, params=params, device=device, use_gpu=use_gpu),
             name=f"inversion_{method}",
             n_procs=1 if use_gpu else omp_nthreads,
         )
+        if method in DL_METHODS:  # new weights must not be answered from the cache
+            from qsmprep.dl.weights import weights_sha256
+
+            sha = weights_sha256(method, model=params.get("model"), weights=params.get("weights"))
+            if sha:
+                node.inputs.weights_sha256 = sha
         workflow.connect([
             (inputnode, node, [
                 ("local_field", "local_field"), ("local_mask", "mask"), ("b0", "b0"),

@@ -23,6 +23,7 @@ A method's ``model`` parameter selects another registered model (for example
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -179,3 +180,24 @@ def register_model(
         tmp.write_text(json.dumps({"models": dict(sorted(models.items()))}, indent=2) + "\n")
         os.replace(tmp, path)
     return path
+
+
+def weights_sha256(method: str, *, model: str | None = None, weights=None) -> str | None:
+    """SHA-256 of the checkpoint that ``method`` would run now, or None when there is none.
+
+    The registry's value for a registered model; the file's own hash for a ``weights`` file.
+    Workflows put it into the inference node's inputs, so that new weights (a retrained
+    model, another ``QSMPREP_WEIGHTS_DIR``) make Nipype run the node again instead of reusing
+    a cached result of the old ones.
+    """
+    try:
+        entry = resolve_model(method, model=model, weights=weights)
+    except ValueError:
+        return None
+    if entry.sha256:
+        return entry.sha256
+    h = hashlib.sha256()
+    with open(entry.path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
