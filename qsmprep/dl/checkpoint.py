@@ -15,7 +15,6 @@ check it before reading the file.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import platform
 import tempfile
@@ -24,19 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qsmprep.dl.weights import file_sha256
+
 __all__ = ["file_sha256", "load_checkpoint", "save_checkpoint", "write_model_card"]
 
 FORMAT = "qsmprep-dl-checkpoint"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plain(obj, where: str = "extra"):

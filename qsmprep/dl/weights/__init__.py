@@ -34,10 +34,12 @@ __all__ = [
     "WEIGHTS_ENV",
     "ModelEntry",
     "available_models",
+    "file_sha256",
     "register_model",
     "registry_path",
     "resolve_model",
     "weights_dir",
+    "weights_sha256",
 ]
 
 WEIGHTS_ENV = "QSMPREP_WEIGHTS_DIR"
@@ -194,10 +196,13 @@ def weights_sha256(method: str, *, model: str | None = None, weights=None) -> st
         entry = resolve_model(method, model=model, weights=weights)
     except ValueError:
         return None
-    if entry.sha256:
-        return entry.sha256
+    return entry.sha256 or file_sha256(entry.path)
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
     h = hashlib.sha256()
-    with open(entry.path, "rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
