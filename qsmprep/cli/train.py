@@ -132,7 +132,7 @@ def _target(p: argparse.ArgumentParser, *, reference_default=None) -> None:
     t.add_argument(
         "--bg-method",
         default="resharp",
-        choices=["resharp", "sharp", "vsharp", "pdf"],
+        choices=["resharp", "sharp", "vsharp", "pdf", "lbv"],
         help="BIDS datasets: background removal of the field chain",
     )
 

@@ -86,7 +86,7 @@ def compute_local_field(
     fit : {"linear", "complex"}
         :func:`~qsmprep.recon.echo.fit_field_linear` (weights M^2) or the nonlinear complex
         fit started from it.
-    bg_method : {"sharp", "vsharp", "resharp", "pdf"}
+    bg_method : {"sharp", "vsharp", "resharp", "pdf", "lbv"}
         See :mod:`qsmprep.recon.background`.
     bg_params : dict, optional
         Keyword arguments of the background method.

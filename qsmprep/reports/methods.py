@@ -46,6 +46,8 @@ CITATIONS: dict[str, str] = {
     "and Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.",
     "pdf": "Liu T, Khalidov I, de Rochefort L, et al. A novel background field removal method "
     "for MRI using projection onto dipole fields (PDF). NMR Biomed 2011;24:1129-1136.",
+    "lbv": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the "
+    "Laplacian boundary value problem. NMR Biomed 2014;27:312-319.",
     "tkd": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic "
     "susceptibility mapping of brain tissue in vivo using MRI phase data. Magn Reson Med "
     "2009;62:1510-1522.",
@@ -123,6 +125,10 @@ METHODS: dict[str, _Method] = {
     "pdf": _Method(
         "PDF", "projection onto dipole fields", ("pdf",),
         "qsmprep.recon.background:pdf", ("tol", "max_iter"),
+    ),
+    "lbv": _Method(
+        "LBV", "Laplacian boundary value background removal", ("lbv",),
+        "qsmprep.recon.background:lbv", ("tol", "peel"),
     ),
     "tkd": _Method(
         "TKD", "truncated k-space division", ("tkd",),

@@ -28,6 +28,7 @@ _BG_DESC = {
     "vsharp": "V-SHARP (Wu et al., 2012)",
     "sharp": "SHARP (Schweser et al., 2011)",
     "pdf": "projection onto dipole fields (PDF; Liu et al., 2011)",
+    "lbv": "the Laplacian boundary value method (LBV; Zhou et al., 2014)",
 }
 _CITES = {
     "mask": {"magnitude": ["otsu"], "phase": ["romeo", "qsmxt"]},
@@ -59,7 +60,7 @@ def init_field_wf(
         Brain mask from the magnitude or from the phase quality.
     unwrap_method : {"quality", "laplacian"}
         Multi-echo unwrapping method.
-    bg_method : {"resharp", "vsharp", "sharp", "pdf"}
+    bg_method : {"resharp", "vsharp", "sharp", "pdf", "lbv"}
         Background field removal method.
     method_params : dict, optional
         Keyword arguments by section: ``"mask"``, ``"unwrap"`` and the background method name.
