@@ -1,4 +1,4 @@
-"""Background field removal (SHARP, V-SHARP, RESHARP, PDF, LBV) against ground truth and closed forms.
+"""Background removal (SHARP, V-SHARP, RESHARP, PDF, LBV) against ground truth and closed forms.
 
 Errors are measured inside the mask each method returns: NRMSE (%) after de-meaning estimate and
 truth there (the challenge-2.0 definition; the field mean is arbitrary) and the mean absolute

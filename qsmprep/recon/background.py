@@ -7,12 +7,12 @@ Hz, ppm or radians; all five methods are linear and homogeneous in the field, so
 in the unit of the input and no parameter depends on that unit.
 
 LBV (:func:`lbv`) solves a sparse Poisson problem on the mask with SciPy on the CPU whatever
-the ``device``. The other methods are FFT-only and written once for NumPy (``device="cpu"``) and torch
-(``device="torch"`` or ``"cuda"``) through :mod:`qsmprep.recon._backend`. To keep the FFTs
-small, the data are cropped to the bounding box of the mask and zero-padded by the reach of the
-kernel before any transform (see :class:`_Grid`); the spherical-mean-value convolutions are
-then linear, not circular, inside the box. Work is in float32, except the PDF iterations
-(float64, see :func:`pdf`). Outputs are float32 NumPy arrays on the input grid.
+the ``device``. The other methods are FFT-only and written once for NumPy (``device="cpu"``)
+and torch (``device="torch"`` or ``"cuda"``) through :mod:`qsmprep.recon._backend`. To keep
+the FFTs small, the data are cropped to the bounding box of the mask and zero-padded by the
+reach of the kernel before any transform (see :class:`_Grid`); the spherical-mean-value
+convolutions are then linear, not circular, inside the box. Work is in float32, except the PDF
+iterations (float64, see :func:`pdf`). Outputs are float32 NumPy arrays on the input grid.
 
 Notation (shared docs, algorithms section 5): ``f`` total field, ``M`` mask, ``s_r`` the
 normalised binary ball of radius ``r`` mm, ``S_r = F{s_r}``, ``C = (delta - s_r) *`` the SMV
