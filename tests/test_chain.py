@@ -28,7 +28,12 @@ def test_chain_on_phantom(phantom2mm, gre2mm):
         b0_dir=b0_dir_from_affine(phantom2mm.affine),
         profile=profile,
     )
-    assert set(profile) == {"mask", "unwrap", "echo_fit", "background_resharp"}
+    assert set(profile) == {"mask", "unwrap", "echo_fit", "reliability", "background_lbv"}
+    # the default LBV disagrees with RESHARP on this phantom (tissue of -0.5 ppm borders its
+    # brain; measured 181 %, limit 75 %), so the chain falls back to RESHARP
+    check = maps.settings["bg_check"]
+    assert check["fell_back"] and check["method"] == maps.settings["bg_method"] == "resharp"
+    assert check["disagreement"] > 150
     inside = maps.mask & phantom2mm.brain_mask
     # Total field: exact unwrapping plus an M^2-weighted fit at SNR 100 leaves only noise and
     # the partial-volume edge; measured median |error| 0.13 Hz inside the true brain.
@@ -85,10 +90,47 @@ def test_chain_on_external_development_data(subject):
     if not (SHARED / "qsmdev").is_dir():
         pytest.skip("../shared/data is not available")
     mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", subject)
-    maps = compute_local_field(mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine))
+    maps = compute_local_field(
+        mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine), bg_method="resharp"
+    )
     true_mask = truth["desc-brain_mask"] > 0
     dice = 2 * (maps.mask & true_mask).sum() / (maps.mask.sum() + true_mask.sum())
     assert dice > 0.97, dice
     m = maps.local_mask & true_mask
     nrmse = _nrmse(maps.local_hz, truth["desc-local_fieldmap"], m)
     assert nrmse < 52, nrmse
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_default_chain_keeps_the_brain_on_external_data():
+    # Targets of the field-chain work, written before measuring: the default background removal
+    # keeps >= 97 % of the true brain, the local field has slope 0.95-1.05 against the truth,
+    # and the chain does not fall back (LBV agrees with RESHARP inside RESHARP's mask).
+    if not (SHARED / "qsmdev").is_dir():
+        pytest.skip("../shared/data is not available")
+    mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", "01")
+    maps = compute_local_field(mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine))
+    true_mask = truth["desc-brain_mask"] > 0
+    assert not maps.settings["bg_check"]["fell_back"]
+    kept = (maps.local_mask & true_mask).sum() / true_mask.sum()
+    assert kept >= 0.97, kept
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="local-field slope 0.899 on qsmdev sub-01 (LBV's zero boundary value shrinks the"
+    " field near the edge); target 0.95-1.05",
+)
+def test_default_chain_local_field_slope_on_external_data():
+    if not (SHARED / "qsmdev").is_dir():
+        pytest.skip("../shared/data is not available")
+    mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", "01")
+    maps = compute_local_field(mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine))
+    m = maps.local_mask & (truth["desc-brain_mask"] > 0)
+    e = maps.local_hz[m] - maps.local_hz[m].mean()
+    t = truth["desc-local_fieldmap"][m] - truth["desc-local_fieldmap"][m].mean()
+    slope = float(e @ t / (t @ t))
+    assert 0.95 <= slope <= 1.05, slope

@@ -43,11 +43,14 @@ from qsmprep.recon.kernels import dipole_kernel, padded_shape, smv_kernel, spher
 from qsmprep.recon.operators import cg
 
 __all__ = [
+    "DEFAULT_METHOD",
+    "KEEPS_MASK",
     "METHODS",
     "erode_mask_smv",
     "lbv",
     "pdf",
     "remove_background",
+    "remove_background_checked",
     "resharp",
     "sharp",
     "vsharp",
@@ -56,6 +59,23 @@ __all__ = [
 
 METHODS = ("sharp", "vsharp", "resharp", "pdf", "lbv")
 """Names accepted by :func:`remove_background`."""
+
+DEFAULT_METHOD = "lbv"
+"""The App's background removal: of the methods here, the one with the lowest end-to-end error
+over the true brain on the development data (``qsmprep-bench chain``; ``docs/field-chain.md``)
+once the unreliable rim is trimmed (:func:`qsmprep.recon.mask.field_reliability`)."""
+
+MAX_DISAGREEMENT = 75.0
+"""Largest NRMSE (%) of a whole-mask method's local field against RESHARP's, inside RESHARP's
+mask, that :func:`remove_background_checked` accepts. Measured: 26-37 % on the six
+acquisitions of the development data (qsmdev, qsmdev-multi, qsmdev-aniso), where LBV is the
+most accurate method, and 158-188 % on our own phantoms at 1 to 3 mm (tissue of -0.5 ppm borders
+their brain, so LBV's zero boundary value fails); 75 is about their geometric mean."""
+
+KEEPS_MASK = ("pdf", "lbv")
+"""Methods whose local field covers their whole input mask (no kernel erosion): they take the
+field at the mask's edge at face value, so the App gives them the brain mask less its
+unreliable rim (:func:`qsmprep.recon.mask.field_reliability`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -743,3 +763,78 @@ def remove_background(field, mask, voxel_size, *, method: str = "resharp", **kwa
     if key not in funcs:
         raise ValueError(f"unknown background removal method {method!r}; choose from {METHODS}")
     return funcs[key](field, mask, voxel_size, **kwargs)
+
+
+def remove_background_checked(
+    field,
+    mask,
+    voxel_size,
+    *,
+    method: str = DEFAULT_METHOD,
+    brain_mask=None,
+    fallback: str = "resharp",
+    max_disagreement: float = MAX_DISAGREEMENT,
+    device: str | None = "cpu",
+    **kwargs,
+):
+    """Background removal with a cross-check of the methods that keep the whole mask.
+
+    A method of :data:`KEEPS_MASK` (LBV, PDF) extrapolates nothing but trusts the field at the
+    mask's edge; where the background is not harmonic there on the voxel grid (tissue of very
+    different susceptibility right outside the mask) its error spreads through the brain. The
+    eroding methods do not depend on the edge. So the result of ``method`` is compared with
+    ``fallback`` (RESHARP on ``brain_mask``, defaults) inside the latter's mask: when their
+    NRMSE (de-meaned, against the fallback) exceeds ``max_disagreement`` % the fallback's
+    result is returned instead. Other methods run unchecked.
+
+    Parameters
+    ----------
+    field, mask, voxel_size, device : as :func:`remove_background`.
+    method : str
+        Background method (default :data:`DEFAULT_METHOD`).
+    brain_mask : (X, Y, Z) array, optional
+        Mask of the fallback method (default ``mask``).
+    fallback : str
+        The method to compare with and fall back to (default ``"resharp"``, its defaults).
+    max_disagreement : float
+        Threshold (%) of the disagreement (default :data:`MAX_DISAGREEMENT`).
+    **kwargs
+        Parameters of ``method``.
+
+    Returns
+    -------
+    local_field, mask_out : as :func:`remove_background`, of the method used.
+    check : dict
+        ``method`` (the one used), and for a checked method ``against``, ``disagreement``
+        (%), ``slope`` (of the method's field on the fallback's), ``max_disagreement`` and
+        ``fell_back`` (bool).
+    """
+    local, out = remove_background(field, mask, voxel_size, method=method, device=device, **kwargs)
+    key = str(method).lower().replace("-", "").replace("_", "")
+    if key not in KEEPS_MASK or max_disagreement is None:
+        return local, out, {"method": key}
+    ref_mask = mask if brain_mask is None else brain_mask
+    kw = {"b0_dir": kwargs["b0_dir"]} if fallback == "pdf" and "b0_dir" in kwargs else {}
+    ref, ref_out = remove_background(
+        field, ref_mask, voxel_size, method=fallback, device=device, **kw
+    )
+    both = ref_out & out
+    a = local[both].astype(np.float64)
+    b = ref[both].astype(np.float64)
+    a -= a.mean() if a.size else 0.0
+    b -= b.mean() if b.size else 0.0
+    bb = float(b @ b)
+    dis = 100.0 * float(np.linalg.norm(a - b)) / math.sqrt(bb) if bb > 0 else float("inf")
+    slope = float(a @ b) / bb if bb > 0 else float("nan")
+    fell_back = not dis <= float(max_disagreement)
+    check = {
+        "method": fallback if fell_back else key,
+        "against": fallback,
+        "disagreement": round(dis, 2),
+        "slope": round(slope, 4),
+        "max_disagreement": float(max_disagreement),
+        "fell_back": fell_back,
+    }
+    if fell_back:
+        return ref, ref_out, check
+    return local, out, check

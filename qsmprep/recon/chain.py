@@ -1,6 +1,7 @@
 """The field chain on arrays: multi-echo magnitude + phase to total and local field maps.
 
-``mask -> phase-offset removal + unwrapping -> multi-echo fit (Hz) -> background removal``.
+``mask -> phase-offset removal + unwrapping -> multi-echo fit (Hz) -> field reliability ->
+background removal``.
 Each stage is a function of its own module; this one only wires them in the default order so
 that the demo, the benchmark and the Nipype workflows share one definition of "the chain".
 """
@@ -23,7 +24,11 @@ __all__ = ["FieldMaps", "compute_local_field", "stage"]
 
 @dataclass
 class FieldMaps:
-    """Outputs of :func:`compute_local_field` (all ``(X, Y, Z)``, fields in Hz)."""
+    """Outputs of :func:`compute_local_field` (all ``(X, Y, Z)``, fields in Hz).
+
+    ``reliable``: brain voxels whose field is reliable; ``trimmed``: the brain mask less its
+    unreliable rim, which methods of :data:`~qsmprep.recon.background.KEEPS_MASK` are given.
+    """
 
     total_hz: np.ndarray
     local_hz: np.ndarray
@@ -31,6 +36,8 @@ class FieldMaps:
     mask: np.ndarray
     local_mask: np.ndarray
     phase_offset: np.ndarray
+    reliable: np.ndarray | None = None
+    trimmed: np.ndarray | None = None
     settings: dict = field(default_factory=dict)
     profile: dict = field(default_factory=dict)
 
@@ -58,8 +65,9 @@ def compute_local_field(
     mask_method: str = "magnitude",
     unwrap_method: str = "quality",
     fit: str = "linear",
-    bg_method: str = "resharp",
+    bg_method: str = "lbv",
     bg_params: dict | None = None,
+    reliability_params: dict | None = None,
     device: str | None = "cpu",
     profile: dict | None = None,
 ) -> FieldMaps:
@@ -86,14 +94,22 @@ def compute_local_field(
     fit : {"linear", "complex"}
         :func:`~qsmprep.recon.echo.fit_field_linear` (weights M^2) or the nonlinear complex
         fit started from it.
-    bg_method : {"sharp", "vsharp", "resharp", "pdf", "lbv"}
-        See :mod:`qsmprep.recon.background`.
+    bg_method : {"lbv", "sharp", "vsharp", "resharp", "pdf"}
+        See :mod:`qsmprep.recon.background` (default LBV, the App's default).
     bg_params : dict, optional
         Keyword arguments of the background method.
+    reliability_params : dict, optional
+        Keyword arguments of :func:`qsmprep.recon.mask.field_reliability` (unreliable voxels
+        from the fit residual; a background method of
+        :data:`~qsmprep.recon.background.KEEPS_MASK` gets the mask less its unreliable rim).
     device : str
         ``"cpu"``, ``"torch"`` or ``"cuda"`` for the FFT-based stages.
     profile : dict, optional
         Filled with ``{stage: {"seconds": ..., "ffts": FFTCounter}}``.
+
+    A method of :data:`~qsmprep.recon.background.KEEPS_MASK` is cross-checked against RESHARP
+    (:func:`~qsmprep.recon.background.remove_background_checked`); ``settings["bg_method"]``
+    names the method whose result is returned and ``settings["bg_check"]`` the check.
     """
     check_volume(phase, "phase", ndim=4)
     te = check_echo_times(echo_times, phase.shape[-1])
@@ -117,6 +133,7 @@ def compute_local_field(
 
     with stage(profile, "echo_fit"):
         total, std, offset = echo.fit_field_linear(unwrapped, magnitude, te, mask=brain)
+        residual = echo.fit_residual(unwrapped, magnitude, te, total, offset, mask=brain)
         if fit == "complex":
             total, std, offset, _ = echo.fit_field_complex(
                 magnitude, phase, te, mask=brain, init=(total, offset)
@@ -127,11 +144,17 @@ def compute_local_field(
         if np.isfinite(noise):
             std = std * noise
 
+    with stage(profile, "reliability"):
+        trimmed, reliable, _ = mask.field_reliability(
+            brain, residual, vs, **dict(reliability_params or {})
+        )
+
     with stage(profile, f"background_{bg_method}"):
         if bg_method == "pdf":
             bg_params.setdefault("b0_dir", b0_dir)
-        local, local_mask = background.remove_background(
-            total, brain, vs, method=bg_method, device=device, **bg_params
+        bg_mask = trimmed if bg_method in background.KEEPS_MASK else brain
+        local, local_mask, check = background.remove_background_checked(
+            total, bg_mask, vs, method=bg_method, brain_mask=brain, device=device, **bg_params
         )
 
     return FieldMaps(
@@ -141,11 +164,14 @@ def compute_local_field(
         mask=brain,
         local_mask=np.asarray(local_mask, bool),
         phase_offset=np.asarray(offset, np.float32),
+        reliable=reliable,
+        trimmed=trimmed,
         settings={
             "mask_method": "given" if brain_mask is not None else mask_method,
             "unwrap_method": unwrap_method,
             "fit": fit,
-            "bg_method": bg_method,
+            "bg_method": check["method"],
+            "bg_check": check,
             "bg_params": {k: v for k, v in bg_params.items() if k != "b0_dir"},
             "device": device,
         },

@@ -17,7 +17,7 @@ from qsmprep.recon._checks import (
     check_volume,
 )
 
-__all__ = ["estimate_noise_std", "fit_field_complex", "fit_field_linear"]
+__all__ = ["estimate_noise_std", "fit_field_complex", "fit_field_linear", "fit_residual"]
 
 
 def _check_echoes(phase, magnitude, echo_times, mask):
@@ -151,6 +151,48 @@ def fit_field_linear(
     off[sel] = np.where(np.isfinite(phi0), phi0, 0.0)
     sd[sel] = np.where(np.isfinite(std) & (std > 0), std, np.inf)
     return field, sd, off
+
+
+def fit_residual(phase, magnitude, echo_times, field_hz, phase_offset, *, mask=None):
+    """Weighted RMS residual (rad) of the multi-echo phase about a fitted linear model.
+
+    ``r = sqrt(sum_n w_n (phi_n - phi_0 - 2 pi f TE_n)^2 / sum_n w_n)`` with ``w_n = M_n^2``,
+    the weights of :func:`fit_field_linear`. Where the phase does not evolve linearly in time
+    (unwrapping faults, intravoxel dephasing next to air, bone and the brain edge, partial volume
+    of tissues with other frequencies) the field there is not the field of the sources, whatever
+    its noise: the residual finds those voxels, the field std map does not.
+
+    Parameters
+    ----------
+    phase, magnitude : (X, Y, Z, E) arrays
+        Unwrapped phase (rad) and magnitude (None: equal weights), as given to the fit.
+    echo_times : E floats
+        Seconds.
+    field_hz, phase_offset : (X, Y, Z) arrays
+        The fitted field (Hz) and offset (rad) of :func:`fit_field_linear`.
+    mask : (X, Y, Z) bool, optional
+        Voxels to evaluate; 0 outside.
+
+    Returns
+    -------
+    (X, Y, Z) float32, rad; 0 outside the mask and everywhere with fewer than three echoes
+    (a field and an offset fit two echoes exactly).
+    """
+    te, mask = _check_echoes(phase, magnitude, echo_times, mask)
+    shape = phase.shape[:3]
+    out = np.zeros(shape, np.float32)
+    if te.size < 3:
+        return out
+    sel = np.ones(shape, bool) if mask is None else mask
+    phi = np.asarray(phase)[sel].astype(np.float64)
+    w = np.ones_like(phi) if magnitude is None else np.asarray(magnitude)[sel] ** 2.0
+    model = np.asarray(phase_offset)[sel][:, None] + 2 * np.pi * np.outer(
+        np.asarray(field_hz)[sel], te
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.sqrt((w * (phi - model) ** 2).sum(-1) / w.sum(-1))
+    out[sel] = np.where(np.isfinite(r), r, 0.0)
+    return out
 
 
 def fit_field_complex(

@@ -29,6 +29,7 @@ from qsmprep.recon._checks import (
 
 __all__ = [
     "combine_magnitude",
+    "field_reliability",
     "largest_component",
     "mask_from_magnitude",
     "mask_from_phase_quality",
@@ -129,6 +130,74 @@ def _dilate(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
     return ndi.distance_transform_edt(~mask, sampling=vs) <= radius_mm
+
+
+def field_reliability(
+    mask, residual, voxel_size, *, threshold: float = 6.0, rim: float = 6.0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Voxels whose field is unreliable, and the mask with its unreliable rim trimmed off.
+
+    A voxel is unreliable when its multi-echo fit residual
+    (:func:`qsmprep.recon.echo.fit_residual`) exceeds ``median + threshold * 1.4826 MAD`` of the
+    residual in the mask's deep part (farther than ``rim`` mm from its edge, where the phase is
+    well behaved). Unreliable voxels within ``rim`` mm of the edge are trimmed from the mask
+    (then one opening, the largest component and filled holes), since a background removal
+    that keeps the whole brain takes the edge values at face value; unreliable voxels deeper
+    in are only reported, for the inversions to weight down.
+
+    On the development data (qsmdev, 1.5 mm and 1 x 1 x 2.5 mm) the field of 10 % of the voxels
+    within 4 mm of the edge was wrong by more than 1.3 Hz (the local field's rms is 1 Hz), and
+    the magnitude mask reached 2.5 % outside the brain with a field error of 8 Hz rms there;
+    the residual caught most of both. Of thresholds 3 and 6 and rims 4 and 6 mm, 6 and 6 mm gave
+    the best end-to-end TV with LBV on all four sets (``qsmprep-bench chain``).
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) array
+        Brain mask.
+    residual : (X, Y, Z) array
+        Fit residual (rad), e.g. :func:`qsmprep.recon.echo.fit_residual`.
+    voxel_size : float or 3 floats
+        mm.
+    threshold : float
+        Robust z-score above which a voxel is unreliable (default 6).
+    rim : float
+        Depth of the edge band that may be trimmed (mm, default 6).
+
+    Returns
+    -------
+    trimmed : (X, Y, Z) bool, the mask without its unreliable rim.
+    reliable : (X, Y, Z) bool, the mask without any unreliable voxel.
+    info : dict with ``threshold_rad``, ``unreliable`` and ``trimmed`` (voxel counts).
+    Without a usable residual (fewer than three echoes: all zero) nothing is unreliable.
+    """
+    check_volume(mask, "mask")
+    check_volume(residual, "residual")
+    m = to_numpy(mask) != 0
+    vs = check_voxel_size(voxel_size)
+    r = np.asarray(to_numpy(residual), dtype=np.float64)
+    if r.shape != m.shape:
+        raise ValueError(f"residual has shape {r.shape}, the mask {m.shape}")
+    check_finite(r, "residual", where=m)
+    deep = _erode(m, float(rim), vs)
+    values = r[deep] if deep.sum() >= 100 else r[m]
+    med = float(np.median(values)) if values.size else 0.0
+    mad = 1.4826 * float(np.median(np.abs(values - med))) if values.size else 0.0
+    if not mad > 0:  # no residual (one or two echoes): nothing to judge by
+        return m.copy(), m.copy(), {"threshold_rad": None, "unreliable": 0, "trimmed": 0}
+    thr = med + float(threshold) * mad
+    bad = m & (r > thr)
+    trimmed = m & ~(bad & ~deep)
+    trimmed = ndi.binary_opening(trimmed)
+    trimmed = ndi.binary_fill_holes(largest_component(trimmed))
+    if not trimmed.any():
+        trimmed = m.copy()
+    info = {
+        "threshold_rad": thr,
+        "unreliable": int(bad.sum()),
+        "trimmed": int((m & ~trimmed).sum()),
+    }
+    return trimmed, m & ~bad, info
 
 
 def refine_mask(

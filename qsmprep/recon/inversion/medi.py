@@ -297,21 +297,34 @@ def _pad_voxels(pad) -> tuple[int, int, int]:
     return tuple(int(v) for v in p)
 
 
-def _data_weight(noise_std, m: np.ndarray) -> np.ndarray:
-    """MEDI's ``dataterm_mask``: ``mask / noise_std`` with an in-mask mean of 1."""
+def _data_weight(noise_std, m: np.ndarray, data_mask=None) -> np.ndarray:
+    """MEDI's ``dataterm_mask``: ``mask / noise_std`` with a mean of 1 where data count.
+
+    With ``data_mask`` the weight is zero outside it (inside ``m``): those voxels are estimated
+    through the regulariser alone.
+    """
+    d = m
+    if data_mask is not None:
+        check_volume(data_mask, "data_mask")
+        d = m & (to_numpy(data_mask) != 0)
+        if not d.any():
+            raise ValueError(
+                "data_mask has no voxel inside the mask: give the voxels where the local field"
+                " is known (e.g. the background removal's mask)"
+            )
     if noise_std is None:
-        return m.astype(np.float32)
+        return d.astype(np.float32)
     check_volume(noise_std, "noise_std")
     n = to_numpy(noise_std).astype(np.float64)
-    check_finite(n, "noise_std", where=m)
-    if np.any(n[m] <= 0):
+    check_finite(n, "noise_std", where=d)
+    if np.any(n[d] <= 0):
         raise ValueError(
             "noise_std must be positive inside the mask (a noise standard deviation map,"
             " any unit); remove voxels without an estimate from the mask"
         )
     w = np.zeros(m.shape)
-    w[m] = 1.0 / n[m]
-    return (w / w[m].mean()).astype(np.float32)
+    w[d] = 1.0 / n[d]
+    return (w / w[d].mean()).astype(np.float32)
 
 
 def medi(
@@ -322,6 +335,7 @@ def medi(
     magnitude,
     b0_dir=(0.0, 0.0, 1.0),
     noise_std=None,
+    data_mask=None,
     lam: float | None = None,
     delta_te: float = DEFAULT_DELTA_TE,
     b0: float = 3.0,
@@ -362,6 +376,10 @@ def medi(
     noise_std : (X, Y, Z) array, optional
         Noise standard deviation of the field (any unit; only its relative values matter),
         positive inside the mask. Default: uniform weight in the mask.
+    data_mask : (X, Y, Z) array, optional
+        Where the local field is known (e.g. the background removal's mask less unreliable
+        voxels): the data weight is zero elsewhere in ``mask``, where chi comes from the
+        regulariser alone, so the map covers the whole ``mask``. Default: the whole mask.
     lam : float, optional
         Data-term weight for ppm fields (1/ppm^2 up to the unit-free TV term; see above).
         Default ``1000 * c``, the toolbox's ``lambda = 1000`` for radian fields.
@@ -419,7 +437,9 @@ def medi(
     if magnitude is None:
         raise ValueError("magnitude is required: MEDI's edge mask comes from the magnitude")
     check_volume(magnitude, "magnitude")
-    check_same_shape("local_field", f, magnitude=magnitude, noise_std=noise_std)
+    check_same_shape(
+        "local_field", f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask
+    )
     c = rad_per_ppm(delta_te, b0)
     lam_ppm = LAMBDA_RAD * c if lam is None else _check_positive(lam, "lam")
     max_iter = _check_positive(max_iter, "max_iter", integer=True)
@@ -441,8 +461,12 @@ def medi(
             lam_csf_ppm = float(lambda_csf)
             if not (math.isfinite(lam_csf_ppm) and lam_csf_ppm >= 0):
                 raise ValueError(f"lambda_csf must be >= 0 and finite, got {lambda_csf!r}")
-    w_data = _data_weight(noise_std, m)
+    w_data = _data_weight(noise_std, m, data_mask)
     w_grad = gradient_mask(magnitude, m, vs, percentage)
+    if data_mask is not None:
+        # without data a voxel has nothing but the regulariser: keep its edges regularised, or
+        # chi is undetermined there (measured: 198 % NRMSE in such a rim against 104 % with it)
+        w_grad |= (w_data == 0)[None] & m[None]
 
     # ---- grid (radians inside, as in the toolbox)
     grid = _Grid.around(m, pads, device)
