@@ -20,11 +20,13 @@ from pathlib import Path
 
 from qsmprep.__about__ import __version__
 from qsmprep.dl.weights import DL_METHODS as _DL_METHODS
+from qsmprep.recon.background import DEFAULT_METHOD as DEFAULT_BG_METHOD
 
 __all__ = [
     "ALL_METHODS",
     "BG_METHODS",
     "CLASSICAL_METHODS",
+    "DEFAULT_BG_METHOD",
     "DL_METHODS",
     "PARAM_SECTIONS",
     "Settings",
@@ -35,7 +37,7 @@ CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
 DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
-PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "cosmos", "space")
+PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space")
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:
@@ -85,7 +87,7 @@ class Settings:
     mem_gb: float | None = None
     device: str = "auto"
     methods: list[str] = field(default_factory=lambda: ["tkd", "l2", "tv", "medi"])
-    bg_method: str = "resharp"
+    bg_method: str = DEFAULT_BG_METHOD
     unwrap: str = "quality"
     mask_method: str = "magnitude"
     reference: Path | None = None

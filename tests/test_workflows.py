@@ -82,7 +82,7 @@ def _nodes(wf) -> dict:
 @pytest.mark.parametrize(
     ("mask_method", "unwrap_method", "bg_method"),
     list(itertools.product(("magnitude", "phase"), ("quality", "laplacian"),
-                           ("resharp", "vsharp", "sharp", "pdf"))),
+                           ("resharp", "vsharp", "sharp", "pdf", "lbv"))),
 )  # fmt: skip
 def test_field_wf_graph(mask_method, unwrap_method, bg_method):
     params = {bg_method: {"tol": 1e-3}, "mask": {"factor": 0.9}}
@@ -111,20 +111,27 @@ def test_field_wf_graph(mask_method, unwrap_method, bg_method):
         (p + "load_echoes", "phase", p + "unwrap_phase", "phase"),
         (p + "unwrap_phase", "out_file", p + "fit_field", "phase"),
         (p + "fit_field", "total_field", p + "remove_background", "total_field"),
-        (p + "brain_mask", "out_file", p + "remove_background", "mask"),
+        (p + "fit_field", "fit_residual", p + "field_reliability", "fit_residual"),
+        (p + "brain_mask", "out_file", p + "field_reliability", "mask"),
     ]:
         assert link in links, link
+    # a method that keeps its mask gets the brain mask less its unreliable rim, and the brain
+    # mask for its cross-check against RESHARP; the eroding methods get the brain mask
+    if bg_method in ("lbv", "pdf"):
+        assert (p + "field_reliability", "trimmed_mask", p + "remove_background", "mask") in links
+        assert (p + "brain_mask", "out_file", p + "remove_background", "brain_mask") in links
+    else:
+        assert (p + "brain_mask", "out_file", p + "remove_background", "mask") in links
     desc = wf.__desc__
-    assert {"resharp": "RESHARP", "vsharp": "V-SHARP", "sharp": "SHARP", "pdf": "PDF"}[
-        bg_method
-    ] in desc
+    labels = {"resharp": "RESHARP", "vsharp": "V-SHARP", "sharp": "SHARP", "pdf": "PDF"}
+    assert {**labels, "lbv": "LBV"}[bg_method] in desc
     assert ("ROMEO" if unwrap_method == "quality" else "Laplacian") in desc
     assert bg_method in wf.__citations__
 
 
 def test_field_wf_rejects_unknown_options():
-    with pytest.raises(ValueError, match="background removal method 'lbv'"):
-        init_field_wf(bg_method="lbv")
+    with pytest.raises(ValueError, match="background removal method 'ismv'"):
+        init_field_wf(bg_method="ismv")
     with pytest.raises(ValueError, match="unwrapping method"):
         init_field_wf(unwrap_method="romeo")
 

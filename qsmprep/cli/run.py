@@ -17,7 +17,14 @@ import traceback
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
-from qsmprep.config import ALL_METHODS, BG_METHODS, DL_METHODS, Settings, load_method_params
+from qsmprep.config import (
+    ALL_METHODS,
+    BG_METHODS,
+    DEFAULT_BG_METHOD,
+    DL_METHODS,
+    Settings,
+    load_method_params,
+)
 
 __all__ = ["build_parser", "main", "run_group", "run_participant"]
 
@@ -109,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): {', '.join(DL_METHODS)}",
     )
     g.add_argument(
-        "--bg-method", choices=BG_METHODS, default="resharp", help="background field removal"
+        "--bg-method",
+        choices=BG_METHODS,
+        default=DEFAULT_BG_METHOD,
+        help="background field removal (lbv: Laplacian boundary value on the brain mask less its"
+        " unreliable rim; resharp, vsharp and sharp erode the mask by their kernel)",
     )
     g.add_argument(
         "--unwrap", choices=["quality", "laplacian"], default="quality", help="phase unwrapping"

@@ -6,7 +6,8 @@ interface                   does                                                
 ``LoadEchoes``              per-echo magnitude + phase -> 4D magnitude, 4D phase (rad)  field
 ``BrainMask``               brain mask from magnitude or phase quality                  field
 ``UnwrapPhase``             multi-echo unwrapping                                       field
-``FitField``                multi-echo fit: total field and its std (Hz)                field
+``FitField``                multi-echo fit: total field and its std (Hz), fit residual  field
+``FieldReliability``        unreliable field voxels (fit residual); trimmed brain mask  field
 ``RemoveBackground``        background removal: local field (Hz) and its mask           field
 ``DipoleInversion``         one inversion method -> referenced chi (ppm), DC residual   inversion
 ``DeepInversion``           one trained network -> referenced chi (ppm), DC residual    inversion
@@ -27,7 +28,14 @@ so that Nipype's hash-based cache lets a rerun reuse finished nodes.
 """
 
 from qsmprep.interfaces.derivatives import WriteDerivative
-from qsmprep.interfaces.field import BrainMask, FitField, LoadEchoes, RemoveBackground, UnwrapPhase
+from qsmprep.interfaces.field import (
+    BrainMask,
+    FieldReliability,
+    FitField,
+    LoadEchoes,
+    RemoveBackground,
+    UnwrapPhase,
+)
 from qsmprep.interfaces.inversion import (
     DL_METHODS,
     INVERSION_METHODS,
@@ -60,6 +68,7 @@ __all__ = [
     "Cosmos",
     "DeepInversion",
     "DipoleInversion",
+    "FieldReliability",
     "FitField",
     "LoadEchoes",
     "RemoveBackground",

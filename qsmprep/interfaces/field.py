@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
@@ -19,9 +21,17 @@ from qsmprep.interfaces._nifti import effective_params, load, out_path, save, vo
 from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._checks import check_echo_times
 
-__all__ = ["BrainMask", "FitField", "LoadEchoes", "RemoveBackground", "UnwrapPhase"]
+__all__ = [
+    "BrainMask",
+    "FieldReliability",
+    "FitField",
+    "LoadEchoes",
+    "RemoveBackground",
+    "UnwrapPhase",
+]
 
 _DEVICES = ("cpu", "auto", "cuda", "torch")
+LOGGER = logging.getLogger("qsmprep")
 
 
 class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
@@ -161,6 +171,7 @@ class _FitFieldInputSpec(BaseInterfaceInputSpec):
 class _FitFieldOutputSpec(TraitedSpec):
     total_field = File(exists=True, desc="total field (Hz)")
     noise_field = File(exists=True, desc="standard deviation of the fitted field (Hz)")
+    fit_residual = File(exists=True, desc="RMS phase residual of the multi-echo fit (rad)")
     noise_std = traits.Float(desc="complex noise std of the magnitude (NaN if not found)")
 
 
@@ -175,17 +186,54 @@ class FitField(SimpleInterface):
         mag, _ = load(self.inputs.magnitude)
         brain, mimg = load(self.inputs.mask, bool)
         sigma = echo.estimate_noise_std(mag, brain)
-        total, std, _ = echo.fit_field_linear(
+        total, std, offset = echo.fit_field_linear(
             phase,
             mag,
             self.inputs.echo_times,
             mask=brain,
             noise_std=sigma if np.isfinite(sigma) else None,
         )
+        residual = echo.fit_residual(phase, mag, self.inputs.echo_times, total, offset, mask=brain)
         base = self.inputs.mask
+        self._results["fit_residual"] = save(residual, mimg, out_path(base, "_fitresidual"))
         self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
         self._results["noise_field"] = save(std, mimg, out_path(base, "_noisefield"))
         self._results["noise_std"] = float(sigma)
+        return runtime
+
+
+class _ReliabilityInputSpec(BaseInterfaceInputSpec):
+    mask = File(exists=True, mandatory=True, desc="brain mask")
+    fit_residual = File(exists=True, mandatory=True, desc="multi-echo fit residual (rad)")
+    params = traits.Dict(usedefault=True, desc="threshold, rim (mask.field_reliability)")
+
+
+class _ReliabilityOutputSpec(TraitedSpec):
+    trimmed_mask = File(exists=True, desc="brain mask without its unreliable rim (uint8)")
+    reliable_mask = File(exists=True, desc="brain mask without any unreliable voxel (uint8)")
+    meta = traits.Dict(desc="threshold (rad) and voxel counts")
+
+
+class FieldReliability(SimpleInterface):
+    """Unreliable field voxels: :func:`~qsmprep.recon.mask.field_reliability` of the fit residual.
+
+    Outputs the brain mask with its unreliable rim trimmed (for background removal that keeps
+    the whole brain) and the brain mask less every unreliable voxel (the data mask).
+    """
+
+    input_spec = _ReliabilityInputSpec
+    output_spec = _ReliabilityOutputSpec
+
+    def _run_interface(self, runtime):
+        brain, img = load(self.inputs.mask, bool)
+        residual, _ = load(self.inputs.fit_residual)
+        trimmed, reliable, info = mask.field_reliability(
+            brain, residual, voxel_size(img), **dict(self.inputs.params)
+        )
+        base = self.inputs.mask
+        self._results["trimmed_mask"] = save(trimmed, img, out_path(base, "_trimmed"), np.uint8)
+        self._results["reliable_mask"] = save(reliable, img, out_path(base, "_reliable"), np.uint8)
+        self._results["meta"] = {"FieldReliability": info}
         return runtime
 
 
@@ -205,6 +253,15 @@ class _BackgroundInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto, cuda or torch")
     use_gpu = traits.Bool(
         False, usedefault=True, nohash=True, desc="schedule as GPU work (Nipype MultiProc)"
+    )
+    extra_meta = traits.Dict(desc="sidecar entries of earlier steps to pass on (e.g. reliability)")
+    brain_mask = File(
+        exists=True,
+        desc="brain mask of the cross-check (RESHARP) of a method that keeps its mask"
+        " (background.remove_background_checked); default: mask",
+    )
+    cross_check = traits.Bool(
+        True, usedefault=True, desc="cross-check lbv/pdf against RESHARP and fall back to it"
     )
 
 
@@ -226,17 +283,33 @@ class RemoveBackground(SimpleInterface):
         params = dict(self.inputs.params)
         if self.inputs.method == "pdf":
             params.setdefault("b0_dir", tuple(self.inputs.b0_dir))
-        local, local_mask = background.remove_background(
+        ref = load(self.inputs.brain_mask, bool)[0] if isdefined(self.inputs.brain_mask) else None
+        local, local_mask, check = background.remove_background_checked(
             total,
             brain,
             voxel_size(img),
             method=self.inputs.method,
+            brain_mask=ref,
+            max_disagreement=background.MAX_DISAGREEMENT if self.inputs.cross_check else None,
             device=self.inputs.device,
             **params,
         )
-        func = getattr(background, self.inputs.method)
-        used = effective_params(func, params, exclude=("b0_dir",))
-        self._results["meta"] = {"Parameters": used}
+        func = getattr(background, check["method"])
+        used = effective_params(
+            func, params if check["method"] == self.inputs.method else {}, exclude=("b0_dir",)
+        )
+        self._results["meta"] = {"Method": check["method"], "Parameters": used}
+        if len(check) > 1:
+            self._results["meta"]["CrossCheck"] = {k: v for k, v in check.items() if k != "method"}
+            if check["fell_back"]:
+                LOGGER.warning(
+                    "%s: %s disagreed with %s by %.0f %% (limit %.0f %%): the background "
+                    "removal fell back to %s",
+                    self.inputs.total_field, self.inputs.method, check["against"],
+                    check["disagreement"], check["max_disagreement"], check["method"],
+                )  # fmt: skip
+        if isdefined(self.inputs.extra_meta):
+            self._results["meta"].update(self.inputs.extra_meta)
         base = self.inputs.total_field
         self._results["local_field"] = save(local, img, out_path(base, "_local"))
         self._results["local_mask"] = save(

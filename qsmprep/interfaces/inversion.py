@@ -23,7 +23,14 @@ from qsmprep.recon.inversion.reference import reference_mean
 from qsmprep.recon.kernels import hz_to_ppm
 from qsmprep.recon.mask import combine_magnitude
 
-__all__ = ["DL_METHODS", "INVERSION_METHODS", "Cosmos", "DeepInversion", "DipoleInversion"]
+__all__ = [
+    "DL_METHODS",
+    "INVERSION_METHODS",
+    "WHOLE_BRAIN_METHODS",
+    "Cosmos",
+    "DeepInversion",
+    "DipoleInversion",
+]
 
 _FUNCTIONS = {
     "tkd": "direct:tkd",
@@ -34,6 +41,11 @@ _FUNCTIONS = {
 }
 INVERSION_METHODS = tuple(_FUNCTIONS)
 """Single-orientation inversions of :mod:`qsmprep.recon.inversion` run by DipoleInversion."""
+
+WHOLE_BRAIN_METHODS = ("tv", "medi")
+"""Inversions with a per-voxel data weight: given the brain mask they cover all of it, with
+zero data weight where the local field is unknown or unreliable (the regulariser carries chi
+there). The others cover the local-field mask only."""
 
 
 def _function(method: str):
@@ -56,9 +68,27 @@ class _InversionInputSpec(BaseInterfaceInputSpec):
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
     echo_times = traits.List(traits.Float, desc="echo times (s); MEDI's echo spacing")
     magnitude = File(exists=True, desc="4D or 3D magnitude (MEDI edge mask)")
-    noise_field = File(exists=True, desc="field std map (Hz; MEDI data weight)")
+    noise_field = File(exists=True, desc="field std map (Hz; data weight of MEDI and TV)")
+    brain_mask = File(
+        exists=True,
+        desc="brain mask: the map of a whole-brain method (WHOLE_BRAIN_METHODS) covers it",
+    )
+    reliable_mask = File(
+        exists=True, desc="brain voxels with a reliable field (0: zero data weight)"
+    )
+    bg_meta = traits.Dict(desc="sidecar entries of the background removal (its Method)")
     device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+
+
+def _tv_weight(data: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    """TV's data weight: 1 / noise std where the field is known and reliable, else 0."""
+    w = data.astype(np.float64)
+    if noise is not None:
+        ok = data & np.isfinite(noise) & (noise > 0)
+        w = np.zeros(data.shape)
+        w[ok] = 1.0 / noise[ok]
+    return w
 
 
 class _InversionOutputSpec(TraitedSpec):
@@ -77,11 +107,19 @@ class DipoleInversion(SimpleInterface):
     def _run_interface(self, runtime):
         method, inp = self.inputs.method, self.inputs
         field_hz, img = load(inp.local_field)
-        m, _ = load(inp.mask, bool)
+        local, _ = load(inp.mask, bool)
         field, vs, b0_dir = hz_to_ppm(field_hz, inp.b0), voxel_size(img), tuple(inp.b0_dir)
         func = _function(method)
         params = dict(inp.params)
         extra = {}
+        data = local
+        if isdefined(inp.reliable_mask):
+            data = local & load(inp.reliable_mask, bool)[0]
+            if not data.any():
+                data = local  # nothing judged reliable: fall back to the local mask
+        noise = load(inp.noise_field)[0] if isdefined(inp.noise_field) else None
+        whole = method in WHOLE_BRAIN_METHODS and isdefined(inp.brain_mask)
+        m = (load(inp.brain_mask, bool)[0] | local) if whole else local
         if method == "medi":
             if not isdefined(inp.magnitude):
                 raise ValueError("MEDI needs the magnitude input (its edge mask)")
@@ -90,15 +128,33 @@ class DipoleInversion(SimpleInterface):
                 params.setdefault("delta_te", te[1] - te[0] if len(te) > 1 else te[0])
             params.setdefault("b0", inp.b0)
             extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
-            if isdefined(inp.noise_field):
-                extra["noise_std"] = load(inp.noise_field)[0]
+            if noise is not None:
+                # outside the data mask the weight is zero: any positive value serves there
+                extra["noise_std"] = np.where(data & np.isfinite(noise) & (noise > 0), noise, 1.0)
+            if whole or isdefined(inp.reliable_mask):
+                extra["data_mask"] = data
+        elif method == "tv" and (whole or isdefined(inp.reliable_mask)) and "weight" not in params:
+            extra["weight"] = _tv_weight(data, noise)
         chi = func(field, m, vs, b0_dir=b0_dir, device=inp.device, **extra, **params)
         chi = reference_mean(chi, m)
         self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
-        dc = data_consistency(chi, field, m, vs, b0_dir=b0_dir, device=inp.device)
+        dc = data_consistency(chi, field, data, vs, b0_dir=b0_dir, device=inp.device)
         used = effective_params(func, params, exclude=("b0_dir",))
         self._results.update(dc_residual=dc, parameters=used)
-        self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
+        self._results["meta"] = {
+            "Parameters": used,
+            "DataConsistencyResidual": round(dc, 4),
+            "Mask": "desc-brain_mask" if whole else "desc-local_mask",
+            "Reference": "mean of brain mask" if whole else "mean of local mask",
+        }
+        if isdefined(inp.bg_meta) and "Method" in inp.bg_meta:
+            self._results["meta"]["BackgroundMethod"] = inp.bg_meta["Method"]
+        if whole or isdefined(inp.reliable_mask):
+            weighted = "; 1 / desc-noise_fieldmap elsewhere" if noise is not None else ""
+            self._results["meta"]["DataWeight"] = (
+                "zero outside desc-local_mask and where the multi-echo fit residual marks the"
+                " field unreliable" + weighted
+            )
         return runtime
 
 
@@ -114,6 +170,7 @@ class _DeepInputSpec(BaseInterfaceInputSpec):
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
     device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
+    bg_meta = traits.Dict(desc="sidecar entries of the background removal (its Method)")
     weights_sha256 = traits.Str(
         desc="SHA-256 of the weights the node must run (qsmprep.dl.weights.weights_sha256): "
         "part of the node's hash, so new weights are not answered from Nipype's cache; a "
@@ -161,6 +218,8 @@ class DeepInversion(SimpleInterface):
         used = {**params, **info}
         self._results.update(dc_residual=dc, parameters=used)
         self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
+        if isdefined(inp.bg_meta) and "Method" in inp.bg_meta:
+            self._results["meta"]["BackgroundMethod"] = inp.bg_meta["Method"]
         return runtime
 
 

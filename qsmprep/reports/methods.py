@@ -308,7 +308,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
         f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}."
     )
-    bg = str(_get(s, "bg_method", "resharp"))
+    bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
     spec = METHODS.get(bg)
     params = _params(bg, mp)
     if spec is not None:

@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from qsmprep.interfaces import BrainMask, FitField, LoadEchoes, RemoveBackground, UnwrapPhase
+from qsmprep.interfaces import (
+    BrainMask,
+    FieldReliability,
+    FitField,
+    LoadEchoes,
+    RemoveBackground,
+    UnwrapPhase,
+)
+from qsmprep.recon.background import DEFAULT_METHOD, KEEPS_MASK
 from qsmprep.workflows._util import check_choice, params_of
 
 __all__ = ["init_field_wf"]
@@ -40,7 +48,7 @@ def init_field_wf(
     *,
     mask_method: str = "magnitude",
     unwrap_method: str = "quality",
-    bg_method: str = "resharp",
+    bg_method: str = DEFAULT_METHOD,
     method_params: Mapping[str, Mapping] | None = None,
     device: str = "cpu",
     use_gpu: bool = False,
@@ -52,7 +60,11 @@ def init_field_wf(
     Workflow graph::
 
         inputnode -> load_echoes -> brain_mask -> unwrap_phase -> fit_field
-                  -> remove_background -> outputnode
+                  -> field_reliability -> remove_background -> outputnode
+
+    ``field_reliability`` marks the voxels whose phase does not evolve linearly over the echoes
+    (:func:`qsmprep.recon.mask.field_reliability`); a background method that keeps its whole
+    mask (``lbv``, ``pdf``) gets the brain mask less its unreliable rim.
 
     Parameters
     ----------
@@ -60,10 +72,11 @@ def init_field_wf(
         Brain mask from the magnitude or from the phase quality.
     unwrap_method : {"quality", "laplacian"}
         Multi-echo unwrapping method.
-    bg_method : {"resharp", "vsharp", "sharp", "pdf", "lbv"}
-        Background field removal method.
+    bg_method : {"lbv", "resharp", "vsharp", "sharp", "pdf"}
+        Background field removal method (default :data:`~qsmprep.recon.background.DEFAULT_METHOD`).
     method_params : dict, optional
-        Keyword arguments by section: ``"mask"``, ``"unwrap"`` and the background method name.
+        Keyword arguments by section: ``"mask"``, ``"unwrap"``, ``"reliability"`` and the
+        background method name.
     device : {"cpu", "auto", "cuda"}
         Device of the background removal (``"auto"``: a GPU when one is visible at run time).
     use_gpu : bool
@@ -94,6 +107,9 @@ def init_field_wf(
         Total field, its standard deviation and the local field (Hz).
     local_mask
         Where the local field is valid (uint8).
+    reliable_mask
+        Brain voxels whose field is reliable (uint8): the inversions' data weight is zero
+        elsewhere.
     bg_meta
         Sidecar entries of the background removal (its effective parameters).
     """
@@ -111,7 +127,7 @@ def init_field_wf(
         IdentityInterface(
             fields=[
                 "magnitude", "phase", "brain_mask", "total_field", "noise_field",
-                "local_field", "local_mask", "bg_meta",
+                "local_field", "local_mask", "reliable_mask", "bg_meta",
             ]
         ),
         name="outputnode",
@@ -128,6 +144,10 @@ def init_field_wf(
         n_procs=omp_nthreads,
     )
     fit_field = pe.Node(FitField(), name="fit_field")
+    field_reliability = pe.Node(
+        FieldReliability(params=params_of(method_params, "reliability")),
+        name="field_reliability",
+    )
     remove_background = pe.Node(
         RemoveBackground(
             method=bg_method,
@@ -156,7 +176,9 @@ def init_field_wf(
         (brain_mask, fit_field, [("out_file", "mask")]),
         (inputnode, remove_background, [("b0_dir", "b0_dir")]),
         (fit_field, remove_background, [("total_field", "total_field")]),
-        (brain_mask, remove_background, [("out_file", "mask")]),
+        (brain_mask, field_reliability, [("out_file", "mask")]),
+        (fit_field, field_reliability, [("fit_residual", "fit_residual")]),
+        (field_reliability, remove_background, [("meta", "extra_meta")]),
         (load_echoes, outputnode, [("magnitude", "magnitude"), ("phase", "phase")]),
         (brain_mask, outputnode, [("out_file", "brain_mask")]),
         (fit_field, outputnode, [
@@ -166,16 +188,31 @@ def init_field_wf(
             ("local_field", "local_field"), ("local_mask", "local_mask"),
             ("meta", "bg_meta"),
         ]),
+        (field_reliability, outputnode, [("reliable_mask", "reliable_mask")]),
     ])  # fmt: skip
+    if bg_method in KEEPS_MASK:
+        workflow.connect([
+            (field_reliability, remove_background, [("trimmed_mask", "mask")]),
+            (brain_mask, remove_background, [("out_file", "brain_mask")]),
+        ])  # fmt: skip
+    else:
+        workflow.connect(brain_mask, "out_file", remove_background, "mask")
 
     workflow.__desc__ = (
         f"A brain mask was computed {_MASK_DESC[mask_method]}. The phase offset of the echoes "
         "was removed (MCPC-3D-S; Eckstein et al., 2018) and the phase was "
         f"{_UNWRAP_DESC[unwrap_method]}. The total field (Hz) was fitted to the unwrapped "
         "phase of all echoes by weighted linear least squares (weights: squared magnitude), "
-        "with a map of its standard deviation (Kressler et al., 2010). The background field "
-        f"was removed with {_BG_DESC[bg_method]}, giving the local field and the mask where "
-        "it is valid."
+        "with a map of its standard deviation (Kressler et al., 2010). Voxels whose phase "
+        "departed from a linear evolution over the echoes (a weighted RMS fit residual more "
+        "than a robust z-score above that of the deep brain) were marked unreliable"
+        + (
+            ", and those near the mask's edge were trimmed from the mask before background removal"
+            if bg_method in KEEPS_MASK
+            else ""
+        )
+        + f". The background field was removed with {_BG_DESC[bg_method]}, giving the local "
+        "field and the mask where it is valid."
     )
     workflow.__citations__ = [
         *_CITES["mask"][mask_method],

@@ -8,6 +8,7 @@ from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
 from qsmprep.interfaces import DL_METHODS, INVERSION_METHODS, DeepInversion, DipoleInversion
+from qsmprep.interfaces.inversion import WHOLE_BRAIN_METHODS
 from qsmprep.workflows._util import check_choice, params_of
 
 __all__ = ["init_inversion_wf"]
@@ -92,6 +93,10 @@ def init_inversion_wf(
     ----------------------
     local_field, local_mask
         Local field (Hz) and its mask.
+    brain_mask, reliable_mask
+        Brain mask (what TV and MEDI cover) and the brain voxels with a reliable field.
+    bg_meta
+        Sidecar entries of the background removal (the method used goes into each sidecar).
     magnitude, noise_field
         4D magnitude and field std map (Hz), for MEDI.
     b0, b0_dir, echo_times
@@ -114,7 +119,8 @@ def init_inversion_wf(
         check_choice(m, ALL_METHODS, "inversion method")
 
     workflow = pe.Workflow(name=name)
-    inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir"]
+    inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir",
+              "brain_mask", "reliable_mask", "bg_meta"]  # fmt: skip
     inputnode = pe.Node(IdentityInterface(fields=[*inputs, "echo_times"]), name="inputnode")
     per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "dc_residual", "meta")]
     outputnode = pe.Node(
@@ -140,7 +146,7 @@ def init_inversion_wf(
         workflow.connect([
             (inputnode, node, [
                 ("local_field", "local_field"), ("local_mask", "mask"), ("b0", "b0"),
-                ("b0_dir", "b0_dir"),
+                ("b0_dir", "b0_dir"), ("bg_meta", "bg_meta"),
             ]),
             (node, outputnode, [
                 ("out_file", f"chimap_{method}"), ("dc_residual", f"dc_residual_{method}"),
@@ -149,12 +155,17 @@ def init_inversion_wf(
             (node, merge_chimaps, [("out_file", f"in{i}")]),
             (node, merge_residuals, [("dc_residual", f"in{i}")]),
         ])  # fmt: skip
-        if method == "medi":
+        if method not in DL_METHODS:
             workflow.connect([
                 (inputnode, node, [
-                    ("magnitude", "magnitude"), ("noise_field", "noise_field"),
-                    ("echo_times", "echo_times"),
+                    ("brain_mask", "brain_mask"), ("reliable_mask", "reliable_mask"),
                 ]),
+            ])  # fmt: skip
+        if method in ("tv", "medi"):
+            workflow.connect(inputnode, "noise_field", node, "noise_field")
+        if method == "medi":
+            workflow.connect([
+                (inputnode, node, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
             ])  # fmt: skip
 
     workflow.connect([
@@ -166,11 +177,21 @@ def init_inversion_wf(
     listed = described[0] if len(described) == 1 else ", ".join(described[:-1])
     if len(described) > 1:
         listed += f" and {described[-1]}"
+    whole = [_METHOD_DESC[m][0] for m in methods if m in WHOLE_BRAIN_METHODS]
+    covered = (
+        f" {' and '.join(whole)} estimated susceptibility over the whole brain mask, with the "
+        "data term weighted by the inverse field noise and set to zero outside the local-field "
+        "mask and in voxels marked unreliable, where the regulariser alone determined it; the "
+        "other maps cover the local-field mask."
+        if whole
+        else ""
+    )
     workflow.__desc__ = (
         f"Susceptibility (ppm) was computed from the local field converted to ppm of B0 by "
-        f"{listed}. Each map was referenced to its mean over the local-field mask, and its "
-        "agreement with the measured field was reported as the data-consistency residual "
-        "100 ||M (D chi - f)|| / ||M f|| (fields de-meaned over the mask M)."
+        f"{listed}.{covered} Each map was referenced to its mean over the mask it covers, and "
+        "its agreement with the measured field was reported as the data-consistency residual "
+        "100 ||M (D chi - f)|| / ||M f|| (fields de-meaned over the mask M of reliable "
+        "local-field voxels)."
     )
     workflow.__citations__ = [c for m in methods for c in _METHOD_DESC[m][1]]
     return workflow

@@ -8,6 +8,7 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from qsmprep.recon.background import DEFAULT_METHOD
 from qsmprep.workflows._util import gpu_work
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
@@ -27,7 +28,7 @@ def init_qsm_wf(
     acquisition,
     output_dir: str | Path | None,
     methods: Sequence[str] = ("tkd", "l2", "tv", "medi"),
-    bg_method: str = "resharp",
+    bg_method: str = DEFAULT_METHOD,
     unwrap_method: str = "quality",
     mask_method: str = "magnitude",
     method_params: Mapping[str, Mapping] | None = None,
@@ -142,6 +143,9 @@ def init_qsm_wf(
             ("outputnode.local_mask", "inputnode.local_mask"),
             ("outputnode.magnitude", "inputnode.magnitude"),
             ("outputnode.noise_field", "inputnode.noise_field"),
+            ("outputnode.brain_mask", "inputnode.brain_mask"),
+            ("outputnode.reliable_mask", "inputnode.reliable_mask"),
+            ("outputnode.bg_meta", "inputnode.bg_meta"),
         ]),
         (field_wf, outputnode, [
             ("outputnode.brain_mask", "brain_mask"), ("outputnode.local_mask", "local_mask"),

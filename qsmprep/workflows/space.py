@@ -41,6 +41,7 @@ from qsmprep.interfaces.space import (
     RegistrationFigure,
     ROIStatistics,
 )
+from qsmprep.recon.background import DEFAULT_METHOD
 from qsmprep.space.atlas import CSF_LABEL
 from qsmprep.space.plan import space_params
 from qsmprep.workflows._util import node_label
@@ -89,7 +90,7 @@ def init_space_wf(
     plan,
     methods: Sequence[str],
     output_dir: str | Path | None,
-    bg_method: str = "resharp",
+    bg_method: str = DEFAULT_METHOD,
     registration_params: dict | None = None,
     omp_nthreads: int = 1,
     name: str = "space_wf",
