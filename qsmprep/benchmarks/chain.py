@@ -1,0 +1,279 @@
+"""Per-stage accuracy of the field chain on datasets with ground truth: ``qsmprep-bench chain``.
+
+For each dataset the BIDS App runs as a user runs it (participant level, chosen methods and
+background removal); then every acquisition is scored against the simulator's ground truth in
+``derivatives/groundtruth`` (``*_Chimap``, ``*_desc-brain_mask``, ``*_desc-local_fieldmap``,
+``*_desc-total_fieldmap``; per acquisition or per subject), the layout of the development sets.
+
+Per acquisition:
+
+- brain mask: Dice against the true brain mask; the share of the true brain inside the
+  pipeline's ``desc-local_mask`` ("kept") and inside each Chimap's non-zero voxels;
+- total field (Hz): NRMSE (%) and regression slope against the truth inside both brain masks;
+  local field (Hz): the same inside ``desc-local_mask`` and the true brain mask;
+- each method: NRMSE / HFEN / XSIM over the *true* brain mask (every voxel counts, as in the QSM
+  challenges: a voxel left at zero is an error), end to end; the same method run on the true
+  local field in the true brain mask ("oracle"); and on the noise-matched oracle field, the true
+  local field plus white Gaussian noise drawn with the pipeline's own noise map
+  (``desc-noise_fieldmap``). The chain penalty is end-to-end NRMSE / noise-matched NRMSE.
+
+The oracle runs use the method functions of :mod:`qsmprep.recon.inversion` with the App's
+parameters (``--config`` sections), so they differ from the App's only in their input field and
+mask. Fields are compared after de-meaning (the field mean is arbitrary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["ChainScore", "format_chain_table", "run_chain", "score_acquisition"]
+
+_INVERSIONS = {
+    "tkd": "direct:tkd",
+    "tsvd": "direct:tsvd",
+    "l2": "direct:l2",
+    "tv": "tv:tv",
+    "medi": "medi:medi",
+}
+"""Single-orientation classical inversions the benchmark can rerun on oracle fields."""
+
+
+@dataclass
+class ChainScore:
+    """Scores of one acquisition (see the module docstring)."""
+
+    dataset: str
+    acquisition: str
+    dice: float
+    kept: float
+    total_nrmse: float
+    total_slope: float
+    local_nrmse: float
+    local_slope: float
+    oracle_field_nrmse: float
+    methods: dict
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
+
+
+def _demeaned_fit(est: np.ndarray, ref: np.ndarray, m: np.ndarray) -> tuple[float, float]:
+    """(NRMSE %, slope of est on ref) of de-meaned values inside ``m``."""
+    e = est[m].astype(np.float64)
+    r = ref[m].astype(np.float64)
+    e -= e.mean()
+    r -= r.mean()
+    rr = float(r @ r)
+    return 100.0 * float(np.linalg.norm(e - r)) / math.sqrt(rr), float(e @ r) / rr
+
+
+def _truth_file(gt_anat: Path, prefix: str, sub: str, suffix: str) -> Path:
+    """The acquisition's ground-truth file, else the subject's (one grid for all of them)."""
+    for p in (gt_anat / f"{prefix}_{suffix}", gt_anat / f"{sub}_{suffix}"):
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"no ground truth {prefix}_{suffix} or {sub}_{suffix} in {gt_anat}: the chain benchmark"
+        " needs a dataset with derivatives/groundtruth (e.g. ../shared/data/qsmdev)"
+    )
+
+
+def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
+    """Root sum of squares over the echoes of the magnitude files listed in a sidecar."""
+    from qsmprep.recon.mask import combine_magnitude
+
+    mags = [bids / s for s in sources if "part-mag" in s]
+    if not mags:
+        return None
+    return combine_magnitude(np.stack([_load(p) for p in mags], axis=-1))
+
+
+def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz):
+    """``method`` on a given field and mask with the App's parameters and extra inputs."""
+    from importlib import import_module
+
+    module, name = _INVERSIONS[method].split(":")
+    func = getattr(import_module(f"qsmprep.recon.inversion.{module}"), name)
+    params = dict(params)
+    extra = {}
+    if method == "medi":
+        te = list(meta.get("EchoTime") or [])
+        if te:
+            params.setdefault("delta_te", te[1] - te[0] if len(te) > 1 else te[0])
+        params.setdefault("b0", float(meta["B0"]))
+        extra["magnitude"] = _magnitude(bids, meta.get("Sources", []))
+        extra["noise_std"] = noise_hz
+    return func(field_ppm, mask, vs, b0_dir=b0_dir, **extra, **params)
+
+
+def score_acquisition(
+    bids: Path,
+    deriv: Path,
+    prefix: str,
+    methods: list[str],
+    method_params: dict | None = None,
+    *,
+    seed: int = 0,
+) -> ChainScore:
+    """Score one acquisition (file prefix ``sub-XX[_ses-..][_acq-..]``) of an App output."""
+    from qsmprep.metrics import evaluate
+    from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
+
+    method_params = method_params or {}
+    sub = prefix.split("_")[0]
+    anat = deriv / sub / "anat"
+    gt = bids / "derivatives" / "groundtruth" / sub / "anat"
+    t_mask = _load(_truth_file(gt, prefix, sub, "desc-brain_mask.nii.gz")) > 0
+    t_chi = _load(_truth_file(gt, prefix, sub, "Chimap.nii.gz"))
+    t_local = _load(_truth_file(gt, prefix, sub, "desc-local_fieldmap.nii.gz"))
+    t_total = _load(_truth_file(gt, prefix, sub, "desc-total_fieldmap.nii.gz"))
+    brain = _load(anat / f"{prefix}_desc-brain_mask.nii.gz") > 0
+    local_mask = _load(anat / f"{prefix}_desc-local_mask.nii.gz") > 0
+    local_img = nib.load(anat / f"{prefix}_desc-local_fieldmap.nii.gz")
+    local = np.asarray(local_img.dataobj, dtype=np.float32)
+    total = _load(anat / f"{prefix}_desc-total_fieldmap.nii.gz")
+    noise = _load(anat / f"{prefix}_desc-noise_fieldmap.nii.gz")
+    if t_mask.shape != brain.shape:
+        raise ValueError(
+            f"ground truth of {prefix} is on a {t_mask.shape} grid, the output on {brain.shape}"
+        )
+    vs = tuple(float(v) for v in local_img.header.get_zooms()[:3])
+    b0_dir = b0_dir_from_affine(local_img.affine)
+
+    n_true = int(t_mask.sum())
+    dice = 2.0 * float((brain & t_mask).sum()) / float(brain.sum() + n_true)
+    kept = float((local_mask & t_mask).sum()) / n_true
+    tot = _demeaned_fit(total, t_total, brain & t_mask)
+    loc = _demeaned_fit(local, t_local, local_mask & t_mask)
+    # noise-matched oracle field: the pipeline's noise map inside its brain mask, its median
+    # where the true brain extends beyond it
+    inside = brain & (noise > 0) & np.isfinite(noise)
+    sd = np.where(inside, noise, float(np.median(noise[inside])) if inside.any() else 0.0)
+    rng = np.random.default_rng(seed)
+    noisy = (t_local + sd * rng.standard_normal(t_local.shape)).astype(np.float32)
+    oracle_field = _demeaned_fit(noisy, t_local, t_mask)[0]
+
+    scores: dict = {}
+    for method in methods:
+        f = anat / f"{prefix}_desc-{method}_Chimap.nii.gz"
+        if not f.is_file():
+            continue
+        meta = json.loads(f.with_name(f.name.replace(".nii.gz", ".json")).read_text())
+        chi = _load(f)
+        row = {"covered": float((t_mask & (chi != 0)).sum()) / n_true}
+        row["end_to_end"] = _metrics(evaluate(chi, t_chi, t_mask))
+        if method in _INVERSIONS:
+            b0 = float(meta["B0"])
+            for key, field_hz in (("oracle", t_local), ("noise_oracle", noisy)):
+                est = _oracle_inversion(
+                    method, hz_to_ppm(field_hz, b0), t_mask, vs, b0_dir,
+                    method_params.get(method, {}), meta=meta, bids=bids, noise_hz=sd,
+                )  # fmt: skip
+                row[key] = _metrics(evaluate(est, t_chi, t_mask))
+            row["chain_penalty"] = row["end_to_end"]["nrmse"] / row["noise_oracle"]["nrmse"]
+        scores[method] = row
+    return ChainScore(
+        dataset=bids.name,
+        acquisition=prefix,
+        dice=dice,
+        kept=kept,
+        total_nrmse=tot[0],
+        total_slope=tot[1],
+        local_nrmse=loc[0],
+        local_slope=loc[1],
+        oracle_field_nrmse=oracle_field,
+        methods=scores,
+    )
+
+
+def _metrics(e: dict) -> dict:
+    return {k: float(e[k]) for k in ("nrmse", "hfen", "xsim", "slope")}
+
+
+def run_chain(
+    datasets,
+    out: Path,
+    *,
+    methods=("tkd", "tv", "medi"),
+    bg_method: str | None = None,
+    method_params: dict | None = None,
+    nprocs: int = 2,
+    seed: int = 0,
+    log=print,
+) -> list[ChainScore]:
+    """Run the App on each dataset into ``out/<name>`` and score every acquisition."""
+    from qsmprep.cli.run import run_participant
+    from qsmprep.config import Settings
+
+    out = Path(out).absolute()
+    results: list[ChainScore] = []
+    for ds in datasets:
+        ds = Path(ds).absolute()
+        if not (ds / "derivatives" / "groundtruth").is_dir():
+            raise ValueError(
+                f"{ds} has no derivatives/groundtruth: qsmprep-bench chain scores against a"
+                " simulator's ground truth (e.g. ../shared/data/qsmdev)"
+            )
+        kw = {"bg_method": bg_method} if bg_method else {}
+        settings = Settings(
+            bids_dir=ds,
+            output_dir=out / ds.name / "derivatives" / "qsmprep",
+            work_dir=out / ds.name / "work",
+            methods=list(methods),
+            method_params=dict(method_params or {}),
+            nprocs=nprocs,
+            **kw,
+        )
+        log(f"# {ds.name}: qsmprep participant, methods {' '.join(methods)}, "
+            f"background {settings.bg_method}")  # fmt: skip
+        rc = run_participant(settings)
+        if rc != 0:
+            log(f"# {ds.name}: some acquisitions failed (exit {rc}); scoring the others")
+        suffix = "_desc-local_mask.nii.gz"
+        for mask in sorted(settings.output_dir.glob(f"sub-*/anat/*{suffix}")):
+            prefix = mask.name[: -len(suffix)]
+            score = score_acquisition(
+                ds, settings.output_dir, prefix, list(methods), method_params, seed=seed
+            )
+            results.append(score)
+            log(format_chain_table([score], header=not results[:-1]))
+    return results
+
+
+def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
+    """Markdown: one row per acquisition and method (NRMSE %, HFEN %, XSIM)."""
+    lines = []
+    if header:
+        lines += [
+            "| dataset | acquisition | Dice | kept % | total NRMSE / slope | local NRMSE / slope"
+            " (oracle) | method | covered % | end to end NRMSE / HFEN / XSIM | true local field"
+            " | noise-matched oracle | chain penalty |",
+            "|---" * 12 + "|",
+        ]
+    for s in scores:
+        head = (
+            f"| {s.dataset} | {s.acquisition} | {s.dice:.3f} | {100 * s.kept:.1f} "
+            f"| {s.total_nrmse:.1f} / {s.total_slope:.3f} "
+            f"| {s.local_nrmse:.1f} / {s.local_slope:.3f} ({s.oracle_field_nrmse:.1f}) "
+        )
+        for k, (method, row) in enumerate(s.methods.items()):
+            cells = [method, f"{100 * row['covered']:.1f}", _triple(row["end_to_end"])]
+            cells += [_triple(row[k2]) if k2 in row else "-" for k2 in ("oracle", "noise_oracle")]
+            cells.append(f"{row['chain_penalty']:.2f}" if "chain_penalty" in row else "-")
+            prefix = head if k == 0 else "| | | | | | "
+            lines.append(prefix + "| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _triple(m: dict) -> str:
+    return f"{m['nrmse']:.1f} / {m['hfen']:.1f} / {m['xsim']:.3f}"
