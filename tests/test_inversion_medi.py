@@ -453,3 +453,25 @@ def test_bad_inputs_raise(head3mm):
             medi(*args, **{"max_iter": 1, **kw})
     with pytest.raises(ValueError, match="percentage"):
         gradient_mask(ph.m0, mask, vs, percentage=0.0)
+
+
+def test_data_mask_covers_the_whole_mask(head2mm):
+    # the local field known only in the mask eroded by 4 mm (as after an eroding background
+    # removal): with data_mask MEDI estimates chi over the whole brain, the rim from the
+    # regulariser alone, and does better over the brain than leaving the rim at zero
+    from qsmprep.recon.background import erode_mask_smv
+
+    ph, mask, _, noisy = head2mm
+    inner = erode_mask_smv(mask, ph.voxel_size, 4.0)
+    kw = dict(magnitude=ph.m0, noise_std=np.full(mask.shape, NOISE_PPM), delta_te=DELTA_TE)
+    field = np.where(inner, noisy, 0.0)
+    whole = medi(field, mask, ph.voxel_size, data_mask=inner, **kw)
+    zero_rim = medi(field, inner, ph.voxel_size, **kw)
+    rim = mask & ~inner
+    assert np.count_nonzero(whole[mask]) >= 0.99 * mask.sum()
+    n_whole = metrics.nrmse(whole, ph.chi, mask)
+    n_zero = metrics.nrmse(zero_rim, ph.chi, mask)
+    assert n_whole < n_zero, (n_whole, n_zero)
+    assert metrics.nrmse(whole, ph.chi, rim) < 100.0
+    with pytest.raises(ValueError, match="data_mask has no voxel"):
+        medi(field, mask, ph.voxel_size, data_mask=np.zeros(mask.shape, bool), **kw)

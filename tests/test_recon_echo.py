@@ -109,3 +109,27 @@ def test_bad_input(args, match):
     kw.update(args)
     with pytest.raises(ValueError, match=match):
         fit_field_linear(kw["phase"], kw["magnitude"], kw["echo_times"], mask=kw["mask"])
+
+
+def test_fit_residual_closed_forms():
+    # a phase linear in TE leaves no residual; a known deviation in one voxel leaves its
+    # M^2-weighted RMS; one or two echoes carry no residual (an offset and a field fit them)
+    from qsmprep.recon.echo import fit_residual
+
+    f, _, mag, ph = _signal()
+    unwrapped = np.unwrap(ph, axis=-1)
+    field, _, off = fit_field_linear(unwrapped, mag, TE)
+    res = fit_residual(unwrapped, mag, TE, field, off)
+    assert res.shape == f.shape and res.max() < 1e-4
+    bumped = unwrapped.copy()
+    dev = np.array([0.0, 0.0, 0.0, 0.0, 0.5])  # 0.5 rad on the last echo of one voxel
+    bumped[3, 4, 5] += dev
+    res = fit_residual(bumped, mag, TE, field, off)
+    w = mag[3, 4, 5] ** 2
+    expected = np.sqrt((w * dev**2).sum() / w.sum())  # about the unchanged model
+    assert res[3, 4, 5] == pytest.approx(expected, rel=1e-4)
+    mask = np.zeros(f.shape, bool)
+    mask[2:5, 2:5, 2:5] = True
+    assert np.all(fit_residual(bumped, mag, TE, field, off, mask=mask)[~mask] == 0)
+    two = fit_residual(unwrapped[..., :2], mag[..., :2], TE[:2], field, off)
+    assert np.all(two == 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 
 from qsmprep.recon.mask import (
     combine_magnitude,
@@ -170,3 +171,33 @@ def test_validation_errors(gre2mm):
         phase_quality(gre2mm.phase[..., 0], mag[:-1, ..., 0])
     with pytest.raises(ValueError, match="no voxel"):
         mask_from_phase_quality(gre2mm.phase[..., 0], threshold=1.5)
+
+
+@pytest.mark.parametrize("voxel_size", [(1.5, 1.5, 1.5), (1.0, 1.0, 2.5)])
+def test_field_reliability_trims_the_unreliable_rim_only(voxel_size):
+    from qsmprep.recon.mask import field_reliability
+
+    shape = (60, 60, 30)
+    vs = np.asarray(voxel_size)
+    x, y, z = (np.indices(shape).T * vs).T - ((np.asarray(shape) - 1) / 2 * vs)[
+        :, None, None, None
+    ]
+    brain = (x / 40) ** 2 + (y / 40) ** 2 + (z / 30) ** 2 <= 1
+    dist = ndi.distance_transform_edt(np.pad(brain, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    rng = np.random.default_rng(0)
+    residual = np.where(brain, 0.01 + 0.001 * rng.standard_normal(shape), 0.0)
+    rim_bad = brain & (dist <= 3.0) & (x > 20)  # a faulty patch of the edge
+    deep_bad = brain & (dist > 15.0) & (np.abs(x) < 3) & (np.abs(y) < 3) & (np.abs(z) < 4)
+    residual[rim_bad | deep_bad] = 0.2
+    trimmed, reliable, info = field_reliability(brain, residual, tuple(vs), rim=6.0)
+    assert not np.any(trimmed & rim_bad)  # the faulty rim is gone
+    assert np.all(trimmed[deep_bad])  # deep outliers stay in the mask ...
+    assert not np.any(reliable & (rim_bad | deep_bad))  # ... but are not reliable
+    assert np.array_equal(reliable, brain & ~(rim_bad | deep_bad))
+    # nothing else is lost but what one opening takes next to the trimmed patch
+    lost = brain & ~trimmed & ~rim_bad
+    assert lost.sum() < 0.2 * rim_bad.sum(), (lost.sum(), rim_bad.sum())
+    assert info["unreliable"] == int((rim_bad | deep_bad).sum())
+    # no residual (one or two echoes): nothing is judged
+    t0, r0, i0 = field_reliability(brain, np.zeros(shape), tuple(vs))
+    assert np.array_equal(t0, brain) and np.array_equal(r0, brain) and i0["unreliable"] == 0
