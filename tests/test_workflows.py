@@ -392,3 +392,29 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
     run()
     assert {p: p.stat().st_mtime_ns for p in results} == results
     assert set(anat.iterdir()) == set(before)
+
+
+@pytest.mark.parametrize("bg_method", ["lbv", "resharp"])
+def test_networks_get_the_background_of_their_training_data(bg_method):
+    # the shipped networks were trained on RESHARP-made local fields: with another background
+    # method the field workflow makes one for them too, and only they read it
+    wf = init_qsm_wf(acquisition=_acq(), output_dir=None, methods=["tv", "unet"],
+                     bg_method=bg_method)  # fmt: skip
+    links, nodes = _links(wf), _nodes(wf)
+    f, i = "qsm_wf.field_wf.", "qsm_wf.inversion_wf."
+    dl_node = f + "remove_background_dl"
+    if bg_method == "lbv":
+        assert nodes[dl_node].inputs.method == "resharp"
+        assert (f + "brain_mask", "out_file", dl_node, "mask") in links
+        for field in ("local_field", "local_mask", "meta"):
+            to = {"local_mask": "mask", "meta": "bg_meta"}.get(field, field)
+            assert (dl_node, field, i + "inversion_unet", to) in links
+            assert (f + "remove_background", field, i + "inversion_tv", to) in links
+    else:
+        assert dl_node not in nodes
+        assert (
+            f + "remove_background",
+            "local_field",
+            i + "inversion_unet",
+            "local_field",
+        ) in links

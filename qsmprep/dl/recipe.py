@@ -108,8 +108,10 @@ def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 
         bids, n_subjects=n, shape=p["target_shape"], voxel_size=(2.0, 2.0, 2.0), seed=seed,
         orientations={i: ORIENTATIONS[: p["orientations"]] for i in range(n)},
     )  # fmt: skip
+    from qsmprep.dl.weights import TRAINED_BACKGROUND
+
     argv = [str(bids), str(deriv), "participant", "--methods", "tkd", "--nprocs", str(nprocs),
-            "--work-dir", str(out / "work")]  # fmt: skip
+            "--work-dir", str(out / "work"), "--bg-method", TRAINED_BACKGROUND]  # fmt: skip
     rc = main(argv)
     if rc != 0:
         raise RuntimeError(f"the BIDS App failed on the target data (exit {rc}): {argv}")

@@ -220,6 +220,9 @@ class DeepInversion(SimpleInterface):
         self._results["meta"] = {"Parameters": used, "DataConsistencyResidual": round(dc, 4)}
         if isdefined(inp.bg_meta) and "Method" in inp.bg_meta:
             self._results["meta"]["BackgroundMethod"] = inp.bg_meta["Method"]
+            self._results["meta"]["Mask"] = (
+                f"the local-field mask of {inp.bg_meta['Method']} (the map's non-zero voxels)"
+            )
         return runtime
 
 

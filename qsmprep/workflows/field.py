@@ -53,6 +53,7 @@ def init_field_wf(
     device: str = "cpu",
     use_gpu: bool = False,
     omp_nthreads: int = 1,
+    dl_bg_method: str | None = None,
     name: str = "field_wf",
 ) -> pe.Workflow:
     """Brain mask, unwrapping, multi-echo field fit and background removal of one acquisition.
@@ -83,6 +84,10 @@ def init_field_wf(
         Mark the background removal as GPU work for Nipype's MultiProc.
     omp_nthreads : int
         Threads of the CPU-heavy nodes (their ``n_procs``).
+    dl_bg_method : str, optional
+        A second background removal (node ``remove_background_dl``, on the brain mask) for the
+        networks, when it differs from ``bg_method``: the method of their training data
+        (:data:`qsmprep.dl.weights.TRAINED_BACKGROUND`).
     name : str
         Workflow name.
 
@@ -112,6 +117,8 @@ def init_field_wf(
         elsewhere.
     bg_meta
         Sidecar entries of the background removal (its effective parameters).
+    dl_local_field, dl_local_mask, dl_bg_meta
+        The same from ``remove_background_dl`` (only with ``dl_bg_method``).
     """
     check_choice(mask_method, _MASK_DESC, "mask method")
     check_choice(unwrap_method, _UNWRAP_DESC, "unwrapping method")
@@ -128,6 +135,7 @@ def init_field_wf(
             fields=[
                 "magnitude", "phase", "brain_mask", "total_field", "noise_field",
                 "local_field", "local_mask", "reliable_mask", "bg_meta",
+                "dl_local_field", "dl_local_mask", "dl_bg_meta",
             ]
         ),
         name="outputnode",
@@ -190,6 +198,27 @@ def init_field_wf(
         ]),
         (field_reliability, outputnode, [("reliable_mask", "reliable_mask")]),
     ])  # fmt: skip
+    if dl_bg_method is not None and dl_bg_method != bg_method:
+        check_choice(dl_bg_method, _BG_DESC, "background removal method")
+        remove_background_dl = pe.Node(
+            RemoveBackground(
+                method=dl_bg_method,
+                params=params_of(method_params, dl_bg_method),
+                device=device,
+                use_gpu=use_gpu,
+            ),
+            name="remove_background_dl",
+            n_procs=1 if use_gpu else omp_nthreads,
+        )
+        workflow.connect([
+            (inputnode, remove_background_dl, [("b0_dir", "b0_dir")]),
+            (fit_field, remove_background_dl, [("total_field", "total_field")]),
+            (brain_mask, remove_background_dl, [("out_file", "mask")]),
+            (remove_background_dl, outputnode, [
+                ("local_field", "dl_local_field"), ("local_mask", "dl_local_mask"),
+                ("meta", "dl_bg_meta"),
+            ]),
+        ])  # fmt: skip
     if bg_method in KEEPS_MASK:
         workflow.connect([
             (field_reliability, remove_background, [("trimmed_mask", "mask")]),

@@ -62,6 +62,7 @@ def init_inversion_wf(
     device: str = "cpu",
     use_gpu: bool = False,
     omp_nthreads: int = 1,
+    dl_inputs: bool = False,
     name: str = "inversion_wf",
 ) -> pe.Workflow:
     """Dipole inversion of one local field by several methods, each in its own node.
@@ -86,6 +87,9 @@ def init_inversion_wf(
         Mark the inversion nodes as GPU work (see :func:`qsmprep.workflows.gpu_work`).
     omp_nthreads : int
         Threads of a CPU inversion node (its ``n_procs``).
+    dl_inputs : bool
+        Feed the networks ``dl_local_field``, ``dl_local_mask`` and ``dl_bg_meta`` instead of
+        the classical methods' inputs (a local field made as their training data was).
     name : str
         Workflow name.
 
@@ -120,7 +124,8 @@ def init_inversion_wf(
 
     workflow = pe.Workflow(name=name)
     inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir",
-              "brain_mask", "reliable_mask", "bg_meta"]  # fmt: skip
+              "brain_mask", "reliable_mask", "bg_meta",
+              "dl_local_field", "dl_local_mask", "dl_bg_meta"]  # fmt: skip
     inputnode = pe.Node(IdentityInterface(fields=[*inputs, "echo_times"]), name="inputnode")
     per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "dc_residual", "meta")]
     outputnode = pe.Node(
@@ -143,10 +148,11 @@ def init_inversion_wf(
             sha = weights_sha256(method, model=params.get("model"), weights=params.get("weights"))
             if sha:
                 node.inputs.weights_sha256 = sha
+        src = "dl_" if dl_inputs and method in DL_METHODS else ""
         workflow.connect([
             (inputnode, node, [
-                ("local_field", "local_field"), ("local_mask", "mask"), ("b0", "b0"),
-                ("b0_dir", "b0_dir"), ("bg_meta", "bg_meta"),
+                (f"{src}local_field", "local_field"), (f"{src}local_mask", "mask"),
+                ("b0", "b0"), ("b0_dir", "b0_dir"), (f"{src}bg_meta", "bg_meta"),
             ]),
             (node, outputnode, [
                 ("out_file", f"chimap_{method}"), ("dc_residual", f"dc_residual_{method}"),

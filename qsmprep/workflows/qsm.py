@@ -8,6 +8,7 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from qsmprep.dl.weights import DL_METHODS, TRAINED_BACKGROUND
 from qsmprep.recon.background import DEFAULT_METHOD
 from qsmprep.workflows._util import gpu_work
 from qsmprep.workflows.field import init_field_wf
@@ -111,6 +112,8 @@ def init_qsm_wf(
     inputnode.inputs.b0_dir = [float(v) for v in a.b0_dir]
     outputnode = pe.Node(IdentityInterface(fields=_OUTPUTS), name="outputnode")
 
+    # the networks get a local field made as their training data was
+    dl_separate = bg_method != TRAINED_BACKGROUND and any(m in DL_METHODS for m in methods)
     field_wf = init_field_wf(
         mask_method=mask_method,
         unwrap_method=unwrap_method,
@@ -119,6 +122,7 @@ def init_qsm_wf(
         device=device,
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
+        dl_bg_method=TRAINED_BACKGROUND if dl_separate else None,
     )
     inversion_wf = init_inversion_wf(
         methods=methods,
@@ -126,7 +130,15 @@ def init_qsm_wf(
         device=device,
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
+        dl_inputs=dl_separate,
     )
+    if dl_separate:
+        workflow.connect([
+            (field_wf, inversion_wf, [
+                (f"outputnode.dl_{k}", f"inputnode.dl_{k}")
+                for k in ("local_field", "local_mask", "bg_meta")
+            ]),
+        ])  # fmt: skip
 
     workflow.connect([
         (inputnode, field_wf, [
