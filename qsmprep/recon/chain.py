@@ -73,6 +73,10 @@ def compute_local_field(
 ) -> FieldMaps:
     """Total and local field (Hz) from multi-echo GRE magnitude and wrapped phase.
 
+    A method of :data:`~qsmprep.recon.background.KEEPS_MASK` is cross-checked against RESHARP
+    (:func:`~qsmprep.recon.background.remove_background_checked`); ``settings["bg_method"]``
+    names the method whose result is returned and ``settings["bg_check"]`` the check.
+
     Parameters
     ----------
     magnitude, phase : (X, Y, Z, E) arrays
@@ -107,9 +111,6 @@ def compute_local_field(
     profile : dict, optional
         Filled with ``{stage: {"seconds": ..., "ffts": FFTCounter}}``.
 
-    A method of :data:`~qsmprep.recon.background.KEEPS_MASK` is cross-checked against RESHARP
-    (:func:`~qsmprep.recon.background.remove_background_checked`); ``settings["bg_method"]``
-    names the method whose result is returned and ``settings["bg_check"]`` the check.
     """
     check_volume(phase, "phase", ndim=4)
     te = check_echo_times(echo_times, phase.shape[-1])
