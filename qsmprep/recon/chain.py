@@ -110,7 +110,6 @@ def compute_local_field(
         ``"cpu"``, ``"torch"`` or ``"cuda"`` for the FFT-based stages.
     profile : dict, optional
         Filled with ``{stage: {"seconds": ..., "ffts": FFTCounter}}``.
-
     """
     check_volume(phase, "phase", ndim=4)
     te = check_echo_times(echo_times, phase.shape[-1])
