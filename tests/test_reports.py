@@ -297,14 +297,22 @@ def test_methods_paragraph_follows_options():
         cosmos=True,
     )
     assert "PDF" in other and "Liu T, Khalidov I" in other and "max_iter 77" in other
-    assert "Sun H, Wilman AH" not in other and "Shmueli K, de Zwart" not in other
+    # PDF keeps its mask, so it is cross-checked against RESHARP, which is cited for it
+    assert "checked against RESHARP" in other and "Sun H, Wilman AH" in other
+    assert "Shmueli K, de Zwart" not in other
+    assert "TV estimated susceptibility over the whole brain mask" in other
+    lbv = methods_paragraph({**base, "bg_method": "lbv", "methods": ["tkd", "medi", "unet"]})
+    assert "LBV" in lbv and "Zhou D" in lbv and "checked against RESHARP" in lbv
+    assert "MEDI estimated susceptibility over the whole brain mask" in lbv
+    assert "networks were given a local field made with RESHARP" in lbv
+    assert "networks were given" not in text and "checked against" not in text
     assert "Laplacian" in other and "Schofield MA" in other
     assert "QSMxT" in other and "phase sign was inverted" in other and "7 T" in other
     assert "scanner integers were rescaled" in other and "scanner integers" not in text
     assert "sub-01_Chimap.nii.gz" in other and "Milovic C, Tejos C" in other
     assert "COSMOS map" in other and "Liu T, Spincemaille P" in other and "newnet" in other
     # every cited number has its reference, in order
-    for body, refs in (t.split("\n\nReferences\n") for t in (text, other)):
+    for body, refs in (t.split("\n\nReferences\n") for t in (text, other, lbv)):
         cited = {int(n) for grp in re.findall(r"\[([\d, ]+)\]", body) for n in grp.split(",")}
         assert cited == set(range(1, len(refs.splitlines()) + 1))
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from qsmprep.__about__ import __version__
+from qsmprep.dl.weights import DL_METHODS as DL_NAMES
 
 __all__ = ["CITATIONS", "METHODS", "MethodsText", "methods_paragraph", "methods_text"]
 
@@ -306,12 +307,23 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         )
     out.append(
         "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
-        f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}."
+        f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}; "
+        "voxels whose magnitude-weighted RMS residual about that fit exceeded the median of the "
+        "deep brain by more than six robust standard deviations were marked unreliable."
     )
     bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
     spec = METHODS.get(bg)
     params = _params(bg, mp)
-    if spec is not None:
+    if spec is not None and bg in ("lbv", "pdf"):
+        out.append(
+            f"Background fields were removed with {spec.name}{cite(*spec.cites)} "
+            f"({_join(spec.description, params)}) on the brain mask less the unreliable voxels "
+            "within 6 mm of its edge, which defined the local-field mask. Its local field was "
+            f"checked against RESHARP's{cite('resharp')} inside the latter's mask, and RESHARP's "
+            "was used instead where the two differed by more than 75 % (NRMSE); the sidecar of "
+            "each local field names the method used."
+        )
+    elif spec is not None:
         out.append(
             f"Background fields were removed with {spec.name}{cite(*spec.cites)} "
             f"({_join(spec.description, params)}), which also defined the local-field mask."
@@ -342,10 +354,23 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             "with the B0 direction taken from the image orientation, using "
             f"{listed}."
         )
+    chosen = list(_get(s, "methods", []))
+    whole = [METHODS[m].name for m in chosen if m in ("tv", "medi")]
+    if whole:
+        out.append(
+            f"{' and '.join(whole)} estimated susceptibility over the whole brain mask, with the "
+            "data term weighted by the inverse field noise and set to zero outside the "
+            "local-field mask and in unreliable voxels, where the regularizer alone determined "
+            "it; the other maps cover the local-field mask."
+        )
+    if bg != "resharp" and any(m in DL_NAMES for m in chosen):
+        out.append(
+            "The networks were given a local field made with RESHARP, as their training data were."
+        )
     out.append(
-        "Each susceptibility map was referenced to its mean within the local-field mask, and "
+        "Each susceptibility map was referenced to its mean within the mask it covers, and "
         "its data consistency was reported as the residual "
-        "100 ||M (D chi - f)|| / ||M f|| (%) in the local-field mask M."
+        "100 ||M (D chi - f)|| / ||M f|| (%) in the mask M of reliable local-field voxels."
     )
     ref = s.get("reference")
     if ref:
