@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -305,7 +306,7 @@ class RemoveBackground(SimpleInterface):
                 LOGGER.warning(
                     "%s: %s disagreed with %s by %.0f %% (limit %.0f %%): the background "
                     "removal fell back to %s",
-                    self.inputs.total_field, self.inputs.method, check["against"],
+                    Path(self.inputs.total_field).name, self.inputs.method, check["against"],
                     check["disagreement"], check["max_disagreement"], check["method"],
                 )  # fmt: skip
         if isdefined(self.inputs.extra_meta):
