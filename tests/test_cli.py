@@ -61,6 +61,7 @@ def test_participant_rerun_and_group(dataset, tmp_path, capsys):
             for d in (
                 "brain_mask",
                 "local_mask",
+                "reliable_mask",
                 "total_fieldmap",
                 "local_fieldmap",
                 "noise_fieldmap",

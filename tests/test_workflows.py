@@ -237,6 +237,7 @@ def test_qsm_wf_graph(tmp_path, methods, with_reference, reference_file):
     expected = {
         "ds_brain_mask": "sub-01_run-2_desc-brain_mask.nii.gz",
         "ds_local_mask": "sub-01_run-2_desc-local_mask.nii.gz",
+        "ds_reliable_mask": "sub-01_run-2_desc-reliable_mask.nii.gz",
         "ds_total_field": "sub-01_run-2_desc-total_fieldmap.nii.gz",
         "ds_noise_field": "sub-01_run-2_desc-noise_fieldmap.nii.gz",
         "ds_local_field": "sub-01_run-2_desc-local_fieldmap.nii.gz",

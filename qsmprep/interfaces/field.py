@@ -270,6 +270,7 @@ class _BackgroundOutputSpec(TraitedSpec):
     local_field = File(exists=True, desc="local field (Hz), 0 outside local_mask")
     local_mask = File(exists=True, desc="mask where the local field is valid (uint8)")
     meta = traits.Dict(desc="sidecar entries: Parameters (effective, JSON-able)")
+    mask_meta = traits.Dict(desc="sidecar entries of the local mask: BackgroundMethod used")
 
 
 class RemoveBackground(SimpleInterface):
@@ -300,6 +301,7 @@ class RemoveBackground(SimpleInterface):
             func, params if check["method"] == self.inputs.method else {}, exclude=("b0_dir",)
         )
         self._results["meta"] = {"Method": check["method"], "Parameters": used}
+        self._results["mask_meta"] = {"BackgroundMethod": check["method"]}
         if len(check) > 1:
             self._results["meta"]["CrossCheck"] = {k: v for k, v in check.items() if k != "method"}
             if check["fell_back"]:

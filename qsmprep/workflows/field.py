@@ -115,8 +115,9 @@ def init_field_wf(
     reliable_mask
         Brain voxels whose field is reliable (uint8): the inversions' data weight is zero
         elsewhere.
-    bg_meta
-        Sidecar entries of the background removal (its effective parameters).
+    bg_meta, local_mask_meta
+        Sidecar entries of the background removal (the method used, its effective
+        parameters) and of the local mask.
     dl_local_field, dl_local_mask, dl_bg_meta
         The same from ``remove_background_dl`` (only with ``dl_bg_method``).
     """
@@ -134,7 +135,7 @@ def init_field_wf(
         IdentityInterface(
             fields=[
                 "magnitude", "phase", "brain_mask", "total_field", "noise_field",
-                "local_field", "local_mask", "reliable_mask", "bg_meta",
+                "local_field", "local_mask", "reliable_mask", "bg_meta", "local_mask_meta",
                 "dl_local_field", "dl_local_mask", "dl_bg_meta",
             ]
         ),
@@ -194,7 +195,7 @@ def init_field_wf(
         ]),
         (remove_background, outputnode, [
             ("local_field", "local_field"), ("local_mask", "local_mask"),
-            ("meta", "bg_meta"),
+            ("meta", "bg_meta"), ("mask_meta", "local_mask_meta"),
         ]),
         (field_reliability, outputnode, [("reliable_mask", "reliable_mask")]),
     ])  # fmt: skip

@@ -65,7 +65,8 @@ def init_qsm_derivatives_wf(
 
     Inputs (``inputnode``)
     ----------------------
-    brain_mask, local_mask, total_field, noise_field, local_field, bg_meta
+    brain_mask, local_mask, reliable_mask, total_field, noise_field, local_field, bg_meta,
+    local_mask_meta
         From the field workflow (``bg_meta``: sidecar entries of the background removal).
     chimap_<method>, meta_<method>
         From the inversion workflow.
@@ -77,7 +78,10 @@ def init_qsm_derivatives_wf(
     fields = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
     per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "meta")]
     inputnode = pe.Node(
-        IdentityInterface(fields=[*fields, "bg_meta", *per_method]), name="inputnode"
+        IdentityInterface(
+            fields=[*fields, "reliable_mask", "bg_meta", "local_mask_meta", *per_method]
+        ),
+        name="inputnode",
     )
     base = {"Sources": acquisition_sources(a), "GeneratedBy": GENERATED_BY}
     echo = {
@@ -105,8 +109,21 @@ def init_qsm_derivatives_wf(
         path("local", "mask"),
         {
             "Type": "Brain",
-            "Description": "voxels where the local field and the Chimaps are valid",
+            "Description": "voxels where the local field is valid; TKD, TSVD and L2 maps cover"
+            " them, TV and MEDI maps the brain mask",
             "BackgroundMethod": bg_method,
+            **base,
+        },
+    )
+    ds_reliable_mask = _sink(
+        "ds_reliable_mask",
+        path("reliable", "mask"),
+        {
+            "Type": "Brain",
+            "Description": "brain voxels whose phase evolves linearly over the echoes (multi-echo"
+            " fit residual within the robust threshold); the inversions give the others zero"
+            " data weight, and those near the edge are left out of LBV's and PDF's mask",
+            "Parameters": params_of(method_params, "reliability"),
             **base,
         },
     )
@@ -146,7 +163,8 @@ def init_qsm_derivatives_wf(
 
     workflow.connect([
         (inputnode, ds_brain_mask, [("brain_mask", "in_file")]),
-        (inputnode, ds_local_mask, [("local_mask", "in_file")]),
+        (inputnode, ds_local_mask, [("local_mask", "in_file"), ("local_mask_meta", "meta")]),
+        (inputnode, ds_reliable_mask, [("reliable_mask", "in_file")]),
         (inputnode, ds_total_field, [("total_field", "in_file")]),
         (inputnode, ds_noise_field, [("noise_field", "in_file")]),
         (inputnode, ds_local_field, [("local_field", "in_file"), ("bg_meta", "meta")]),

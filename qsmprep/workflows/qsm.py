@@ -201,7 +201,11 @@ def init_qsm_wf(
             (field_wf, derivatives_wf, [
                 (f"outputnode.{f}", f"inputnode.{f}") for f in field_out
             ]),
-            (field_wf, derivatives_wf, [("outputnode.bg_meta", "inputnode.bg_meta")]),
+            (field_wf, derivatives_wf, [
+                ("outputnode.bg_meta", "inputnode.bg_meta"),
+                ("outputnode.local_mask_meta", "inputnode.local_mask_meta"),
+                ("outputnode.reliable_mask", "inputnode.reliable_mask"),
+            ]),
             (inversion_wf, derivatives_wf, [
                 (f"outputnode.{k}_{m}", f"inputnode.{k}_{m}")
                 for m in methods for k in ("chimap", "meta")
