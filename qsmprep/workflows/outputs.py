@@ -65,9 +65,10 @@ def init_qsm_derivatives_wf(
 
     Inputs (``inputnode``)
     ----------------------
-    brain_mask, local_mask, reliable_mask, total_field, noise_field, local_field, bg_meta,
-    local_mask_meta
-        From the field workflow (``bg_meta``: sidecar entries of the background removal).
+    brain_mask, local_mask, reliable_mask, total_field, noise_field, local_field
+        From the field workflow.
+    bg_meta, local_mask_meta
+        Sidecar entries of the background removal, for the local field and the local mask.
     chimap_<method>, meta_<method>
         From the inversion workflow.
 
