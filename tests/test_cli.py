@@ -157,6 +157,17 @@ def test_output_inside_input_is_refused(dataset, capsys):
     assert "inside the input dataset" in capsys.readouterr().err
 
 
+def test_output_path_that_is_a_file_is_refused(dataset, tmp_path, capsys):
+    # a file where the output folder (or one of its parents) should be: a clear error, exit 1
+    blocker = tmp_path / "out.txt"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "derivatives"):
+        assert run.main([str(dataset), str(out), "participant"]) == 1
+        err = capsys.readouterr().err
+        assert f"{blocker} is a file, not a folder" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_help_and_version(capsys):
     with pytest.raises(SystemExit) as exc:
         run.main(["--version"])

@@ -255,6 +255,12 @@ def settings_from_args(args) -> Settings:
     out = args.output_dir.absolute()
     if not bids_dir.is_dir():
         raise UsageError(f"bids_dir {bids_dir} is not a folder; give the root of a BIDS dataset")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(
+                f"output_dir {out} cannot be created: {p} is a file, not a folder; give a folder"
+                " path (it is created if missing)"
+            )
     if args.analysis_level == "participant":
         inside = out == bids_dir or bids_dir in out.parents
         if inside and (bids_dir / "derivatives") not in [out, *out.parents]:
