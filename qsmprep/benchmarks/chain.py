@@ -109,7 +109,9 @@ def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids
     if method == "medi":
         te = list(meta.get("EchoTime") or [])
         if te:
-            params.setdefault("delta_te", te[1] - te[0] if len(te) > 1 else te[0])
+            from qsmprep.recon.inversion.medi import delta_te_of
+
+            params.setdefault("delta_te", delta_te_of(te))
         params.setdefault("b0", float(meta["B0"]))
         extra["magnitude"] = _magnitude(bids, meta.get("Sources", []))
         extra["noise_std"] = noise_hz

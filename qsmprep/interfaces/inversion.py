@@ -19,6 +19,7 @@ from qsmprep.dl.weights import DL_METHODS
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.recon.inversion.consistency import data_consistency
 from qsmprep.recon.inversion.cosmos import cosmos
+from qsmprep.recon.inversion.medi import delta_te_of
 from qsmprep.recon.inversion.reference import reference_mean
 from qsmprep.recon.kernels import hz_to_ppm
 from qsmprep.recon.mask import combine_magnitude
@@ -124,8 +125,8 @@ class DipoleInversion(SimpleInterface):
             if not isdefined(inp.magnitude):
                 raise ValueError("MEDI needs the magnitude input (its edge mask)")
             te = list(inp.echo_times) if isdefined(inp.echo_times) else []
-            if te:  # the field's phase accrual time: the echo spacing (single echo: its TE)
-                params.setdefault("delta_te", te[1] - te[0] if len(te) > 1 else te[0])
+            if te:
+                params.setdefault("delta_te", delta_te_of(te))
             params.setdefault("b0", inp.b0)
             extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
             if noise is not None:

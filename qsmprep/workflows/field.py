@@ -157,17 +157,27 @@ def init_field_wf(
         FieldReliability(params=params_of(method_params, "reliability")),
         name="field_reliability",
     )
-    remove_background = pe.Node(
-        RemoveBackground(
-            method=bg_method,
-            params=params_of(method_params, bg_method),
-            device=device,
-            use_gpu=use_gpu,
-        ),
-        name="remove_background",
-        # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs
-        n_procs=1 if use_gpu else omp_nthreads,
-    )
+
+    def background_node(method: str, name: str) -> pe.Node:
+        """A RemoveBackground node fed the B0 direction and the total field."""
+        node = pe.Node(
+            RemoveBackground(
+                method=method,
+                params=params_of(method_params, method),
+                device=device,
+                use_gpu=use_gpu,
+            ),
+            name=name,
+            # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs
+            n_procs=1 if use_gpu else omp_nthreads,
+        )
+        workflow.connect([
+            (inputnode, node, [("b0_dir", "b0_dir")]),
+            (fit_field, node, [("total_field", "total_field")]),
+        ])  # fmt: skip
+        return node
+
+    remove_background = background_node(bg_method, "remove_background")
 
     workflow.connect([
         (inputnode, load_echoes, [
@@ -183,8 +193,6 @@ def init_field_wf(
         (load_echoes, fit_field, [("magnitude", "magnitude")]),
         (unwrap_phase, fit_field, [("out_file", "phase")]),
         (brain_mask, fit_field, [("out_file", "mask")]),
-        (inputnode, remove_background, [("b0_dir", "b0_dir")]),
-        (fit_field, remove_background, [("total_field", "total_field")]),
         (brain_mask, field_reliability, [("out_file", "mask")]),
         (fit_field, field_reliability, [("fit_residual", "fit_residual")]),
         (field_reliability, remove_background, [("meta", "extra_meta")]),
@@ -201,19 +209,8 @@ def init_field_wf(
     ])  # fmt: skip
     if dl_bg_method is not None and dl_bg_method != bg_method:
         check_choice(dl_bg_method, _BG_DESC, "background removal method")
-        remove_background_dl = pe.Node(
-            RemoveBackground(
-                method=dl_bg_method,
-                params=params_of(method_params, dl_bg_method),
-                device=device,
-                use_gpu=use_gpu,
-            ),
-            name="remove_background_dl",
-            n_procs=1 if use_gpu else omp_nthreads,
-        )
+        remove_background_dl = background_node(dl_bg_method, "remove_background_dl")
         workflow.connect([
-            (inputnode, remove_background_dl, [("b0_dir", "b0_dir")]),
-            (fit_field, remove_background_dl, [("total_field", "total_field")]),
             (brain_mask, remove_background_dl, [("out_file", "mask")]),
             (remove_background_dl, outputnode, [
                 ("local_field", "dl_local_field"), ("local_mask", "dl_local_mask"),

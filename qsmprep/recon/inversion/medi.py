@@ -107,6 +107,7 @@ __all__ = [
     "IRLS_EPSILON_RAD",
     "LAMBDA_CSF_RAD",
     "LAMBDA_RAD",
+    "delta_te_of",
     "gradient_mask",
     "medi",
     "rad_per_ppm",
@@ -123,6 +124,15 @@ IRLS_EPSILON_RAD = 1e-6
 
 DEFAULT_DELTA_TE = 5e-3
 """Default echo spacing (s) when none is given: a typical multi-echo GRE spacing at 3 T."""
+
+
+def delta_te_of(echo_times) -> float:
+    """MEDI's ``delta_te`` for a field fitted over ``echo_times`` (s): the echo spacing, or the
+    echo time of a single echo (the field's phase accrual time)."""
+    te = [float(t) for t in echo_times]
+    if not te:
+        raise ValueError("echo_times is empty: give the echo times (s) of the field fit")
+    return te[1] - te[0] if len(te) > 1 else te[0]
 
 
 def rad_per_ppm(delta_te: float, b0: float) -> float:
