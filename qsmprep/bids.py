@@ -56,6 +56,7 @@ dataset's ``dataset_description.json``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -95,6 +96,7 @@ _NIFTI_EXT = (".nii", ".nii.gz")
 _ZOOM_RTOL = 1e-3
 _ROT_ATOL = 1e-3
 _AFFINE_ATOL = 1e-3
+LOGGER = logging.getLogger(__name__)
 COSMOS_MIN_ANGLE_DEG = 5.0
 """Smallest angle between two B0 directions for them to count as different orientations."""
 
@@ -134,7 +136,8 @@ class Acquisition:
     b0 : float
         Field strength, T (sidecar ``MagneticFieldStrength`` or the override).
     phase_units : str
-        ``"rad"`` or ``"integer"`` (:func:`detect_phase_units`; pass to :func:`load_phase`).
+        ``"rad"``, ``"deg"`` or ``"integer"`` (:func:`detect_phase_units`; pass to
+        :func:`load_phase`).
     shape : tuple of int
         3D grid.
     voxel_size : tuple of float
@@ -151,6 +154,10 @@ class Acquisition:
         ``"MagneticFieldStrength"`` or ``"override"``.
     phase_units_source : str
         ``"sidecar"`` (``Units``) or ``"detected"`` (value range).
+    notes : list of str
+        What discovery recovered or converted on the way (an ``EchoTime`` taken from the
+        magnitude's sidecar, phase in degrees, non-finite or negative values set to 0); logged
+        at discovery and written to every output sidecar as ``InputNotes``.
     """
 
     subject: str
@@ -172,6 +179,7 @@ class Acquisition:
     metadata: dict = field(default_factory=dict, repr=False)
     b0_source: str = "MagneticFieldStrength"
     phase_units_source: str = "sidecar"
+    notes: list[str] = field(default_factory=list)
 
     @property
     def prefix(self) -> str:
@@ -231,6 +239,7 @@ class Acquisition:
             "metadata": self.metadata,
             "b0_source": self.b0_source,
             "phase_units_source": self.phase_units_source,
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -544,6 +553,8 @@ def collect_acquisitions(
             continue
         seen[acq.id] = acq
         out.append(acq)
+        for note in acq.notes:
+            LOGGER.warning("%s: %s", acq.id, note)
     return out
 
 
@@ -629,11 +640,16 @@ def _build_acquisition(root: Path, key: tuple, files: list, b0_override) -> Acqu
     meta_m = [echoes[e]["mag"].get_metadata() for e in numbers]
 
     # 2. echo times (s), strictly increasing in echo order
+    notes: list[str] = []
     tes = []
     for p, m, pm, mm in zip(phases, mags, meta_p, meta_m, strict=True):
         te = pm.get("EchoTime")
-        if te is None:
+        if te is None and mm.get("EchoTime") is not None:
             te = mm.get("EchoTime")
+            notes.append(
+                f"EchoTime missing from {_sidecar(p).name}: took {te} s from the magnitude's "
+                f"sidecar {_sidecar(m).name}"
+            )
         if te is None:
             raise fail(
                 f'EchoTime is missing from the sidecar {_sidecar(p).name}; add "EchoTime" '
@@ -702,6 +718,20 @@ def _build_acquisition(root: Path, key: tuple, files: list, b0_override) -> Acqu
                 path=phases[0],
             )
         b0_source = "MagneticFieldStrength"
+        for f, meta in zip([*phases, *mags], [*meta_p, *meta_m], strict=True):
+            other = meta.get("MagneticFieldStrength")
+            try:
+                differs = other is not None and abs(float(other) - b0) > 1e-3 * b0
+            except (TypeError, ValueError):
+                differs = True
+            if differs:
+                raise fail(
+                    f"MagneticFieldStrength {other!r} in {_sidecar(f).name} differs from "
+                    f"{b0:g} T in {_sidecar(phases[0]).name}; all echoes of one acquisition "
+                    "come from one scanner: fix the sidecars (or give the field strength "
+                    "with --b0)",
+                    path=f,
+                )
 
     # 4. grids (headers only)
     ref_shape = ref_affine = ref_zooms = None
@@ -730,17 +760,35 @@ def _build_acquisition(root: Path, key: tuple, files: list, b0_override) -> Acqu
                 path=p,
             )
 
-    # 5. phase units: sidecar, else the first phase echo's values
-    units = [_units_from_sidecar(m) for m in meta_p]
-    if all(u == "rad" for u in units):
-        phase_units, units_source = "rad", "sidecar"
-    else:
-        try:
-            phase_units = detect_phase_units(nib.load(str(phases[0])), meta_p[0], path=phases[0])
-        except BIDSInputError as exc:
-            exc.acquisition = acq_id
-            raise
-        units_source = "sidecar" if units[0] == "rad" else "detected"
+    # 5. phase units: sidecar (the same for every echo), checked against the first phase
+    # echo's values, else detected from them
+    try:
+        declared = [
+            _units_from_sidecar(m, path=_rel(p, root)) for p, m in zip(phases, meta_p, strict=True)
+        ]
+        phase_units = detect_phase_units(nib.load(str(phases[0])), meta_p[0], path=phases[0])
+    except BIDSInputError as exc:
+        exc.acquisition = acq_id
+        raise
+    for p, u in zip(phases[1:], declared[1:], strict=True):
+        if u != declared[0]:
+            raise fail(
+                f"phase Units {u or '(none)'!r} in {_sidecar(p).name} differ from "
+                f"{declared[0] or '(none)'!r} in {_sidecar(phases[0]).name}; give every phase "
+                "echo the same Units",
+                path=p,
+            )
+    units_source = "sidecar" if declared[0] in ("rad", "deg") else "detected"
+    if phase_units == "deg":
+        notes.append(
+            "phase in degrees ("
+            + ('sidecar "Units"' if units_source == "sidecar" else "values span +-180")
+            + "): converted to radians"
+        )
+
+    # 6. values: magnitude non-negative and finite, phase finite
+    for m in mags:
+        notes += _check_magnitude_values(m, fail, root)
 
     return Acquisition(
         subject=subject,
@@ -762,6 +810,7 @@ def _build_acquisition(root: Path, key: tuple, files: list, b0_override) -> Acqu
         metadata=dict(meta_p[0]),
         b0_source=b0_source,
         phase_units_source=units_source,
+        notes=notes,
     )
 
 
@@ -787,21 +836,107 @@ def _header(path: Path, what: str, fail):
             "files with their own sidecars",
             path=path,
         )
+    raw = _raw_header(img, path)
+    if raw is not None:
+        # nibabel silently turns a zero voxel size into 1 mm; read what the file says
+        pixdim = tuple(float(z) for z in raw["pixdim"][1:4])
+        if not all(np.isfinite(z) and z > 0 for z in pixdim):
+            raise fail(
+                f"{what} image has voxel size (pixdim) {pixdim} in its NIfTI header: the "
+                "voxel size is unknown. Reconvert the DICOMs (e.g. with dcm2niix) so the "
+                "header carries the scanner geometry",
+                path=path,
+            )
+        if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0:
+            raise fail(
+                f"{what} image has no orientation in its NIfTI header (qform_code and "
+                "sform_code are 0), so its position and the direction of B0 in it are "
+                "unknown. Reconvert the DICOMs (e.g. with dcm2niix) so the header carries "
+                "the scanner geometry",
+                path=path,
+            )
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise fail(f"{what} image has voxel size {zooms}; fix the NIfTI header", path=path)
     return shape[:3], np.asarray(img.affine, dtype=float), zooms
 
 
+def _raw_header(img, path):
+    """The NIfTI header as stored (without nibabel's fixes), or None for other formats."""
+    cls = type(img.header)
+    if not isinstance(img.header, nib.Nifti1Header):
+        return None
+    with nib.openers.ImageOpener(str(path)) as fobj:
+        return cls.from_fileobj(fobj, check=False)
+
+
+_NEGATIVE_FRACTION = 0.01  # of nonzero voxels: above it a "magnitude" is not a magnitude
+
+
+def _check_magnitude_values(path: Path, fail, root) -> list[str]:
+    """Refuse a magnitude that is not one; describe what :func:`load_magnitude` will zero."""
+    v = np.asarray(_read_3d(path, "magnitude")[0], dtype=np.float32)
+    finite = np.isfinite(v)
+    n_bad = int(v.size - np.count_nonzero(finite))
+    v = np.where(finite, v, 0.0)
+    nonzero = np.count_nonzero(v)
+    if nonzero == 0:
+        raise fail("magnitude image is zero everywhere; replace it", path=path)
+    n_neg = int(np.count_nonzero(v < 0))
+    if n_neg > _NEGATIVE_FRACTION * nonzero:
+        raise fail(
+            f"magnitude image has negative values in {n_neg} voxels ({100 * n_neg / nonzero:.0f} "
+            "% of the nonzero ones): it looks like a real or imaginary part or a phase, not a "
+            "magnitude. Give the magnitude image (part-mag)",
+            path=path,
+        )
+    notes = []
+    if n_bad:
+        notes.append(f"{_rel(path, root)}: {n_bad} non-finite (NaN or inf) values set to 0")
+    if n_neg:
+        notes.append(f"{_rel(path, root)}: {n_neg} negative values set to 0")
+    return notes
+
+
 # --------------------------------------------------------------------------------------------
 # images
 
 
-def _units_from_sidecar(meta: Mapping | None) -> str | None:
+_UNIT_NAMES = {
+    "rad": ("rad", "rads", "radian", "radians"),
+    "deg": ("deg", "degs", "degree", "degrees", "\u00b0"),
+    "arbitrary": ("arbitrary", "a.u.", "au", "arb", "arbitrary units", "n/a"),
+}
+_FIELD_UNITS = ("hz", "ppm", "ppb", "rad/s", "t", "ut", "nt")
+
+
+def _units_from_sidecar(meta: Mapping | None, *, path=None) -> str | None:
+    """Phase ``"Units"`` of a sidecar: ``"rad"``, ``"deg"``, ``"arbitrary"`` or None (absent).
+
+    BIDS gives phase images ``"rad"`` or ``"arbitrary"``; degrees are read too. Units of a
+    field (Hz, ppm, ...) or anything else raise :class:`BIDSInputError` with the fix.
+    """
     u = (meta or {}).get("Units")
-    if isinstance(u, str) and u.strip().lower() in ("rad", "radian", "radians"):
-        return "rad"
-    return None
+    if u is None:
+        return None
+    key = str(u).strip().lower()
+    for name, spellings in _UNIT_NAMES.items():
+        if key in spellings:
+            return name
+    where = f"{path}: " if path is not None else ""
+    if key in _FIELD_UNITS:
+        raise BIDSInputError(
+            f'{where}phase sidecar says "Units": {u!r}, the units of a field map, not of a phase '
+            'image. qsmprep reads wrapped phase per echo: give the phase images ("Units": '
+            '"rad" or "arbitrary"), not a field map',
+            path=path,
+        )
+    raise BIDSInputError(
+        f'{where}phase sidecar has "Units": {u!r}, which qsmprep does not know. BIDS phase '
+        'images use "rad" or "arbitrary" (scanner integers); degrees ("deg") are read too. '
+        "Fix the sidecar's Units",
+        path=path,
+    )
 
 
 _PI_TOL = 1e-3  # relative slack on pi for stored radians (float32 / int16 scaling rounding)
@@ -809,13 +944,15 @@ _INTEGER_MIN_RANGE = 100.0
 
 
 def detect_phase_units(img, sidecar: Mapping | None = None, *, path=None) -> str:
-    """Units of a phase image: ``"rad"`` or ``"integer"`` (scanner integers).
+    """Units of a phase image: ``"rad"``, ``"deg"`` or ``"integer"`` (scanner integers).
 
-    1. Sidecar ``"Units"`` of ``"rad"`` / ``"radians"`` -> ``"rad"``.
-    2. Otherwise from the (scaled) values ``v``: radians when they lie within one 2 pi
-       interval starting at -pi or 0 (``-pi <= v <= pi`` or ``0 <= v <= 2 pi``, with a
-       relative slack of 1e-3); ``"integer"`` when every value is an integer and
-       ``max - min >= 100`` (e.g. Siemens -4096..4095 or 0..4095).
+    1. A sidecar ``"Units"`` of radians or degrees is used when the (scaled) values ``v``
+       agree with it; a disagreement raises.
+    2. Otherwise (no ``Units``, or ``"arbitrary"``) from the values: radians when they lie
+       within one 2 pi interval starting at -pi or 0 (``-pi <= v <= pi`` or
+       ``0 <= v <= 2 pi``, with a relative slack of 1e-3); degrees when they lie within
+       [-180, 180] or [0, 360] and span more than 180; ``"integer"`` when every value is an
+       integer and ``max - min >= 100`` (e.g. Siemens -4096..4095 or 0..4095).
 
     Parameters
     ----------
@@ -828,35 +965,65 @@ def detect_phase_units(img, sidecar: Mapping | None = None, *, path=None) -> str
 
     Returns
     -------
-    ``"rad"`` or ``"integer"``.
+    ``"rad"``, ``"deg"`` or ``"integer"``.
 
     Raises
     ------
     BIDSInputError
-        When the values fit neither (e.g. degrees, or radians times a factor).
+        When the values fit none of these (e.g. radians times a factor), or contradict the
+        sidecar's ``Units``, or the ``Units`` are those of a field map.
     """
-    if _units_from_sidecar(sidecar) == "rad":
-        return "rad"
     if isinstance(img, (str, os.PathLike)):
         path = img if path is None else path
         img = nib.load(str(img))
     if path is None:
         path = img.get_filename()
+    declared = _units_from_sidecar(sidecar, path=path)
     v = np.asanyarray(img.dataobj)
     v = v[np.isfinite(v)] if np.issubdtype(v.dtype, np.floating) else v.ravel()
     if v.size == 0:
         raise BIDSInputError(f"{path}: phase image has no finite values; replace it", path=path)
     lo, hi = float(v.min()), float(v.max())
+    span = f"[{lo:.4g}, {hi:.4g}]"
     pi = np.pi * (1 + _PI_TOL)
-    if (lo >= -pi and hi <= pi) or (lo >= -_PI_TOL and hi <= 2 * pi):
+    is_rad = (lo >= -pi and hi <= pi) or (lo >= -_PI_TOL and hi <= 2 * pi)
+    d180 = 180.0 * (1 + _PI_TOL)
+    is_deg = (
+        not is_rad
+        and hi - lo > 180
+        and ((lo >= -d180 and hi <= d180) or (lo >= -_PI_TOL and hi <= 2 * d180))
+    )
+    if declared == "rad":
+        if not is_rad:
+            raise BIDSInputError(
+                f'{path}: the sidecar says "Units": "rad" but the values span {span}, beyond '
+                "one 2 pi cycle"
+                + ('; they look like degrees: set "Units": "deg"' if is_deg else "")
+                + "; fix the sidecar's Units (or rescale the image to radians)",
+                path=path,
+            )
         return "rad"
+    if declared == "deg":
+        if not is_deg:
+            raise BIDSInputError(
+                f'{path}: the sidecar says "Units": "deg" but the values span {span}, not a '
+                "phase in degrees (within [-180, 180] or [0, 360] and spanning more than 180); "
+                "fix the sidecar's Units",
+                path=path,
+            )
+        return "deg"
+    if is_rad:
+        return "rad"
+    if is_deg:
+        return "deg"
     integral = np.issubdtype(v.dtype, np.integer) or bool(np.all(v == np.round(v)))
     if integral and hi - lo >= _INTEGER_MIN_RANGE:
         return "integer"
     raise BIDSInputError(
-        f"{path}: cannot tell the units of this phase image: values span [{lo:.4g}, {hi:.4g}], "
-        "neither radians (within [-pi, pi] or [0, 2 pi]) nor scanner integers (integer values "
-        'spanning >= 100). Rescale it to radians and set "Units": "rad" in its sidecar',
+        f"{path}: cannot tell the units of this phase image: values span {span}, neither "
+        "radians (within [-pi, pi] or [0, 2 pi]), degrees (within [-180, 180] or [0, 360]) nor "
+        "scanner integers (integer values spanning >= 100). Rescale it to radians and set "
+        '"Units": "rad" in its sidecar',
         path=path,
     )
 
@@ -887,6 +1054,8 @@ def load_phase(path, units: str, phase_sign: int = 1) -> np.ndarray:
     value above pi by more than 0.1 %) have the values above pi moved down by 2 pi, so the
     result lies in [-pi, pi].
 
+    ``units="deg"``: degrees times pi / 180, then as radians.
+
     ``units="integer"``: a linear map of the stored integers onto [-pi, pi)::
 
         phi = (v - lo) / (hi - lo + 1) * 2 pi - pi
@@ -899,16 +1068,21 @@ def load_phase(path, units: str, phase_sign: int = 1) -> np.ndarray:
     Non-finite values become 0. ``phase_sign=-1`` negates the result (scanners whose phase
     decreases with frequency; qsmprep's convention is phase = +2 pi f TE).
     """
-    if units not in ("rad", "integer"):
-        raise ValueError(f"units must be 'rad' or 'integer', got {units!r}")
+    if units not in ("rad", "deg", "integer"):
+        raise ValueError(f"units must be 'rad', 'deg' or 'integer', got {units!r}")
     if phase_sign not in (1, -1):
         raise ValueError(f"phase_sign must be +1 or -1, got {phase_sign!r}")
     data, _ = _read_3d(path, "phase")
     v = np.asarray(data, dtype=np.float64)
     finite = np.isfinite(v)
     if not finite.all():
+        LOGGER.warning(
+            "%s: %d non-finite (NaN or inf) phase values set to 0", path, v.size - finite.sum()
+        )
         v = np.where(finite, v, 0.0)
-    if units == "rad":
+    if units == "deg":
+        v = np.deg2rad(v)
+    if units in ("rad", "deg"):
         if v.max() > np.pi * (1 + _PI_TOL):  # [0, 2 pi) convention
             v = np.where(v > np.pi, v - 2 * np.pi, v)
     else:
@@ -924,9 +1098,11 @@ def load_phase(path, units: str, phase_sign: int = 1) -> np.ndarray:
 
 
 def load_magnitude(path) -> np.ndarray:
-    """Magnitude image as float32, 3D (scaling applied; non-finite values become 0)."""
+    """Magnitude image as float32, 3D (scaling applied; non-finite and negative values become
+    0: discovery refuses a "magnitude" with more than a few negative voxels)."""
     data, _ = _read_3d(path, "magnitude")
-    return np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    v = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.maximum(v, 0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -488,10 +490,36 @@ def test_phase_units_data_range_fallback(tmp_path):
     np.testing.assert_allclose(back, (v + 10000) / 20000 * 2 * np.pi - np.pi, atol=1e-6)
 
 
+def test_phase_units_degrees(ds):
+    """Degrees (sidecar "deg", or values spanning +-180 / 0..360) become radians, with a note."""
+    phis = {}
+    for echo in (1, 2, 3):
+        p = _file(ds, echo=echo, part="phase")
+        phis[echo] = np.asarray(nib.load(str(p)).dataobj, dtype=np.float64)
+        _save_like(p, np.rad2deg(phis[echo]).astype(np.float32))
+        _edit_json(_file(ds, echo=echo, part="phase", ext=".json"), drop=["Units"])
+    (a,) = collect_acquisitions(ds, participant_label="01")
+    assert (a.phase_units, a.phase_units_source) == ("deg", "detected")
+    assert a.notes == ["phase in degrees (values span +-180): converted to radians"]
+    for echo, path in zip((1, 2, 3), a.phase, strict=True):
+        assert _wrapped_error(load_phase(path, "deg"), phis[echo]) < 1e-5
+    for echo in (1, 2, 3):
+        _edit_json(_file(ds, echo=echo, part="phase", ext=".json"), Units="degrees")
+    (a,) = collect_acquisitions(ds, participant_label="01")
+    assert (a.phase_units, a.phase_units_source) == ("deg", "sidecar")
+    assert 'sidecar "Units"' in a.notes[0]
+    # 0..360 degrees come back in [-pi, pi]
+    p = _file(ds, echo=2, part="phase")
+    _save_like(p, np.mod(np.rad2deg(phis[2]), 360).astype(np.float32))
+    assert detect_phase_units(p) == "deg"
+    back = load_phase(p, "deg")
+    assert back.min() >= -np.pi and back.max() <= np.pi and _wrapped_error(back, phis[2]) < 1e-5
+
+
 def test_phase_units_undetectable(ds):
     p = _file(ds, echo=1, part="phase")
-    deg = np.rad2deg(np.asarray(nib.load(str(p)).dataobj)).astype(np.float32)
-    _save_like(p, deg)
+    scaled = (10 * np.asarray(nib.load(str(p)).dataobj)).astype(np.float32)
+    _save_like(p, scaled)
     for f in _anat(ds).glob("*part-phase*.json"):
         _edit_json(f, drop=["Units"])
     err = _raises(
@@ -501,6 +529,139 @@ def test_phase_units_undetectable(ds):
         '"Units": "rad"',
     )
     assert err.acquisition == "sub-01" and err.path == _file(ds, echo=1, part="phase")
+
+
+def test_phase_units_sidecar_must_agree_with_the_values(ds):
+    p = _file(ds, echo=1, part="phase")
+    phi = np.asarray(nib.load(str(p)).dataobj)
+    # "rad" on degrees: refused, with the likely fix
+    _save_like(p, np.rad2deg(phi).astype(np.float32))
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-1_part-phase_MEGRE.nii.gz",
+        '"Units": "rad" but the values span',
+        'they look like degrees: set "Units": "deg"',
+    )
+    # "deg" on radians: refused
+    _save_like(p, phi)
+    for f in _anat(ds).glob("*part-phase*.json"):
+        _edit_json(f, Units="deg")
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        '"Units": "deg" but the values span',
+        "fix the sidecar's Units",
+    )
+
+
+@pytest.mark.parametrize(
+    ("units", "needles"),
+    [
+        ("Hz", ["'Hz', the units of a field map", "not a field map"]),
+        ("ppm", ["'ppm', the units of a field map"]),
+        ("furlongs", ["'furlongs', which qsmprep does not know", '"rad" or "arbitrary"']),
+    ],
+)
+def test_phase_units_of_a_field_or_unknown_are_refused(ds, units, needles):
+    for f in _anat(ds).glob("*part-phase*.json"):
+        _edit_json(f, Units=units)
+    err = _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-1_part-phase_MEGRE.nii.gz",
+        *needles,
+    )
+    assert err.acquisition == "sub-01"
+
+
+def test_phase_units_must_be_the_same_for_every_echo(ds):
+    _edit_json(_file(ds, echo=2, part="phase", ext=".json"), Units="arbitrary")
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-2_part-phase_MEGRE.nii.gz",
+        "phase Units 'arbitrary' in sub-01_echo-2_part-phase_MEGRE.json differ from 'rad'",
+    )
+
+
+def test_echo_time_from_the_magnitude_is_noted(ds):
+    _edit_json(_file(ds, echo=2, part="phase", ext=".json"), drop=["EchoTime"])
+    (a,) = collect_acquisitions(ds, participant_label="01")
+    assert a.echo_times == list(TES)
+    assert a.notes == [
+        "EchoTime missing from sub-01_echo-2_part-phase_MEGRE.json: took 0.008 s from the "
+        "magnitude's sidecar sub-01_echo-2_part-mag_MEGRE.json"
+    ]
+    assert Acquisition.from_dict(a.to_dict()).notes == a.notes
+
+
+def test_field_strength_must_agree_between_echoes(ds):
+    for part in ("mag", "phase"):
+        _edit_json(_file(ds, echo=3, part=part, ext=".json"), MagneticFieldStrength=1.5)
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-3_part-phase_MEGRE.nii.gz",
+        "MagneticFieldStrength 1.5 in sub-01_echo-3_part-phase_MEGRE.json differs from 3 T",
+        "--b0",
+    )
+    (a,) = collect_acquisitions(ds, participant_label="01", b0=3.0)  # the override decides
+    assert (a.b0, a.b0_source) == (3.0, "override")
+
+
+def _strip_geometry(path, zero_pixdim: bool):
+    """Rewrite ``path`` with qform_code = sform_code = 0 (and pixdim 0), bypassing nibabel."""
+    img = nib.load(str(path))
+    raw = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    nii = path.with_name(path.name[: -len(".gz")])
+    nib.save(raw, str(nii))
+    b = bytearray(nii.read_bytes())
+    if zero_pixdim:
+        b[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)  # pixdim[1:4]
+    b[252:256] = struct.pack("<2h", 0, 0)  # qform_code, sform_code
+    path.write_bytes(gzip.compress(bytes(b)))
+    nii.unlink()
+
+
+@pytest.mark.parametrize(
+    ("zero_pixdim", "needle"),
+    [(True, "voxel size (pixdim) (0.0, 0.0, 0.0)"), (False, "qform_code and sform_code are 0")],
+)
+def test_header_without_geometry_is_refused(ds, zero_pixdim, needle):
+    for part in ("mag", "phase"):
+        _strip_geometry(_file(ds, echo=1, part=part), zero_pixdim)
+    # nibabel alone would read 1 mm voxels on an axis-aligned grid
+    assert nib.load(str(_file(ds, echo=1))).header.get_zooms() == (
+        (1.0, 1.0, 1.0) if zero_pixdim else (3.0, 3.0, 3.0)
+    )
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-1_part-phase_MEGRE.nii.gz",
+        needle,
+        "dcm2niix",
+    )
+
+
+def test_magnitude_values_checked(ds):
+    p = _file(ds, echo=1, part="mag")
+    ref = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+    # a few non-finite or negative voxels: set to 0, noted
+    data = ref.copy()
+    data[0, 0, 0], data[0, 0, 1], data[1, 0, 0] = np.nan, np.inf, -2.0
+    _save_like(p, data)
+    (a,) = collect_acquisitions(ds, participant_label="01")
+    assert a.notes == [
+        "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz: 2 non-finite (NaN or inf) values set "
+        "to 0",
+        "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz: 1 negative values set to 0",
+    ]
+    mag = load_magnitude(p)
+    assert mag[0, 0, 0] == mag[0, 0, 1] == mag[1, 0, 0] == 0 and mag.min() >= 0
+    # a real part passed as magnitude: refused
+    _save_like(p, ref * np.cos(np.linspace(0, 40, ref.size)).reshape(ref.shape).astype(np.float32))
+    _raises(
+        lambda: collect_acquisitions(ds, participant_label="01"),
+        "sub-01_echo-1_part-mag_MEGRE.nii.gz",
+        "looks like a real or imaginary part",
+    )
+    _save_like(p, np.zeros_like(ref))
+    _raises(lambda: collect_acquisitions(ds, participant_label="01"), "zero everywhere")
 
 
 def test_load_magnitude(ds):

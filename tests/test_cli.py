@@ -121,6 +121,14 @@ def test_participant_rerun_and_group(dataset, tmp_path, capsys):
     assert (out / "group.html").is_file()
 
 
+def _tree(root):
+    """Every path under ``root`` with its size and modification time."""
+    return {
+        p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
 @pytest.mark.slow
 def test_one_bad_acquisition_does_not_sink_the_others(dataset, tmp_path, capsys):
     bids = tmp_path / "bids"
@@ -130,13 +138,33 @@ def test_one_bad_acquisition_does_not_sink_the_others(dataset, tmp_path, capsys)
         meta = json.loads(side.read_text())
         del meta["EchoTime"]
         side.write_text(json.dumps(meta))
+    # sub-01's phase lost one EchoTime: recovered from the magnitude, logged and recorded
+    side = bids / "sub-01/anat/sub-01_acq-ori1_echo-2_part-phase_MEGRE.json"
+    meta = json.loads(side.read_text())
+    del meta["EchoTime"]
+    side.write_text(json.dumps(meta))
     out = tmp_path / "out"
-    code = run.main(_args(bids, out, tmp_path / "work", "--participant-label", "02", "01"))
+    # a read-only input dataset: nothing in it is created, changed or removed
+    before = _tree(bids)
+    for p in [bids, *bids.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        code = run.main(_args(bids, out, tmp_path / "work", "--participant-label", "02", "01"))
+    finally:
+        for p in [bids, *bids.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert _tree(bids) == before
     err = capsys.readouterr().err
     assert code == 1
     assert "sub-02_echo-2_part-" in err and "EchoTime" in err
     assert (out / "sub-01/anat/sub-01_acq-ori1_desc-tkd_Chimap.nii.gz").is_file()
     assert not (out / "sub-02/anat").exists()
+    note = "EchoTime missing from sub-01_acq-ori1_echo-2_part-phase_MEGRE.json: took 0.008 s"
+    chimap = json.loads((out / "sub-01/anat/sub-01_acq-ori1_desc-tkd_Chimap.json").read_text())
+    assert any(n.startswith(note) for n in chimap["InputNotes"])
+    assert "InputNotes" not in json.loads(
+        (out / "sub-01/anat/sub-01_acq-ori2_desc-tkd_Chimap.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,11 @@ class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
         traits.Float, mandatory=True, desc="echo times (s), one per echo, strictly increasing"
     )
     phase_units = traits.Enum(
-        "rad", "integer", usedefault=True, desc="unit of the stored phase: rad or integer"
+        "rad",
+        "deg",
+        "integer",
+        usedefault=True,
+        desc="unit of the stored phase: rad, deg or integer",
     )
     phase_sign = traits.Enum(1, -1, usedefault=True, desc="phase sign convention (+1 or -1)")
 

@@ -85,6 +85,8 @@ def init_qsm_derivatives_wf(
         name="inputnode",
     )
     base = {"Sources": acquisition_sources(a), "GeneratedBy": GENERATED_BY}
+    if a.notes:
+        base["InputNotes"] = list(a.notes)
     echo = {
         "EchoTime": [float(t) for t in a.echo_times],
         "B0": float(a.b0),
