@@ -99,6 +99,8 @@ class Settings:
     # template space (qsmprep.space): ``Template[:res-n]`` entries, chi reference region
     output_spaces: list[str] = field(default_factory=list)
     reference_region: str = "mask"
+    # run the official BIDS validator on the input first (--skip-bids-validation turns it off)
+    skip_bids_validation: bool = False
     version: str = __version__
 
     def __post_init__(self):

@@ -136,6 +136,7 @@ def init_qsm_derivatives_wf(
         {
             "Units": "Hz",
             "Description": "total field offset: weighted linear fit of the unwrapped phase",
+            "SkullStripped": True,
             "UnwrapMethod": unwrap_method,
             **echo,
             **base,
@@ -147,6 +148,7 @@ def init_qsm_derivatives_wf(
         {
             "Units": "Hz",
             "Description": "standard deviation of the fitted total field",
+            "SkullStripped": False,
             **echo,
             **base,
         },
@@ -157,6 +159,7 @@ def init_qsm_derivatives_wf(
         {
             "Units": "Hz",
             "Description": "local field after background field removal",
+            "SkullStripped": True,
             "Method": bg_method,
             "B0Direction": [float(v) for v in a.b0_dir],
             **echo,
@@ -179,6 +182,7 @@ def init_qsm_derivatives_wf(
             path(method, "Chimap"),
             {
                 "Units": "ppm",
+                "SkullStripped": True,
                 "Method": method,
                 "Reference": CHIMAP_REFERENCE,
                 "B0": float(a.b0),
@@ -242,6 +246,7 @@ def init_cosmos_derivatives_wf(
         cosmos_path(output_dir, acquisitions),
         {
             "Units": "ppm",
+            "SkullStripped": True,
             "Method": "cosmos",
             "Reference": "mean of the common local mask of the orientations",
             "B0": [float(a.b0) for a in acquisitions],
