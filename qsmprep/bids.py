@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1269,7 +1268,8 @@ def write_dataset_description(output_dir, *, bids_dir=None) -> Path:
 
     ``DatasetType`` derivative, BIDS 1.9.0, ``GeneratedBy`` qsmprep with its version, and
     ``SourceDatasets`` (a ``file://`` URL) when ``bids_dir`` is given. Written to a temporary
-    name and renamed, so the file is always complete; an existing file is replaced.
+    name and renamed, so the file is always complete (concurrent array jobs write the same
+    content); an existing file is replaced.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1288,13 +1288,6 @@ def write_dataset_description(output_dir, *, bids_dir=None) -> Path:
     }
     if bids_dir is not None:
         desc["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
-    path = out / "dataset_description.json"
-    fd, tmp = tempfile.mkstemp(prefix=".dataset_description.", suffix=".json", dir=out)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(desc, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from qsmprep._atomic import write_text
+
+    return write_text(out / "dataset_description.json", json.dumps(desc, indent=2) + "\n")

@@ -13,14 +13,15 @@ not silently fall back to a default.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
 from qsmprep.dl.weights import DL_METHODS as _DL_METHODS
 from qsmprep.recon.background import DEFAULT_METHOD as DEFAULT_BG_METHOD
+
+LOGGER = logging.getLogger("qsmprep")
 
 __all__ = [
     "ALL_METHODS",
@@ -157,13 +158,72 @@ class Settings:
                 d[f.name] = str(v)
         return d
 
-    def write(self, path: str | Path) -> Path:
+    def write(self, path: str | Path, *, merge: bool = True) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path`` atomically (temporary file + rename).
+
+        With ``merge`` (the default) an existing file is updated under an exclusive lock
+        (``.<name>.lock`` next to it), so array jobs that each process some participants into
+        one output folder leave one valid record of all of them: ``participant_label`` and
+        ``session_label`` become the union of the file's and this run's (``null``, all
+        participants, absorbs any list). Other differences from the file (methods,
+        parameters; not how the run executed, e.g. its work folder or process count) are
+        logged as a warning, and this run's values are kept.
+        """
+        from qsmprep._atomic import locked, write_text
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # a unique temporary name: parallel array jobs may write into one output folder
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the derivative is shared
-        Path(tmp).replace(p)
+        data = json.loads(json.dumps(self.to_dict()))
+        if not merge:
+            write_text(p, json.dumps(data, indent=2, sort_keys=True))
+            return p
+        with locked(p.with_name(f".{p.name}.lock")):
+            old = _read_record(p)
+            if old is not None:
+                for key in _SELECTION_FIELDS:
+                    data[key] = _union(old.get(key), data[key])
+                skip = (*_SELECTION_FIELDS, *_EXECUTION_FIELDS)
+                changed = sorted(
+                    k for k in data if k not in skip and k in old and old[k] != data[k]
+                )
+                if changed:
+                    LOGGER.warning(
+                        "%s: this run's settings differ from those recorded by an earlier run "
+                        "into the same output folder (%s); the file now holds this run's",
+                        p,
+                        ", ".join(changed),
+                    )
+            write_text(p, json.dumps(data, indent=2, sort_keys=True))
         return p
+
+
+_SELECTION_FIELDS = ("participant_label", "session_label")
+"""Settings that select data: merged (union) in ``qsmprep_settings.json``."""
+_EXECUTION_FIELDS = (
+    "work_dir",
+    "nprocs",
+    "omp_nthreads",
+    "mem_gb",
+    "plugin",
+    "plugin_args",
+    "version",
+)
+"""Settings that say how a run executed: may differ between array tasks without a warning."""
+
+
+def _read_record(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when missing or unreadable (then it is rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        LOGGER.warning("%s is not valid JSON (%s); it is rewritten", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _union(a, b):
+    """Union of two label selections; None (everything) absorbs."""
+    if a is None or b is None:
+        return None
+    return sorted({*a, *b})

@@ -417,6 +417,7 @@ def _write_atomic_json(path: Path, obj) -> None:
 def run_participant(settings: Settings) -> int:
     """Process every selected acquisition; 0 when all succeeded, 1 otherwise."""
     from qsmprep import bids
+    from qsmprep._atomic import remove_stale_temporaries
     from qsmprep.reports.html import build_subject_report
     from qsmprep.space.plan import plan_from_settings
     from qsmprep.workflows import init_participant_wf
@@ -461,6 +462,8 @@ def run_participant(settings: Settings) -> int:
         )
         t0 = time.perf_counter()
         crashes_before = set((settings.output_dir / "logs").glob("crash-*"))
+        # temporary files of a killed earlier run (final names are only ever complete)
+        remove_stale_temporaries(settings.output_dir / f"sub-{sub}")
         try:
             wf = init_participant_wf(sub_acqs, settings, sub_groups)
             wf.base_dir = str(settings.work_dir)

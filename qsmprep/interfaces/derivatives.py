@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -16,6 +13,8 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
+
+from qsmprep import _atomic
 
 __all__ = ["WriteDerivative", "atomic_write_text", "atomic_copy"]
 
@@ -29,40 +28,18 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1]
 
 
-def _temporary(target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return tmp
-
-
 def atomic_copy(src, target) -> str:
-    """Copy ``src`` to ``target`` through a temporary file in the target folder + rename."""
-    target = Path(target)
-    tmp = _temporary(target)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return str(target)
+    """Copy ``src`` to ``target`` through a temporary file in the target folder + rename.
+
+    Raises :class:`~qsmprep._atomic.DiskFullError` (an ``OSError`` naming ``target``) when
+    the disk is full; nothing is left under either name then.
+    """
+    return str(_atomic.copy_file(src, target))
 
 
 def atomic_write_text(text: str, target) -> str:
     """Write ``text`` to ``target`` through a temporary file in the target folder + rename."""
-    target = Path(target)
-    tmp = _temporary(target)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return str(target)
+    return str(_atomic.write_text(target, text))
 
 
 def _sidecar_path(out_file: str) -> str:
@@ -84,8 +61,10 @@ class _WriteDerivativeOutputSpec(TraitedSpec):
 class WriteDerivative(SimpleInterface):
     """Copy a result to its BIDS-derivative path, sidecar first; always runs (cheap).
 
-    Each file is written under a temporary name in the target folder and renamed into place
-    (``os.replace``), so readers see either the old file or the complete new one.
+    Each file is written in full under a temporary name in the target folder and renamed
+    into place (``os.replace``), so readers see either the old file or the complete new one;
+    a full disk raises :class:`~qsmprep._atomic.DiskFullError` naming the file, before
+    either name is touched.
     """
 
     input_spec = _WriteDerivativeInputSpec
@@ -99,10 +78,21 @@ class WriteDerivative(SimpleInterface):
         sidecar = dict(self.inputs.sidecar) if isdefined(self.inputs.sidecar) else {}
         if isdefined(self.inputs.meta):
             sidecar.update(self.inputs.meta)
-        if sidecar:
-            if _ext(out) == ".json":
-                raise ValueError(f"{out} is a JSON file itself; it takes no sidecar")
-            text = json.dumps(sidecar, indent=2) + "\n"
-            self._results["out_sidecar"] = atomic_write_text(text, _sidecar_path(out))
-        self._results["out_file"] = atomic_copy(src, out)
+        if sidecar and _ext(out) == ".json":
+            raise ValueError(f"{out} is a JSON file itself; it takes no sidecar")
+        # both files are written in full under temporary names first (where a full disk
+        # fails), then renamed: the sidecar, then the data
+        side_tmp = data_tmp = None
+        try:
+            if sidecar:
+                side = _sidecar_path(out)
+                side_tmp = _atomic.stage_text(json.dumps(sidecar, indent=2) + "\n", side)
+            data_tmp = _atomic.stage_copy(src, out)
+            if side_tmp:
+                self._results["out_sidecar"] = str(_atomic.commit(side_tmp, side))
+                side_tmp = None
+            self._results["out_file"] = str(_atomic.commit(data_tmp, out))
+            data_tmp = None
+        finally:
+            _atomic.discard(side_tmp, data_tmp)
         return runtime

@@ -85,12 +85,9 @@ pre{background:#f3f3f3;padding:8px;overflow-x:auto;font-size:.8em;max-height:320
 
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from qsmprep._atomic import write_text
+
+    return write_text(path, text)
 
 
 def load_settings(output_dir, settings=None) -> dict:
