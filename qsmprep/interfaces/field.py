@@ -140,7 +140,9 @@ class _UnwrapInputSpec(BaseInterfaceInputSpec):
 
 
 class _UnwrapOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="4D unwrapped, offset-corrected phase (rad)")
+    out_file = File(
+        exists=True, desc="4D unwrapped phase (rad), offset-corrected with two or more echoes"
+    )
 
 
 class UnwrapPhase(SimpleInterface):

@@ -77,7 +77,7 @@ def fit_field_linear(
     echo_times,
     *,
     mask=None,
-    offset: bool = True,
+    offset: bool | None = None,
     noise_std: float | None = None,
 ):
     """Weighted least-squares fit of the field (Hz) to unwrapped multi-echo phase.
@@ -85,6 +85,11 @@ def fit_field_linear(
     Minimises ``sum_n w_n (phi_n - phi_0 - 2 pi f TE_n)^2`` per voxel with ``w_n = M_n^2``
     (inverse phase-noise variance). With ``offset=False``, ``phi_0 = 0`` (use it after
     phase-offset removal when the offset is known to be gone).
+
+    One echo (``E = 1``) has no offset to fit: the field is the closed form
+    ``f = phi / (2 pi TE)`` and its std ``sigma / (2 pi M TE)``, the one-echo case of the
+    weighted fit (``sigma / M`` is the phase noise std), so the noise map still weights PDF,
+    MEDI and weighted TV.
 
     Parameters
     ----------
@@ -96,8 +101,10 @@ def fit_field_linear(
         Echo times in seconds, strictly increasing.
     mask : (X, Y, Z) bool array, optional
         Voxels to fit; the outputs are 0 outside.
-    offset : bool
-        Fit the echo-independent phase offset ``phi_0`` too (default).
+    offset : bool, optional
+        Fit the echo-independent phase offset ``phi_0`` too. Default (None): with two or more
+        echoes, as ``True``; with one echo, as ``False`` (an offset and a field cannot both be
+        fitted to one phase; ``True`` with one echo is an error).
     noise_std : float, optional
         Complex noise std ``sigma`` (units of ``magnitude``), e.g. from
         :func:`estimate_noise_std`; scales the returned field std to Hz. Without it, the std
@@ -120,6 +127,13 @@ def fit_field_linear(
     susceptibility distributions from MRI field maps. IEEE TMI 2010;29:273-281 (weighted fit).
     """
     te, mask = _check_echoes(phase, magnitude, echo_times, mask)
+    if offset is None:
+        offset = te.size >= 2
+    elif offset and te.size < 2:
+        raise ValueError(
+            "one echo cannot give both a field and a phase offset; pass offset=False (or leave"
+            " it unset) for one echo"
+        )
     shape = phase.shape[:3]
     sel = np.ones(shape, bool) if mask is None else mask
     phi = np.asarray(phase)[sel].astype(np.float64)  # (N, E): only the voxels to fit
@@ -176,7 +190,8 @@ def fit_residual(phase, magnitude, echo_times, field_hz, phase_offset, *, mask=N
     Returns
     -------
     (X, Y, Z) float32, rad; 0 outside the mask and everywhere with fewer than three echoes
-    (a field and an offset fit two echoes exactly).
+    (a field and an offset fit two echoes exactly, a field alone fits one): with one or two
+    echoes the residual carries no information.
     """
     te, mask = _check_echoes(phase, magnitude, echo_times, mask)
     shape = phase.shape[:3]
@@ -239,14 +254,17 @@ def fit_field_complex(
     quantitative susceptibility mapping. Magn Reson Med 2013;69:467-476.
     """
     te, mask = _check_echoes(phase, magnitude, echo_times, mask)
+    if te.size < 2:
+        raise ValueError(
+            "a complex fit of field and offset needs at least two echoes; use"
+            " fit_field_linear for one echo"
+        )
     m = np.asarray(magnitude, dtype=np.float64)
     p = np.asarray(phase, dtype=np.float64)
     sel = np.ones(p.shape[:3], bool) if mask is None else mask
     mv, pv = m[sel], p[sel]
     s = mv * np.exp(1j * pv)
     if init is None:
-        if te.size < 2:
-            raise ValueError("a complex fit without init needs at least two echoes")
         dphi = np.angle(s[:, 1] * np.conj(s[:, 0]))
         omega = dphi / (te[1] - te[0])
         phi0 = np.angle(s[:, 0] * np.exp(-1j * omega * te[0]))

@@ -171,7 +171,8 @@ def field_reliability(
     trimmed : (X, Y, Z) bool, the mask without its unreliable rim.
     reliable : (X, Y, Z) bool, the mask without any unreliable voxel.
     info : dict with ``threshold_rad``, ``unreliable`` and ``trimmed`` (voxel counts).
-    Without a usable residual (fewer than three echoes: all zero) nothing is unreliable.
+    Without a usable residual (fewer than three echoes: all zero) nothing is unreliable, both
+    masks are ``mask``, ``threshold_rad`` is None and ``info["note"]`` says why.
     """
     check_volume(mask, "mask")
     check_volume(residual, "residual")
@@ -186,7 +187,14 @@ def field_reliability(
     med = float(np.median(values)) if values.size else 0.0
     mad = 1.4826 * float(np.median(np.abs(values - med))) if values.size else 0.0
     if not mad > 0:  # no residual (one or two echoes): nothing to judge by
-        return m.copy(), m.copy(), {"threshold_rad": None, "unreliable": 0, "trimmed": 0}
+        info = {
+            "threshold_rad": None,
+            "unreliable": 0,
+            "trimmed": 0,
+            "note": "no spread in the fit residual (fewer than three echoes leave none):"
+            " no voxel was judged unreliable",
+        }
+        return m.copy(), m.copy(), info
     thr = med + float(threshold) * mad
     bad = m & (r > thr)
     trimmed = m & ~(bad & ~deep)

@@ -571,7 +571,7 @@ def unwrap_multi_echo(
     *,
     mask,
     method: str = "quality",
-    remove_offset: bool = True,
+    remove_offset: bool | None = None,
     voxel_size=None,
     sigma_mm: float | tuple[float, float, float] = 6.0,
     offset_mask=None,
@@ -580,7 +580,11 @@ def unwrap_multi_echo(
     """Unwrap multi-echo GRE phase (echoes last) inside a brain mask.
 
     1. (``remove_offset``) phase offset removal with :func:`remove_phase_offset`, so that
-       ``phi_n = 2 pi df TE_n`` (needed for the TE scaling below);
+       ``phi_n = 2 pi df TE_n`` (needed for the TE scaling below). With one echo the offset
+       cannot be told apart from the field and is left in: the echo's phase is
+       ``phi0 + 2 pi df TE``, and ``phi0 / (2 pi TE)`` stays in the field (its smooth,
+       harmonic part goes with the background field; the rest is an error of single-echo
+       QSM that no method removes without a second echo);
     2. ``method="quality"`` (ROMEO multi-echo): spatially unwrap echo 1 with
        :func:`unwrap_quality_guided` (ROMEO weights: magnitude and, with >= 2 echoes, the
        phase-gradient coherence of echo 2), then unwrap every later echo temporally against
@@ -601,8 +605,10 @@ def unwrap_multi_echo(
     mask : (X, Y, Z) bool array
         Brain mask; the output is 0 outside it.
     method : {"quality", "laplacian"}
-    remove_offset : bool
+    remove_offset : bool, optional
         Estimate and remove phi0 first (needs E >= 2). Set False for offset-free data.
+        Default (None): remove it when there are two or more echoes, skip it for one echo;
+        True with one echo is an error.
     voxel_size : float or 3 floats, optional
         mm; required for ``method="laplacian"``, used for ``sigma_mm`` (default 1 mm).
     sigma_mm : float or 3 floats
@@ -632,10 +638,13 @@ def unwrap_multi_echo(
     if method == "laplacian" and voxel_size is None:
         raise ValueError("voxel_size (mm) is required for method='laplacian'")
     vs = check_voxel_size(1.0 if voxel_size is None else voxel_size)
+    if remove_offset is None:
+        remove_offset = n_echo >= 2
     if remove_offset:
         if n_echo < 2:
             raise ValueError(
-                "phase-offset removal needs >= 2 echoes; pass remove_offset=False for one echo"
+                "phase-offset removal needs >= 2 echoes; pass remove_offset=False (or leave"
+                " it unset) for one echo"
             )
         p, _ = remove_phase_offset(p, mag, te, mask=offset_mask, voxel_size=vs, sigma_mm=sigma_mm)
     else:

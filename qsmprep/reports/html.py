@@ -268,7 +268,10 @@ def _inputs_table(acq, sidecars, grid_img, raw_files) -> str:
     if te is not None:
         tes = te if isinstance(te, list) else [te]
         ms = [f"{1e3 * float(t):.2f}" for t in tes if to_float(t) is not None]
-        rows.append(("Echo times (ms)", _esc(", ".join(ms)) + f" ({len(ms)} echoes)"))
+        n = len(ms)
+        rows.append(
+            ("Echo times (ms)", _esc(", ".join(ms)) + f" ({n} echo{'es' if n != 1 else ''})")
+        )
     b0 = sidecar_value(sidecars, "B0", "MagneticFieldStrength", "b0", "FieldStrength")
     if b0 is not None:
         rows.append(("Field strength B0 (T)", _fmt(b0)))
@@ -332,6 +335,9 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
     out = [f'<section id="{_esc(acq.prefix)}"><h2>{_esc(acq.prefix)}</h2>']
     info: dict = {"params": {}}
     sidecars = [read_sidecar(p) for p in acq.sidecars()]
+    te = sidecar_value(sidecars, "EchoTime", "EchoTimes", "echo_times")
+    if te is not None:
+        info["echoes"] = len(te) if isinstance(te, list) else 1
     for method, path in acq.chimaps.items():
         side = read_sidecar(path)
         if isinstance(_key(side, "Parameters"), dict):
@@ -869,6 +875,7 @@ def build_subject_report(
         params: dict = {}
         references = set()
         units = set()
+        echo_counts = set()
         for acq in files.acquisitions:
             res = rep.attempt(
                 f"{acq.prefix}: section", _acquisition_section, rep, acq, files, s, preferred
@@ -886,6 +893,8 @@ def build_subject_report(
                     units.add(res[1]["phase_units"])
                 if res[1].get("reference"):
                     references.add(res[1]["reference"])
+                if isinstance(res[1].get("echoes"), int):
+                    echo_counts.add(res[1]["echoes"])
             nav.append((acq.prefix, acq.prefix))
         cos = rep.attempt("COSMOS section", _cosmos_section, rep, files)
         if cos:
@@ -894,6 +903,7 @@ def build_subject_report(
         if methods_text is None:
             ms = _merge_params(s, params)
             ms.setdefault("phase_units", sorted(units))
+            ms.setdefault("echo_counts", sorted(echo_counts))
             if not ms.get("reference") and len(references) == 1 and not files.cosmos:
                 ms["reference"] = next(iter(references))
             text = rep.attempt("methods paragraph", _methods_text, ms, cosmos=bool(files.cosmos))

@@ -257,6 +257,49 @@ def _get(settings: Mapping, key: str, default=None):
     return default if value is None else value
 
 
+def _multi_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
+    """Offset removal, unwrapping, multi-echo fit and reliability of the methods paragraph."""
+    out = []
+    offset = (
+        f"The phase offset was removed (MCPC-3D-S{cite('mcpc3ds')}) and the phase of the "
+        "echoes was unwrapped"
+    )
+    if _get(s, "unwrap", "quality") == "laplacian":
+        out.append(
+            f"{offset} echo by echo with the Laplacian method{cite('laplacian_unwrap')}, the "
+            "2-pi multiple of each echo's constant being set against the preceding echo."
+        )
+    else:
+        out.append(
+            f"{offset} by quality-guided region growing with ROMEO weights{cite('romeo')} "
+            "(first echo), followed by temporal unwrapping of the later echoes against the "
+            "preceding echo."
+        )
+    out.append(
+        "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
+        f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}; "
+        "voxels whose magnitude-weighted RMS residual about that fit exceeded the median of the "
+        "deep brain by more than six robust standard deviations were marked unreliable."
+    )
+    return out
+
+
+def _single_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
+    """The same for single-echo acquisitions: no offset removal, no fit, no reliability."""
+    if _get(s, "unwrap", "quality") == "laplacian":
+        how = f"with the Laplacian method{cite('laplacian_unwrap')}"
+    else:
+        how = f"by quality-guided region growing with ROMEO weights{cite('romeo')}"
+    return [
+        "The acquisitions had a single echo, so the echo-independent phase offset could not "
+        f"be separated from the field and was not removed; the phase was unwrapped {how}.",
+        "The total field (Hz) was the unwrapped phase divided by 2 pi TE, and its noise "
+        "standard deviation the phase noise (noise standard deviation over magnitude) divided "
+        f"by 2 pi TE, the one-echo case of the magnitude-weighted fit{cite('kressler')}; with "
+        "no multi-echo fit residual, no voxel was marked unreliable.",
+    ]
+
+
 def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> MethodsText:
     """The methods paragraph and its reference list (see :func:`methods_paragraph`)."""
     s = dict(settings or {})
@@ -290,27 +333,19 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         pre.append(f"the field strength was set to {_fmt_value(float(s['b0']))} T")
     if pre:
         out.append("Before processing, " + " and ".join(pre) + ".")
-    offset = (
-        f"The phase offset was removed (MCPC-3D-S{cite('mcpc3ds')}) and the phase of the "
-        "echoes was unwrapped"
-    )
-    if _get(s, "unwrap", "quality") == "laplacian":
-        out.append(
-            f"{offset} echo by echo with the Laplacian method{cite('laplacian_unwrap')}, the "
-            "2-pi multiple of each echo's constant being set against the preceding echo."
-        )
+    counts = {int(n) for n in _get(s, "echo_counts", []) or []}
+    if counts == {1}:
+        out.extend(_single_echo_sentences(s, cite))
     else:
-        out.append(
-            f"{offset} by quality-guided region growing with ROMEO weights{cite('romeo')} "
-            "(first echo), followed by temporal unwrapping of the later echoes against the "
-            "preceding echo."
-        )
-    out.append(
-        "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
-        f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}; "
-        "voxels whose magnitude-weighted RMS residual about that fit exceeded the median of the "
-        "deep brain by more than six robust standard deviations were marked unreliable."
-    )
+        out.extend(_multi_echo_sentences(s, cite))
+        if 1 in counts:
+            out.append(
+                "Acquisitions with a single echo were processed likewise, except that the "
+                "phase offset, which one echo cannot separate from the field, was not removed, "
+                "the total field was the unwrapped phase divided by 2 pi TE (its noise standard "
+                "deviation the phase noise divided by 2 pi TE), and no voxel was marked "
+                "unreliable, there being no fit residual."
+            )
     bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
     spec = METHODS.get(bg)
     params = _params(bg, mp)

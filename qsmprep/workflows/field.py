@@ -31,6 +31,10 @@ _UNWRAP_DESC = {
     "the first echo and temporally in the later echoes",
     "laplacian": "unwrapped echo by echo with the Laplacian method (Schofield and Zhu, 2003)",
 }
+_UNWRAP_DESC_ONE = {
+    "quality": "unwrapped by quality-guided region growing (ROMEO; Dymerska et al., 2021)",
+    "laplacian": "unwrapped with the Laplacian method (Schofield and Zhu, 2003)",
+}
 _BG_DESC = {
     "resharp": "RESHARP (Sun and Wilman, 2014)",
     "vsharp": "V-SHARP (Wu et al., 2012)",
@@ -54,6 +58,7 @@ def init_field_wf(
     use_gpu: bool = False,
     omp_nthreads: int = 1,
     dl_bg_method: str | None = None,
+    n_echoes: int | None = None,
     name: str = "field_wf",
 ) -> pe.Workflow:
     """Brain mask, unwrapping, multi-echo field fit and background removal of one acquisition.
@@ -66,6 +71,12 @@ def init_field_wf(
     ``field_reliability`` marks the voxels whose phase does not evolve linearly over the echoes
     (:func:`qsmprep.recon.mask.field_reliability`); a background method that keeps its whole
     mask (``lbv``, ``pdf``) gets the brain mask less its unreliable rim.
+
+    One echo runs the same graph: the phase offset cannot be separated from the field and is
+    left in (:func:`~qsmprep.recon.unwrap.unwrap_multi_echo`), the field is the unwrapped
+    phase over ``2 pi TE`` with the std ``sigma / (2 pi M TE)``
+    (:func:`~qsmprep.recon.echo.fit_field_linear`), and with no fit residual no voxel is
+    marked unreliable.
 
     Parameters
     ----------
@@ -88,6 +99,9 @@ def init_field_wf(
         A second background removal (node ``remove_background_dl``, on the brain mask) for the
         networks, when it differs from ``bg_method``: the method of their training data
         (:data:`qsmprep.dl.weights.TRAINED_BACKGROUND`).
+    n_echoes : int, optional
+        Number of echoes, when known; only the methods paragraph (``__desc__``) depends on it
+        (1: the single-echo text). The nodes handle any number of echoes.
     name : str
         Workflow name.
 
@@ -225,6 +239,25 @@ def init_field_wf(
     else:
         workflow.connect(brain_mask, "out_file", remove_background, "mask")
 
+    if n_echoes == 1:
+        workflow.__desc__ = (
+            f"A brain mask was computed {_MASK_DESC[mask_method]}. The acquisition had a single "
+            "echo, so the echo-independent phase offset could not be separated from the field "
+            f"and was not removed; the phase was {_UNWRAP_DESC_ONE[unwrap_method]}. The total "
+            "field (Hz) was the unwrapped phase divided by 2 pi TE, with its standard deviation "
+            "the phase noise (noise standard deviation over magnitude) divided by 2 pi TE "
+            "(the one-echo case of the weighted fit; Kressler et al., 2010). With one echo "
+            "there was no multi-echo fit residual, so no voxel was marked unreliable. The "
+            f"background field was removed with {_BG_DESC[bg_method]}, giving the local field "
+            "and the mask where it is valid."
+        )
+        workflow.__citations__ = [
+            *_CITES["mask"][mask_method],
+            *[c for c in _CITES["unwrap"][unwrap_method] if c != "mcpc3ds"],
+            "kressler",
+            bg_method,
+        ]
+        return workflow
     workflow.__desc__ = (
         f"A brain mask was computed {_MASK_DESC[mask_method]}. The phase offset of the echoes "
         "was removed (MCPC-3D-S; Eckstein et al., 2018) and the phase was "

@@ -30,6 +30,9 @@ __all__ = [
 GENERATED_BY = {"Name": "qsmprep", "Version": __version__}
 """``GeneratedBy`` entry of every sidecar."""
 
+SKIPPED_SINGLE_ECHO = "skipped: single echo"
+"""``PhaseOffsetRemoval`` of a total field map of one echo: the offset stays in the field."""
+
 CHIMAP_REFERENCE = "mean of local mask"
 """``Reference`` entry of a Chimap sidecar: chi has mean 0 over the local-field mask."""
 
@@ -94,6 +97,14 @@ def init_qsm_derivatives_wf(
         "PhaseSign": int(phase_sign),
     }
 
+    single = len(a.echo_times) == 1
+    if single:
+        offset_removal = SKIPPED_SINGLE_ECHO
+    elif params_of(method_params, "unwrap").get("remove_offset", True) is False:
+        offset_removal = "none (remove_offset=False)"
+    else:
+        offset_removal = "MCPC-3D-S"
+
     def path(desc, suffix, ext=".nii.gz"):
         return derivative_path(output_dir, a, desc=desc, suffix=suffix, extension=ext)
 
@@ -123,7 +134,10 @@ def init_qsm_derivatives_wf(
         path("reliable", "mask"),
         {
             "Type": "Brain",
-            "Description": "brain voxels whose phase evolves linearly over the echoes (multi-echo"
+            "Description": "the brain mask: with one echo there is no multi-echo fit residual"
+            " to judge the field by, so no voxel is marked unreliable"
+            if single
+            else "brain voxels whose phase evolves linearly over the echoes (multi-echo"
             " fit residual within the robust threshold); the inversions give the others zero"
             " data weight, and those near the edge are left out of LBV's and PDF's mask",
             "Parameters": params_of(method_params, "reliability"),
@@ -135,9 +149,12 @@ def init_qsm_derivatives_wf(
         path("total", "fieldmap"),
         {
             "Units": "Hz",
-            "Description": "total field offset: weighted linear fit of the unwrapped phase",
+            "Description": "total field offset: unwrapped phase of the single echo over 2 pi TE"
+            if single
+            else "total field offset: weighted linear fit of the unwrapped phase",
             "SkullStripped": True,
             "UnwrapMethod": unwrap_method,
+            "PhaseOffsetRemoval": offset_removal,
             **echo,
             **base,
         },
@@ -147,7 +164,10 @@ def init_qsm_derivatives_wf(
         path("noise", "fieldmap"),
         {
             "Units": "Hz",
-            "Description": "standard deviation of the fitted total field",
+            "Description": "standard deviation of the total field: the phase noise (noise std"
+            " over magnitude) over 2 pi TE of the single echo"
+            if single
+            else "standard deviation of the fitted total field",
             "SkullStripped": False,
             **echo,
             **base,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from qsmprep.workflows.metrics import init_metrics_wf
 from qsmprep.workflows.outputs import init_qsm_derivatives_wf
 
 __all__ = ["init_qsm_wf"]
+
+LOGGER = logging.getLogger("qsmprep")
 
 _OUTPUTS = [
     "brain_mask", "local_mask", "total_field", "noise_field", "local_field", "magnitude",
@@ -99,6 +102,14 @@ def init_qsm_wf(
     methods = list(methods)
     use_gpu = gpu_work(device)
     a = acquisition
+    n_echoes = len(a.echo_times)
+    if n_echoes == 1:
+        LOGGER.info(
+            "%s: one echo (TE %.2f ms): phase-offset removal is skipped (one echo cannot tell "
+            "the offset from the field), the field is the unwrapped phase over 2 pi TE, and "
+            "no voxel is judged unreliable (no multi-echo fit residual)",
+            a.prefix, 1e3 * float(a.echo_times[0]),
+        )  # fmt: skip
     fields = ["magnitude", "phase", "echo_times", "phase_units", "phase_sign", "b0", "b0_dir"]
 
     workflow = pe.Workflow(name=name)
@@ -123,6 +134,7 @@ def init_qsm_wf(
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
         dl_bg_method=TRAINED_BACKGROUND if dl_separate else None,
+        n_echoes=n_echoes,
     )
     inversion_wf = init_inversion_wf(
         methods=methods,
@@ -213,7 +225,8 @@ def init_qsm_wf(
         ])  # fmt: skip
 
     workflow.__desc__ = (
-        f"Acquisition {a.prefix}: {len(a.echo_times)} echo(es) at {float(a.b0):g} T "
+        f"Acquisition {a.prefix}: {n_echoes} echo{'es' if n_echoes != 1 else ''} at "
+        f"{float(a.b0):g} T "
         f"(phase in {a.phase_units})."
     )
     workflow.__citations__ = []
