@@ -89,7 +89,7 @@ class Settings:
     device: str = "auto"
     methods: list[str] = field(default_factory=lambda: ["tkd", "l2", "tv", "medi"])
     bg_method: str = DEFAULT_BG_METHOD
-    unwrap: str = "quality"
+    unwrap: str = "auto"
     mask_method: str = "magnitude"
     reference: Path | None = None
     b0: float | None = None

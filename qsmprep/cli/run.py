@@ -141,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         " unreliable rim; resharp, vsharp and sharp erode the mask by their kernel)",
     )
     g.add_argument(
-        "--unwrap", choices=["quality", "laplacian"], default="quality", help="phase unwrapping"
+        "--unwrap",
+        choices=["auto", "quality", "laplacian"],
+        default="auto",
+        help="phase unwrapping: quality-guided region growing with temporal unwrapping of"
+        " later echoes, or Laplacian; auto uses region growing for two or more echoes and the"
+        " Laplacian method for one echo",
     )
     g.add_argument(
         "--mask-method",

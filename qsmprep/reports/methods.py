@@ -286,7 +286,7 @@ def _multi_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
 
 def _single_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
     """The same for single-echo acquisitions: no offset removal, no fit, no reliability."""
-    if _get(s, "unwrap", "quality") == "laplacian":
+    if _get(s, "unwrap", "auto") in ("laplacian", "auto"):
         how = f"with the Laplacian method{cite('laplacian_unwrap')}"
     else:
         how = f"by quality-guided region growing with ROMEO weights{cite('romeo')}"
