@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -50,6 +51,33 @@ class UsageError(ValueError):
     """A problem with the command line or the inputs, reported without a traceback."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except ``None`` (an option whose default the help text explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def default_nprocs() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, cpusets, SLURM's
+    binding), else every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity outside Linux
+        return os.cpu_count() or 1
+
+
+def default_omp_nthreads(nprocs: int) -> int:
+    """Threads of a CPU-heavy node: ``nprocs - 1``, at most 8, at least 1 (fMRIPrep's rule).
+
+    A node with ``n_procs = omp_nthreads`` takes that many of MultiProc's ``nprocs`` slots, so
+    it never exceeds them, and one slot stays for the light nodes (loading, writing outputs).
+    """
+    return max(1, min(nprocs - 1, 8))
+
+
 def _labels(values):
     if not values:
         return None
@@ -62,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsmprep",
         description="qsmprep: quantitative susceptibility mapping of multi-echo GRE BIDS data."
         " Run 'qsmprep demo OUT' for a simulated example.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset")
     p.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
@@ -171,8 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Nipype work directory (a rerun with the same one resumes); default "
         "<output_dir>/../qsmprep_work",
     )
-    g.add_argument("--nprocs", "--nthreads", type=int, default=1, help="parallel processes")
-    g.add_argument("--omp-nthreads", type=int, default=1, help="threads per process")
+    g.add_argument(
+        "--nprocs",
+        "--nthreads",
+        type=int,
+        metavar="N",
+        help="parallel processes (MultiProc slots); default: every CPU this process may run on"
+        " (its affinity mask); 1 runs the nodes one at a time",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        type=int,
+        metavar="N",
+        help="threads a CPU-heavy node may use (it takes that many of the --nprocs slots);"
+        " default: nprocs - 1, at most 8, at least 1",
+    )
     g.add_argument("--mem-gb", type=float, help="memory limit for the scheduler (GB)")
     g.add_argument(
         "--device",
@@ -199,7 +240,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
     d = argparse.ArgumentParser(
         prog="qsmprep demo",
         description="Simulate a small BIDS dataset with ground truth and run qsmprep on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d.add_argument("output_dir", type=Path, help="folder for the dataset, outputs and work")
     d.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80])
@@ -213,7 +254,12 @@ def build_demo_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--methods", nargs="+", default=["tkd", "l2", "tv", "medi"])
-    d.add_argument("--nprocs", type=int, default=2)
+    d.add_argument(
+        "--nprocs",
+        type=int,
+        metavar="N",
+        help="parallel processes; default: every CPU this process may run on",
+    )
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return d
 
@@ -283,10 +329,31 @@ def settings_from_args(args) -> Settings:
         cfg = _read_json_or_yaml(args.plugin_config, "--plugin-config")
         plugin = cfg.get("plugin", plugin)
         plugin_args = dict(cfg.get("plugin_args", {}))
+    nprocs = args.nprocs
+    if nprocs is None:
+        nprocs = int(plugin_args.get("n_procs", 0)) if plugin == "MultiProc" else 0
+        nprocs = nprocs or default_nprocs()
     if plugin == "MultiProc":
-        plugin_args.setdefault("n_procs", args.nprocs)
+        plugin_args.setdefault("n_procs", nprocs)
+        nprocs = int(plugin_args["n_procs"])  # the plugin configuration file has the last word
         if args.mem_gb:
             plugin_args.setdefault("memory_gb", args.mem_gb)
+    omp_nthreads = args.omp_nthreads
+    if omp_nthreads is None:
+        omp_nthreads = default_omp_nthreads(nprocs)
+    if nprocs < 1 or omp_nthreads < 1:
+        raise UsageError(
+            f"--nprocs and --omp-nthreads must be at least 1 ({nprocs}, {omp_nthreads})"
+        )
+    if plugin == "MultiProc" and omp_nthreads > nprocs:
+        # MultiProc refuses a node that asks for more slots than it has
+        LOGGER.warning(
+            "--omp-nthreads %d is more than the %d processes; using %d",
+            omp_nthreads,
+            nprocs,
+            nprocs,
+        )
+        omp_nthreads = nprocs
     return Settings(
         bids_dir=bids_dir,
         output_dir=out,
@@ -297,8 +364,8 @@ def settings_from_args(args) -> Settings:
         if args.session_label
         else None,
         bids_filters=filters,
-        nprocs=args.nprocs,
-        omp_nthreads=args.omp_nthreads,
+        nprocs=nprocs,
+        omp_nthreads=omp_nthreads,
         mem_gb=args.mem_gb,
         device=args.device,
         methods=list(dict.fromkeys(args.methods)),
@@ -452,8 +519,7 @@ def run_demo(argv) -> int:
     opts = [
         "--methods",
         *a.methods,
-        "--nprocs",
-        str(a.nprocs),
+        *(["--nprocs", str(a.nprocs)] if a.nprocs else []),
         "--device",
         a.device,
         "-w",
