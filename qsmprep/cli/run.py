@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
+from qsmprep.cli.console import StageProgress, console, log_file, quiet_nipype
 from qsmprep.config import (
     ALL_METHODS,
     BG_METHODS,
@@ -45,6 +46,8 @@ NIPYPE_PLUGINS = (
     "OAR",
     "IPython",
 )
+# Nipype's plugins that submit the whole graph at once take no status callback
+GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "DAGMan")
 
 
 class UsageError(ValueError):
@@ -96,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
     p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="console: -v shows every logger's messages (Nipype's node by node), -vv debug"
+        " messages too; the full log is in <output_dir>/logs/ either way",
+    )
 
     g = p.add_argument_group("Selecting data")
     g.add_argument(
@@ -261,6 +271,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         help="parallel processes; default: every CPU this process may run on",
     )
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    d.add_argument("-v", "--verbose", action="count", default=0, help="as for qsmprep")
     return d
 
 
@@ -404,14 +415,19 @@ def _configure_nipype(settings: Settings) -> None:
         }
     )
     nlogging.update_logging(ncfg)
+    quiet_nipype()
 
 
 def run_participant(settings: Settings) -> int:
-    """Process every selected acquisition; 0 when all succeeded, 1 otherwise."""
+    """Process every selected acquisition; 0 when all succeeded, 1 otherwise.
+
+    The full log of the run goes to ``<output_dir>/logs/qsmprep_<date>-<time>.log``; the
+    ``qsmprep.progress`` logger gets a line per acquisition and stage as it finishes.
+    """
+    quiet_nipype()  # before the workflows import Nipype's loggers
     from qsmprep import bids
     from qsmprep.reports.html import build_subject_report
     from qsmprep.space.plan import plan_from_settings
-    from qsmprep.workflows import init_participant_wf
 
     # templates and atlases are checked before any work (TemplateNotFoundError: exit 1)
     plan = plan_from_settings(settings)
@@ -437,48 +453,91 @@ def run_participant(settings: Settings) -> int:
     bids.write_dataset_description(settings.output_dir)
     settings.write(settings.output_dir / "qsmprep_settings.json")
     _configure_nipype(settings)
-    groups = bids.group_orientations(acqs)
-    failed: dict[str, str] = {str(e): "invalid input" for e in errors}
-    subjects = sorted({a.subject for a in acqs})
-    for sub in subjects:
-        sub_acqs = [a for a in acqs if a.subject == sub]
-        sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
+    logs = settings.output_dir / "logs"
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    with log_file(logs, logging.DEBUG if debug else logging.INFO) as log_path:
+        subjects = sorted({a.subject for a in acqs})
         LOGGER.info(
-            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+            "qsmprep %s: %d acquisition(s) of %d subject(s); %d process(es), %d thread(s) per"
+            " CPU-heavy node (plugin %s); full log: %s",
+            __version__,
+            len(acqs),
+            len(subjects),
+            settings.nprocs,
+            settings.omp_nthreads,
+            settings.plugin,
+            log_path,
         )
-        t0 = time.perf_counter()
-        crashes_before = set((settings.output_dir / "logs").glob("crash-*"))
-        try:
-            wf = init_participant_wf(sub_acqs, settings, sub_groups)
-            wf.base_dir = str(settings.work_dir)
-            wf.run(plugin=settings.plugin, plugin_args=settings.plugin_args)
-        except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
-            new = sorted(set((settings.output_dir / "logs").glob("crash-*")) - crashes_before)
-            names = [
-                a.prefix
-                for a in sub_acqs
-                if any(a.prefix.replace("-", "_") in c.name.replace("-", "_") for c in new)
-            ]
-            for a in names or [a.prefix for a in sub_acqs]:
-                failed[a] = f"{type(exc).__name__}; crash logs: " + (
-                    ", ".join(str(c) for c in new) if new else "see the log above"
-                )
-            log = settings.output_dir / "logs" / f"sub-{sub}_error.log"
-            log.write_text(traceback.format_exc())
-            LOGGER.error("sub-%s failed (%s); details in %s", sub, exc, log)
-        LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
-        build_subject_report(
-            settings.output_dir,
-            sub,
-            settings=settings.to_dict(),
-            log={k: v for k, v in failed.items() if f"sub-{sub}" in k} or None,
-        )
+        failed = _process_subjects(settings, acqs, errors, log_path, build_subject_report)
     if failed:
         print("qsmprep: these acquisitions failed:", file=sys.stderr)
         for name, why in failed.items():
             print(f"  {name}: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of an exception: Nipype's carry the node's traceback, whose last line is it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) -> dict[str, str]:
+    """Run each subject's workflow and build its report; the failed acquisitions and why."""
+    from qsmprep import bids
+    from qsmprep.workflows import init_participant_wf
+
+    groups = bids.group_orientations(acqs)
+    failed: dict[str, str] = {str(e): "invalid input" for e in errors}
+    logs = settings.output_dir / "logs"
+    for sub in sorted({a.subject for a in acqs}):
+        sub_acqs = [a for a in acqs if a.subject == sub]
+        sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
+        LOGGER.info(
+            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+        )
+        t0 = time.perf_counter()
+        crashes_before = set(logs.glob("crash-*"))
+        progress = None
+        try:
+            wf = init_participant_wf(sub_acqs, settings, sub_groups)
+            wf.base_dir = str(settings.work_dir)
+            plugin_args = dict(settings.plugin_args)
+            if settings.plugin not in GRAPH_PLUGINS:
+                names = [a.prefix for a in sub_acqs] + [
+                    f"sub-{s}" + (f"_ses-{ses}" if ses else "") for s, ses in sub_groups
+                ]
+                progress = StageProgress(wf, names, linear=settings.plugin == "Linear")
+                plugin_args["status_callback"] = progress
+            try:
+                wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+            finally:
+                if progress is not None:
+                    progress.finish()
+        except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
+            new = sorted(set(logs.glob("crash-*")) - crashes_before)
+            names = [
+                a.prefix
+                for a in sub_acqs
+                if any(a.prefix.replace("-", "_") in c.name.replace("-", "_") for c in new)
+            ]
+            why = _last_line(exc)
+            for a in names or [a.prefix for a in sub_acqs]:
+                failed[a] = f"{why}; crash logs: " + (
+                    ", ".join(str(c) for c in new) if new else f"see {log_path}"
+                )
+            log = logs / f"sub-{sub}_error.log"
+            log.write_text(traceback.format_exc())
+            LOGGER.error("sub-%s failed: %s; details in %s", sub, why, log)
+        LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
+        report(
+            settings.output_dir,
+            sub,
+            settings=settings.to_dict(),
+            log={k: v for k, v in failed.items() if f"sub-{sub}" in k} or None,
+        )
+    return failed
 
 
 def run_group(settings: Settings) -> int:
@@ -520,6 +579,7 @@ def run_demo(argv) -> int:
         "--methods",
         *a.methods,
         *(["--nprocs", str(a.nprocs)] if a.nprocs else []),
+        *(["-" + "v" * a.verbose] if a.verbose else []),
         "--device",
         a.device,
         "-w",
@@ -554,19 +614,19 @@ def run_demo(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        return run_demo(argv[1:])
+        verbose = build_demo_parser().parse_args(argv[1:]).verbose
+        with console(verbose):
+            return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        settings = settings_from_args(args)
-        if settings.analysis_level == "participant":
-            return run_participant(settings)
-        return run_group(settings)
-    except ValueError as exc:  # UsageError, BIDSInputError and invalid parameters
-        print(f"qsmprep: error: {exc}", file=sys.stderr)
-        return 1
+    with console(args.verbose):
+        try:
+            settings = settings_from_args(args)
+            if settings.analysis_level == "participant":
+                return run_participant(settings)
+            return run_group(settings)
+        except ValueError as exc:  # UsageError, BIDSInputError and invalid parameters
+            print(f"qsmprep: error: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
