@@ -104,3 +104,25 @@ def test_console_restores_the_enclosing_handlers(capsys):
     err = capsys.readouterr().err
     assert err.count("inner line") == 1 and err.count("outer line") == 1
     assert "hidden" not in err
+
+
+def test_stage_names_of_the_participant_workflow():
+    from nipype.pipeline import engine as pe
+
+    from qsmprep.cli.console import StageProgress
+
+    progress = StageProgress(pe.Workflow("sub_01_wf"), ["sub-01_acq-ori1", "sub-01"])
+    cases = {
+        "sub_01_wf.qsm_sub_01_acq_ori1_wf.field_wf.unwrap_phase": ("sub-01_acq-ori1", "field"),
+        "sub_01_wf.qsm_sub_01_acq_ori1_wf.qsm_derivatives_wf.ds_x": ("sub-01_acq-ori1", "outputs"),
+        "sub_01_wf.qsm_sub_01_acq_ori1_wf.metrics_wf.metrics_derivatives_wf.ds_metrics_tsv": (
+            "sub-01_acq-ori1",
+            "metrics",
+        ),
+        "sub_01_wf.metrics_sub_01_acq_ori1_wf.compute_metrics": ("sub-01_acq-ori1", "metrics"),
+        "sub_01_wf.space_sub_01_acq_ori1_wf.register_x": ("sub-01_acq-ori1", "space"),
+        "sub_01_wf.cosmos_sub_01_wf.cosmos": ("sub-01", "cosmos"),
+        "sub_01_wf.merge_fields_sub_01": ("sub-01", "cosmos"),
+        "sub_01_wf.merge_masks_sub_01": ("sub-01", "cosmos"),
+    }
+    assert {name: progress.stage_of(name) for name in cases} == cases

@@ -201,7 +201,7 @@ class StageProgress:
     def stage_of(self, fullname: str) -> tuple[str, str]:
         """(who, stage) of a node's full name ``participant_wf.sub_wf[.stage_wf...].node``."""
         parts = fullname.split(".")
-        if len(parts) < 3:
+        if len(parts) < 2:
             return "", parts[-1]
         sub = parts[1]
         if sub.startswith("qsm_") and len(parts) > 3:
