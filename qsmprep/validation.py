@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qsmprep import _atomic as atomic
+
 __all__ = [
     "VALIDATOR",
     "ValidationIssue",
@@ -209,7 +211,4 @@ def write_bidsignore(output_dir) -> Path:
     path = Path(output_dir) / ".bidsignore"
     if path.is_file() and path.read_text() == BIDSIGNORE:
         return path
-    tmp = path.with_name(f".bidsignore.{os.getpid()}.tmp")
-    tmp.write_text(BIDSIGNORE)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, BIDSIGNORE)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import nibabel as nib
@@ -226,6 +227,42 @@ def test_help_and_version(capsys):
         "--config",
     ):
         assert flag in text
+
+
+def _resources(tmp_path, *extra):
+    (tmp_path / "bids").mkdir(exist_ok=True)
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", *extra]
+    return run.settings_from_args(run.build_parser().parse_args(argv))
+
+
+def test_nprocs_defaults_to_the_cpus_this_process_may_use(tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    assert run.default_nprocs() == cpus
+    s = _resources(tmp_path)
+    assert s.nprocs == cpus and s.plugin_args["n_procs"] == cpus
+    assert s.omp_nthreads == max(1, min(cpus - 1, 8)) and 1 <= s.omp_nthreads <= s.nprocs
+    assert [run.default_omp_nthreads(n) for n in (1, 2, 4, 16, 64)] == [1, 1, 3, 8, 8]
+    # --nprocs 1 is serial: one MultiProc slot, one thread per node
+    s = _resources(tmp_path, "--nprocs", "1")
+    assert (s.nprocs, s.omp_nthreads, s.plugin_args["n_procs"]) == (1, 1, 1)
+    # threads per node never exceed the slots (MultiProc refuses such a node)
+    s = _resources(tmp_path, "--nprocs", "2", "--omp-nthreads", "4")
+    assert (s.nprocs, s.omp_nthreads) == (2, 2)
+    s = _resources(tmp_path, "--nprocs", "6", "--omp-nthreads", "2")
+    assert (s.nprocs, s.omp_nthreads) == (6, 2)
+    with pytest.raises(run.UsageError, match="at least 1"):
+        _resources(tmp_path, "--nprocs", "0")
+
+
+def test_nprocs_from_a_plugin_configuration_file(tmp_path):
+    cfg = tmp_path / "plugin.json"
+    cfg.write_text(json.dumps({"plugin": "MultiProc", "plugin_args": {"n_procs": 3}}))
+    s = _resources(tmp_path, "--plugin-config", str(cfg))
+    assert (s.nprocs, s.omp_nthreads, s.plugin_args["n_procs"]) == (3, 2, 3)
+
+
+def test_demo_nprocs_defaults_to_the_participant_default():
+    assert run.build_demo_parser().parse_args(["out"]).nprocs is None
 
 
 def test_bench_field_small(tmp_path, capsys):

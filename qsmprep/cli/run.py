@@ -18,7 +18,9 @@ import time
 import traceback
 from pathlib import Path
 
+from qsmprep import _atomic as atomic
 from qsmprep.__about__ import __version__
+from qsmprep.cli.console import StageProgress, console, log_file, quiet_nipype
 from qsmprep.config import (
     ALL_METHODS,
     BG_METHODS,
@@ -52,6 +54,8 @@ NIPYPE_PLUGINS = (
     "OAR",
     "IPython",
 )
+# Nipype's plugins that submit the whole graph at once take no status callback
+GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "DAGMan")
 
 
 _MAX_LISTED = 10  # validator issues listed in a message
@@ -59,6 +63,33 @@ _MAX_LISTED = 10  # validator issues listed in a message
 
 class UsageError(ValueError):
     """A problem with the command line or the inputs, reported without a traceback."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except ``None`` (an option whose default the help text explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def default_nprocs() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, cpusets, SLURM's
+    binding), else every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity outside Linux
+        return os.cpu_count() or 1
+
+
+def default_omp_nthreads(nprocs: int) -> int:
+    """Threads of a CPU-heavy node: ``nprocs - 1``, at most 8, at least 1 (fMRIPrep's rule).
+
+    A node with ``n_procs = omp_nthreads`` takes that many of MultiProc's ``nprocs`` slots, so
+    it never exceeds them, and one slot stays for the light nodes (loading, writing outputs).
+    """
+    return max(1, min(nprocs - 1, 8))
 
 
 def _labels(values):
@@ -73,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsmprep",
         description="qsmprep: quantitative susceptibility mapping of multi-echo GRE BIDS data."
         " Run 'qsmprep demo OUT' for a simulated example.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="the root folder of a BIDS dataset")
     p.add_argument("output_dir", type=Path, help="the output folder (a BIDS derivative dataset)")
     p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="console: -v shows every logger's messages (Nipype's node by node), -vv debug"
+        " messages too; the full log is in <output_dir>/logs/ either way",
+    )
 
     g = p.add_argument_group("Selecting data")
     g.add_argument(
@@ -194,8 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="Nipype work directory (a rerun with the same one resumes); default "
         "<output_dir>/../qsmprep_work",
     )
-    g.add_argument("--nprocs", "--nthreads", type=int, default=1, help="parallel processes")
-    g.add_argument("--omp-nthreads", type=int, default=1, help="threads per process")
+    g.add_argument(
+        "--nprocs",
+        "--nthreads",
+        type=int,
+        metavar="N",
+        help="parallel processes (MultiProc slots); default: every CPU this process may run on"
+        " (its affinity mask); 1 runs the nodes one at a time",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        type=int,
+        metavar="N",
+        help="threads a CPU-heavy node may use (it takes that many of the --nprocs slots);"
+        " default: nprocs - 1, at most 8, at least 1",
+    )
     g.add_argument("--mem-gb", type=float, help="memory limit for the scheduler (GB)")
     g.add_argument(
         "--device",
@@ -222,7 +273,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
     d = argparse.ArgumentParser(
         prog="qsmprep demo",
         description="Simulate a small BIDS dataset with ground truth and run qsmprep on it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d.add_argument("output_dir", type=Path, help="folder for the dataset, outputs and work")
     d.add_argument("--shape", type=int, nargs=3, default=[96, 96, 80])
@@ -236,8 +287,14 @@ def build_demo_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--methods", nargs="+", default=["tkd", "l2", "tv", "medi"])
-    d.add_argument("--nprocs", type=int, default=2)
+    d.add_argument(
+        "--nprocs",
+        type=int,
+        metavar="N",
+        help="parallel processes; default: every CPU this process may run on",
+    )
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    d.add_argument("-v", "--verbose", action="count", default=0, help="as for qsmprep")
     return d
 
 
@@ -306,10 +363,31 @@ def settings_from_args(args) -> Settings:
         cfg = _read_json_or_yaml(args.plugin_config, "--plugin-config")
         plugin = cfg.get("plugin", plugin)
         plugin_args = dict(cfg.get("plugin_args", {}))
+    nprocs = args.nprocs
+    if nprocs is None:
+        nprocs = int(plugin_args.get("n_procs", 0)) if plugin == "MultiProc" else 0
+        nprocs = nprocs or default_nprocs()
     if plugin == "MultiProc":
-        plugin_args.setdefault("n_procs", args.nprocs)
+        plugin_args.setdefault("n_procs", nprocs)
+        nprocs = int(plugin_args["n_procs"])  # the plugin configuration file has the last word
         if args.mem_gb:
             plugin_args.setdefault("memory_gb", args.mem_gb)
+    omp_nthreads = args.omp_nthreads
+    if omp_nthreads is None:
+        omp_nthreads = default_omp_nthreads(nprocs)
+    if nprocs < 1 or omp_nthreads < 1:
+        raise UsageError(
+            f"--nprocs and --omp-nthreads must be at least 1 ({nprocs}, {omp_nthreads})"
+        )
+    if plugin == "MultiProc" and omp_nthreads > nprocs:
+        # MultiProc refuses a node that asks for more slots than it has
+        LOGGER.warning(
+            "--omp-nthreads %d is more than the %d processes; using %d",
+            omp_nthreads,
+            nprocs,
+            nprocs,
+        )
+        omp_nthreads = nprocs
     return Settings(
         bids_dir=bids_dir,
         output_dir=out,
@@ -320,8 +398,8 @@ def settings_from_args(args) -> Settings:
         if args.session_label
         else None,
         bids_filters=filters,
-        nprocs=args.nprocs,
-        omp_nthreads=args.omp_nthreads,
+        nprocs=nprocs,
+        omp_nthreads=omp_nthreads,
         mem_gb=args.mem_gb,
         device=args.device,
         methods=list(dict.fromkeys(args.methods)),
@@ -361,6 +439,7 @@ def _configure_nipype(settings: Settings) -> None:
         }
     )
     nlogging.update_logging(ncfg)
+    quiet_nipype()
 
 
 def _validate_input(settings: Settings):
@@ -412,20 +491,16 @@ def _validate_input(settings: Settings):
     }
 
 
-def _write_atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def run_participant(settings: Settings) -> int:
-    """Process every selected acquisition; 0 when all succeeded, 1 otherwise."""
+    """Process every selected acquisition; 0 when all succeeded, 1 otherwise.
+
+    The full log of the run goes to ``<output_dir>/logs/qsmprep_<date>-<time>.log``; the
+    ``qsmprep.progress`` logger gets a line per acquisition and stage as it finishes.
+    """
+    quiet_nipype()  # before the workflows import Nipype's loggers
     from qsmprep import bids
-    from qsmprep._atomic import remove_stale_temporaries
     from qsmprep.reports.html import build_subject_report
     from qsmprep.space.plan import plan_from_settings
-    from qsmprep.workflows import init_participant_wf
 
     # templates and atlases are checked before any work (TemplateNotFoundError: exit 1)
     plan = plan_from_settings(settings)
@@ -455,58 +530,102 @@ def run_participant(settings: Settings) -> int:
     settings.write(settings.output_dir / "qsmprep_settings.json")
     _configure_nipype(settings)
     if report is not None:
-        _write_atomic_json(settings.output_dir / "logs" / "bids_validator.json", report.raw)
-    groups = bids.group_orientations(acqs)
-    failed: dict[str, str] = {str(e): "invalid input" for e in errors}
-    subjects = sorted({a.subject for a in acqs})
-    for sub in subjects:
-        sub_acqs = [a for a in acqs if a.subject == sub]
-        sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
+        atomic.write_text(
+            settings.output_dir / "logs" / "bids_validator.json", json.dumps(report.raw, indent=1)
+        )
+    logs = settings.output_dir / "logs"
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    with log_file(logs, logging.DEBUG if debug else logging.INFO) as log_path:
+        subjects = sorted({a.subject for a in acqs})
         LOGGER.info(
-            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+            "qsmprep %s: %d acquisition(s) of %d subject(s); %d process(es), %d thread(s) per"
+            " CPU-heavy node (plugin %s); full log: %s",
+            __version__,
+            len(acqs),
+            len(subjects),
+            settings.nprocs,
+            settings.omp_nthreads,
+            settings.plugin,
+            log_path,
         )
-        t0 = time.perf_counter()
-        crashes_before = set((settings.output_dir / "logs").glob("crash-*"))
-        # temporary files of a killed earlier run (final names are only ever complete)
-        remove_stale_temporaries(settings.output_dir / f"sub-{sub}")
-        try:
-            wf = init_participant_wf(sub_acqs, settings, sub_groups)
-            wf.base_dir = str(settings.work_dir)
-            # MultiProc runs gc.collect() before every job it submits; with torch, SciPy and
-            # matplotlib loaded each pass walks the whole heap (0.3-0.4 s). Frozen objects
-            # (everything alive now: modules, the graph) are skipped by those passes.
-            gc.freeze()
-            try:
-                wf.run(plugin=settings.plugin, plugin_args=settings.plugin_args)
-            finally:
-                gc.unfreeze()
-        except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
-            new = sorted(set((settings.output_dir / "logs").glob("crash-*")) - crashes_before)
-            names = [
-                a.prefix
-                for a in sub_acqs
-                if any(a.prefix.replace("-", "_") in c.name.replace("-", "_") for c in new)
-            ]
-            for a in names or [a.prefix for a in sub_acqs]:
-                failed[a] = f"{type(exc).__name__}; crash logs: " + (
-                    ", ".join(str(c) for c in new) if new else "see the log above"
-                )
-            log = settings.output_dir / "logs" / f"sub-{sub}_error.log"
-            log.write_text(traceback.format_exc())
-            LOGGER.error("sub-%s failed (%s); details in %s", sub, exc, log)
-        LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
-        build_subject_report(
-            settings.output_dir,
-            sub,
-            settings=settings.to_dict(),
-            log={k: v for k, v in failed.items() if f"sub-{sub}" in k} or None,
-        )
+        failed = _process_subjects(settings, acqs, errors, log_path, build_subject_report)
     if failed:
         print("qsmprep: these acquisitions failed:", file=sys.stderr)
         for name, why in failed.items():
             print(f"  {name}: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _last_line(exc: BaseException) -> str:
+    """The gist of an exception: Nipype's carry the node's traceback, whose last line is it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) -> dict[str, str]:
+    """Run each subject's workflow and build its report; the failed acquisitions and why."""
+    from qsmprep import bids
+    from qsmprep._atomic import remove_stale_temporaries
+    from qsmprep.workflows import init_participant_wf
+
+    groups = bids.group_orientations(acqs)
+    failed: dict[str, str] = {str(e): "invalid input" for e in errors}
+    logs = settings.output_dir / "logs"
+    for sub in sorted({a.subject for a in acqs}):
+        sub_acqs = [a for a in acqs if a.subject == sub]
+        sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
+        LOGGER.info(
+            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+        )
+        t0 = time.perf_counter()
+        crashes_before = set(logs.glob("crash-*"))
+        # temporary files of a killed earlier run (final names are only ever complete)
+        remove_stale_temporaries(settings.output_dir / f"sub-{sub}")
+        progress = None
+        try:
+            wf = init_participant_wf(sub_acqs, settings, sub_groups)
+            wf.base_dir = str(settings.work_dir)
+            plugin_args = dict(settings.plugin_args)
+            if settings.plugin not in GRAPH_PLUGINS:
+                names = [a.prefix for a in sub_acqs] + [
+                    f"sub-{s}" + (f"_ses-{ses}" if ses else "") for s, ses in sub_groups
+                ]
+                progress = StageProgress(wf, names, linear=settings.plugin == "Linear")
+                plugin_args["status_callback"] = progress
+            # MultiProc runs gc.collect() before every job it submits; with torch, SciPy and
+            # matplotlib loaded each pass walks the whole heap (0.3-0.4 s). Frozen objects
+            # (everything alive now: modules, the graph) are skipped by those passes.
+            gc.freeze()
+            try:
+                wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+            finally:
+                gc.unfreeze()
+                if progress is not None:
+                    progress.finish()
+        except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
+            new = sorted(set(logs.glob("crash-*")) - crashes_before)
+            names = [
+                a.prefix
+                for a in sub_acqs
+                if any(a.prefix.replace("-", "_") in c.name.replace("-", "_") for c in new)
+            ]
+            why = _last_line(exc)
+            for a in names or [a.prefix for a in sub_acqs]:
+                failed[a] = f"{why}; crash logs: " + (
+                    ", ".join(str(c) for c in new) if new else f"see {log_path}"
+                )
+            log = logs / f"sub-{sub}_error.log"
+            log.write_text(traceback.format_exc())
+            LOGGER.error("sub-%s failed: %s; details in %s", sub, why, log)
+        LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
+        report(
+            settings.output_dir,
+            sub,
+            settings=settings.to_dict(),
+            log={k: v for k, v in failed.items() if f"sub-{sub}" in k} or None,
+        )
+    return failed
 
 
 def run_group(settings: Settings) -> int:
@@ -547,8 +666,8 @@ def run_demo(argv) -> int:
     opts = [
         "--methods",
         *a.methods,
-        "--nprocs",
-        str(a.nprocs),
+        *(["--nprocs", str(a.nprocs)] if a.nprocs else []),
+        *(["-" + "v" * a.verbose] if a.verbose else []),
         "--device",
         a.device,
         "-w",
@@ -583,19 +702,19 @@ def run_demo(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        return run_demo(argv[1:])
+        verbose = build_demo_parser().parse_args(argv[1:]).verbose
+        with console(verbose):
+            return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        settings = settings_from_args(args)
-        if settings.analysis_level == "participant":
-            return run_participant(settings)
-        return run_group(settings)
-    except ValueError as exc:  # UsageError, BIDSInputError and invalid parameters
-        print(f"qsmprep: error: {exc}", file=sys.stderr)
-        return 1
+    with console(args.verbose):
+        try:
+            settings = settings_from_args(args)
+            if settings.analysis_level == "participant":
+                return run_participant(settings)
+            return run_group(settings)
+        except ValueError as exc:  # UsageError, BIDSInputError and invalid parameters
+            print(f"qsmprep: error: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
