@@ -381,6 +381,17 @@ def test_4d_or_uncombined_phase(ds, extra, needles):
         load_phase(p, "rad")
 
 
+def test_2d_image_is_refused(ds):
+    for part in ("mag", "phase"):
+        p = _file(ds, echo=1, part=part)
+        _save_like(p, np.asarray(nib.load(str(p)).dataobj)[:, :, 10])
+    _raises(
+        lambda: collect_acquisitions(ds),
+        "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz",
+        "phase image has shape (24, 24); qsmprep needs 3D volumes",
+    )
+
+
 def test_single_volume_4d_is_accepted(ds):
     p = _file(ds, echo=1, part="phase")
     data = np.asarray(nib.load(str(p)).dataobj)
