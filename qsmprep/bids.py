@@ -767,8 +767,9 @@ def _build_acquisition(root: Path, key: tuple, files: list, b0_override) -> Acqu
         ]
         phase_units = detect_phase_units(nib.load(str(phases[0])), meta_p[0], path=phases[0])
     except BIDSInputError as exc:
-        exc.acquisition = acq_id
-        raise
+        # the file named as in every other message: relative to the dataset
+        msg = str(exc).replace(str(phases[0]), _rel(phases[0], root), 1)
+        raise BIDSInputError(msg, path=exc.path, acquisition=acq_id) from None
     for p, u in zip(phases[1:], declared[1:], strict=True):
         if u != declared[0]:
             raise fail(

@@ -521,8 +521,7 @@ def run_participant(settings: Settings) -> int:
         LOGGER.error("skipped: %s", err)
     if not acqs:
         raise UsageError(
-            "no valid acquisition to process"
-            + (": " + "; ".join(str(e) for e in errors) if errors else "")
+            "no valid acquisition to process" + (" (see the errors above)" if errors else "")
         )
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     bids.write_dataset_description(settings.output_dir)
