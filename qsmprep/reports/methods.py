@@ -24,6 +24,9 @@ CITATIONS: dict[str, str] = {
     "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.",
     "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
     "datasets. J Open Source Softw 2019;4(40):1294.",
+    "arlo": "Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting "
+    "based on Auto-Regression on Linear Operations (ARLO) of data. Magn Reson Med "
+    "2015;73:843-850.",
     "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst "
     "Man Cybern 1979;9:62-66.",
     "romeo": "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid "
