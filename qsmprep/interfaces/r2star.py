@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
