@@ -47,6 +47,8 @@ Outputs
     <prefix>_desc-total_fieldmap.nii.gz    <prefix>_desc-local_fieldmap.nii.gz
     <prefix>_desc-noise_fieldmap.nii.gz    <prefix>_desc-<method>_Chimap.nii.gz
     <prefix>_metrics.tsv / .json           sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz
+    <prefix>_R2starmap.nii.gz (1/s)        <prefix>_T2starmap.nii.gz (s)
+    <prefix>_S0map.nii.gz
 
 with ``<prefix> = sub-<label>[_ses-<label>][_acq-<label>][_rec-<label>][_run-<index>]``
 (:attr:`Acquisition.prefix`); :func:`write_dataset_description` writes the derivative
@@ -1207,7 +1209,8 @@ def derivative_path(
     desc : str, optional
         ``desc-`` label (``brain``, ``local``, ``total``, ``noise``, a method name, ...).
     suffix : str
-        ``mask``, ``fieldmap``, ``Chimap``, ``metrics``, ...
+        ``mask``, ``fieldmap``, ``Chimap``, ``R2starmap``, ``T2starmap``, ``S0map``,
+        ``metrics``, ...
     extension : str
         ``.nii.gz`` (default), ``.json``, ``.tsv``, ...
     datatype : str

@@ -29,6 +29,7 @@ __all__ = [
     "CLASSICAL_METHODS",
     "DEFAULT_BG_METHOD",
     "DL_METHODS",
+    "OUTPUTS",
     "PARAM_SECTIONS",
     "Settings",
     "load_method_params",
@@ -38,7 +39,12 @@ CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
 DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
-PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space")
+PARAM_SECTIONS = (
+    *ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space", "r2star",
+)  # fmt: skip
+OUTPUTS = ("chi", "r2star", "swi")
+"""Choices of ``--outputs``: susceptibility maps (always made), R2*/T2*/S0 maps (two or more
+echoes), susceptibility-weighted images (not wired yet in this version)."""
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:
@@ -100,6 +106,8 @@ class Settings:
     # template space (qsmprep.space): ``Template[:res-n]`` entries, chi reference region
     output_spaces: list[str] = field(default_factory=list)
     reference_region: str = "mask"
+    # maps to make besides chi (OUTPUTS); R2* needs two or more echoes
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     # run the official BIDS validator on the input first (--skip-bids-validation turns it off)
     skip_bids_validation: bool = False
     version: str = __version__
@@ -117,6 +125,15 @@ class Settings:
             raise ValueError(
                 f"method names must be alphanumeric (they become desc- labels): {bad}"
             )
+        unknown = [o for o in self.outputs if o not in OUTPUTS]
+        if unknown:
+            raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
+        if "chi" not in self.outputs:
+            raise ValueError(
+                "the susceptibility maps (chi) are always computed: the other outputs build on"
+                f" the same chain; give 'chi' among the outputs, e.g. chi {' '.join(self.outputs)}"
+            )
+        self.outputs = [o for o in OUTPUTS if o in self.outputs]
         if self.phase_sign not in (1, -1):
             raise ValueError(f"phase_sign must be 1 or -1, got {self.phase_sign!r}")
         from qsmprep.space.templates import parse_output_spaces

@@ -273,6 +273,27 @@ def test_report_never_raises(tmp_path):
     assert "settings are broken" in page.read_text()
 
 
+def test_subject_report_r2star_section(run_dir, tmp_path):
+    _, out0 = run_dir
+    out = Path(shutil.copytree(out0, tmp_path / "out"))
+    anat = out / "sub-02" / "anat"
+    brain = nib.load(anat / "sub-02_desc-brain_mask.nii.gz")
+    r2 = np.where(np.asarray(brain.dataobj) > 0, 25.0, 0.0).astype(np.float32)
+    side = {
+        "Units": "1/s", "Method": "arlo", "R2starRange": [0.0, 1000.0],
+        "ClippedLowVoxels": 3, "ClippedHighVoxels": 0, "SkullStripped": True,
+    }  # fmt: skip
+    _save(anat / "sub-02_R2starmap.nii.gz", r2, brain.affine, side)
+    page = build_subject_report(out, "sub-02").read_text()
+    assert "<h3>R2* map</h3>" in page and "sub-02_R2starmap.nii.gz" in page
+    assert (out / "figures" / "sub-02_desc-r2star_mosaic.png").is_file() or any(
+        p.name == "sub-02_desc-r2star_mosaic.png" for p in out.rglob("*.png")
+    )
+    assert "25.0" in page and "3 voxel(s) below" in page
+    assert "auto-regression on linear operations (ARLO)" in page and "Pei M" in page
+    assert not (out / "logs" / "report-sub-02.log").exists()
+
+
 def test_methods_paragraph_follows_options():
     base = {"methods": ["tkd", "medi"], "bg_method": "resharp", "unwrap": "quality"}
     text = methods_paragraph(base)

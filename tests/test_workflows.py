@@ -244,6 +244,9 @@ def test_qsm_wf_graph(tmp_path, methods, with_reference, reference_file):
         "ds_metrics_tsv": "sub-01_run-2_metrics.tsv",
         "ds_metrics_json": "sub-01_run-2_metrics.json",
         **{f"ds_chimap_{m}": f"sub-01_run-2_desc-{m}_Chimap.nii.gz" for m in methods},
+        "ds_r2star": "sub-01_run-2_R2starmap.nii.gz",
+        "ds_t2star": "sub-01_run-2_T2starmap.nii.gz",
+        "ds_s0": "sub-01_run-2_S0map.nii.gz",
     }
     sinks = {name.split(".")[-1]: n for name, n in nodes.items() if ".ds_" in name}
     assert set(sinks) == set(expected)
@@ -258,6 +261,34 @@ def test_qsm_wf_graph(tmp_path, methods, with_reference, reference_file):
         f"qsm_wf.qsm_derivatives_wf.ds_chimap_{methods[0]}", "meta",
     ) in links  # fmt: skip
     assert sinks["ds_total_field"].inputs.sidecar["Units"] == "Hz"
+
+
+def test_qsm_wf_outputs(tmp_path):
+    # r2star (default): fed by the loaded magnitude and the brain mask, written with units
+    wf = init_qsm_wf(acquisition=_acq(), output_dir=tmp_path, methods=["tkd"])
+    nodes, links = _nodes(wf), _links(wf)
+    assert ("qsm_wf.field_wf.load_echoes", "magnitude", "qsm_wf.r2star_map", "magnitude") in links
+    assert ("qsm_wf.field_wf.brain_mask", "out_file", "qsm_wf.r2star_map", "mask") in links
+    assert ("qsm_wf.r2star_map", "meta", "qsm_wf.qsm_derivatives_wf.ds_r2star", "meta") in links
+    side = nodes["qsm_wf.qsm_derivatives_wf.ds_r2star"].inputs.sidecar
+    assert side["Units"] == "1/s" and side["SkullStripped"] is True
+    assert nodes["qsm_wf.qsm_derivatives_wf.ds_t2star"].inputs.sidecar["Units"] == "s"
+    assert "ARLO" in wf.__desc__ and "arlo" in wf.__citations__
+    params = {"r2star": {"method": "nlls", "max_iter": 10}}
+    wf = init_qsm_wf(acquisition=_acq(), output_dir=None, methods=["tkd"], method_params=params)
+    node = _nodes(wf)["qsm_wf.r2star_map"]
+    assert node.inputs.method == "nlls" and node.inputs.params == {"max_iter": 10}
+    # chi only, or one echo: no R2*
+    one = _acq()
+    one.magnitude, one.phase, one.echo_times = one.magnitude[:1], one.phase[:1], [0.01]
+    for a, outputs in ((_acq(), ["chi"]), (one, ["chi", "r2star", "swi"])):
+        wf = init_qsm_wf(acquisition=a, output_dir=tmp_path, methods=["tkd"], outputs=outputs)
+        assert not [n for n in _nodes(wf) if "r2star" in n or "t2star" in n or "ds_s0" in n]
+    with pytest.raises(ValueError, match="unknown output"):
+        init_qsm_wf(acquisition=_acq(), output_dir=None, outputs=["chi", "t1"])
+    with pytest.raises(ValueError, match="always computed"):
+        _settings(tmp_path, outputs=["r2star"])
+    assert _settings(tmp_path, outputs=["swi", "chi"]).outputs == ["chi", "swi"]
 
 
 def test_qsm_wf_without_sinks():
@@ -366,6 +397,14 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
         assert (anat / name).is_file(), name
         assert (anat / name.replace(".nii.gz", ".json")).is_file(), name
     assert (anat / "sub-01_metrics.tsv").is_file() and (anat / "sub-01_metrics.json").is_file()
+    for suffix in ("R2starmap", "T2starmap", "S0map"):
+        assert (anat / f"sub-01_{suffix}.nii.gz").is_file(), suffix
+    r2side = json.loads((anat / "sub-01_R2starmap.json").read_text())
+    assert r2side["Method"] == "arlo" and r2side["R2starRange"] == [0.0, 1000.0]
+    assert r2side["EchoTime"] == [0.004, 0.008, 0.012] and "ClippedHighVoxels" in r2side
+    r2 = nib.load(anat / "sub-01_R2starmap.nii.gz").get_fdata()
+    brain = nib.load(anat / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert np.all(r2[~brain] == 0) and r2.min() >= 0 and r2.max() <= 1000
     assert not [p for p in anat.iterdir() if p.name.startswith(".")]  # no temporary files
 
     side = json.loads((anat / "sub-01_desc-tkd_Chimap.json").read_text())

@@ -26,6 +26,7 @@ from qsmprep.config import (
     BG_METHODS,
     DEFAULT_BG_METHOD,
     DL_METHODS,
+    OUTPUTS,
     Settings,
     load_method_params,
 )
@@ -170,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"dipole inversions, each also the desc- label of its Chimap; classical: "
         f"{', '.join(m for m in ALL_METHODS if m not in DL_METHODS)}; deep learning (trained "
         f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): {', '.join(DL_METHODS)}",
+    )
+    g.add_argument(
+        "--outputs",
+        nargs="+",
+        choices=OUTPUTS,
+        default=list(OUTPUTS),
+        metavar="OUTPUT",
+        help=f"maps to write, from {', '.join(OUTPUTS)}: chi the susceptibility maps (always"
+        " made); r2star the R2* (1/s), T2* (s) and S0 maps of the magnitude decay (two or more"
+        " echoes; single-echo acquisitions skip it); swi is reserved for susceptibility-weighted"
+        " images and does nothing yet in this version",
     )
     g.add_argument(
         "--bg-method",
@@ -348,6 +360,11 @@ def settings_from_args(args) -> Settings:
                 f"output_dir {out} is inside the input dataset {bids_dir}; write outputs outside"
                 f" it or under {bids_dir / 'derivatives'}"
             )
+    if "chi" not in (getattr(args, "outputs", None) or OUTPUTS):
+        raise UsageError(
+            "--outputs must include chi: the susceptibility maps are always computed, the other"
+            " outputs come from the same chain (e.g. --outputs chi r2star)"
+        )
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         raise UsageError(f"unknown method(s) {unknown}; available: {list(ALL_METHODS)}")
@@ -403,6 +420,7 @@ def settings_from_args(args) -> Settings:
         mem_gb=args.mem_gb,
         device=args.device,
         methods=list(dict.fromkeys(args.methods)),
+        outputs=list(dict.fromkeys(getattr(args, "outputs", None) or OUTPUTS)),
         bg_method=args.bg_method,
         unwrap=args.unwrap,
         mask_method=args.mask_method,

@@ -12,6 +12,7 @@ interface                   does                                                
 ``DipoleInversion``         one inversion method -> referenced chi (ppm), DC residual   inversion
 ``DeepInversion``           one trained network -> referenced chi (ppm), DC residual    inversion
 ``Cosmos``                  multi-orientation COSMOS -> referenced chi (ppm)            inversion
+``R2StarMap``               4D magnitude -> R2* (1/s), T2* (s), S0 in the brain mask    r2star
 ``ComputeMetrics``          metrics per method -> TSV + JSON                            metrics
 ``WriteDerivative``         atomic copy into the derivative dataset + JSON sidecar      derivatives
 ``RegisterToTemplate``      magnitude -> template: ANTs rigid + affine + SyN            space
@@ -44,6 +45,7 @@ from qsmprep.interfaces.inversion import (
     DipoleInversion,
 )
 from qsmprep.interfaces.metrics import METRIC_COLUMNS, ComputeMetrics
+from qsmprep.interfaces.r2star import R2StarMap
 from qsmprep.interfaces.space import (
     ApplyTemplateTransform,
     AtlasToNative,
@@ -71,6 +73,7 @@ __all__ = [
     "FieldReliability",
     "FitField",
     "LoadEchoes",
+    "R2StarMap",
     "RemoveBackground",
     "UnwrapPhase",
     "WriteDerivative",

@@ -382,6 +382,18 @@ def chi_mosaic_figure(chi, view: View, path, *, vmax: float, title: str, mask=No
     return save_figure(fig, path)
 
 
+def r2star_mosaic_figure(r2star, view: View, path, *, mask=None, percentile=99.0) -> Path:
+    """R2* (1/s) on the three planes, scale ``[0, v]`` with ``v`` the ``percentile`` of R2*
+    in ``mask`` (at least 1 1/s); voxels outside ``mask`` are black."""
+    vmax = common_scale([np.clip(r2star, 0, None)], mask, percentile=percentile, floor=1.0)
+    fig, grid = _grid_figure(view, 1)
+    im = _plane_row(
+        fig, grid, 0, view, _masked(r2star, mask), cmap="inferno", vmin=0, vmax=vmax, title="R2*"
+    )
+    _colorbar(fig, grid, 0, im, "R2* (1/s)")
+    return save_figure(fig, path)
+
+
 def _regression(x, y):
     """Ordinary least squares ``y = a x + b`` (as :func:`qsmprep.metrics.regression`)."""
     x = np.asarray(x, np.float64)

@@ -625,6 +625,50 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
     else:
         out.append('<p class="error">No susceptibility map was found for this acquisition.</p>')
 
+    # relaxation maps
+    if "R2starmap" in acq.relaxation:
+        out.append("<h3>R2* map</h3>")
+        r2path = acq.relaxation["R2starmap"]
+        loaded = rep.attempt(f"{acq.prefix}: read R2* map", load_volume, r2path)
+        r2side = read_sidecar(r2path)
+        info["r2star_method"] = _key(r2side, "Method")
+        if loaded is not None and (brain is None or loaded[0].shape == brain.shape):
+            r2 = loaded[0]
+            if view is None:
+                view = F.View.full(r2.shape, vs or loaded[1])
+            fig = rep.attempt(
+                f"{acq.prefix}: R2* mosaic",
+                F.r2star_mosaic_figure,
+                r2,
+                view,
+                rep.figdir / f"{acq.prefix}_desc-r2star_mosaic.png",
+                mask=brain,
+            )
+            out.append(
+                rep.figure(
+                    fig,
+                    f"<b>R2*</b> ({_esc(r2path.name)}), 1/s, in the brain mask; scale 0 to the "
+                    "99th percentile.",
+                    "R2* map",
+                )
+            )
+            rows = []
+            if brain is not None and brain.any():
+                rows.append(("Median R2* in the brain mask (1/s)", f"{np.median(r2[brain]):.1f}"))
+            rows.append(("Method", _esc(_key(r2side, "Method") or "n/a")))
+            rng = _key(r2side, "R2starRange")
+            low, high = _key(r2side, "ClippedLowVoxels"), _key(r2side, "ClippedHighVoxels")
+            if rng is not None:
+                rows.append(
+                    (
+                        "Clipped to the range (1/s)",
+                        f"{_esc(rng)}: {_esc(low)} voxel(s) below, {_esc(high)} above",
+                    )
+                )
+            out.append(_table(rows))
+        elif loaded is not None:
+            rep.problems.append(f"{acq.prefix}: R2* map has another grid than the mask")
+
     # metrics
     out.append("<h3>Metrics</h3>")
     if metrics is not None:
@@ -876,6 +920,7 @@ def build_subject_report(
         references = set()
         units = set()
         echo_counts = set()
+        r2star_methods: set[str] = set()
         for acq in files.acquisitions:
             res = rep.attempt(
                 f"{acq.prefix}: section", _acquisition_section, rep, acq, files, s, preferred
@@ -895,6 +940,8 @@ def build_subject_report(
                     references.add(res[1]["reference"])
                 if isinstance(res[1].get("echoes"), int):
                     echo_counts.add(res[1]["echoes"])
+                if isinstance(res[1].get("r2star_method"), str):
+                    r2star_methods.add(res[1]["r2star_method"])
             nav.append((acq.prefix, acq.prefix))
         cos = rep.attempt("COSMOS section", _cosmos_section, rep, files)
         if cos:
@@ -904,6 +951,7 @@ def build_subject_report(
             ms = _merge_params(s, params)
             ms.setdefault("phase_units", sorted(units))
             ms.setdefault("echo_counts", sorted(echo_counts))
+            ms.setdefault("r2star_methods", sorted(r2star_methods))
             if not ms.get("reference") and len(references) == 1 and not files.cosmos:
                 ms["reference"] = next(iter(references))
             text = rep.attempt("methods paragraph", _methods_text, ms, cosmos=bool(files.cosmos))

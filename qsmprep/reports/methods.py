@@ -24,6 +24,9 @@ CITATIONS: dict[str, str] = {
     "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.",
     "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
     "datasets. J Open Source Softw 2019;4(40):1294.",
+    "arlo": "Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting "
+    "based on Auto-Regression on Linear Operations (ARLO) of data. Magn Reson Med "
+    "2015;73:843-850.",
     "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst "
     "Man Cybern 1979;9:62-66.",
     "romeo": "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid "
@@ -407,6 +410,15 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         "its data consistency was reported as the residual "
         "100 ||M (D chi - f)|| / ||M f|| (%) in the mask M of reliable local-field voxels."
     )
+    r2m = [m for m in _get(s, "r2star_methods", []) or [] if m in _R2STAR]
+    if r2m:
+        how = " or ".join(_R2STAR[m] for m in r2m)
+        cites = cite("arlo") if "arlo" in r2m else ""
+        out.append(
+            "R2* maps (1/s) were fitted to the magnitude of the echoes in the brain mask, "
+            f"S = S0 exp(-R2* TE), {how}{cites}, and clipped to [0, 1000] 1/s; T2* maps are "
+            "1/R2* (at most 1 s)."
+        )
     ref = s.get("reference")
     if ref:
         out.append(
@@ -432,6 +444,14 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
     return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
 
 
+_R2STAR = {
+    "arlo": "by auto-regression on linear operations (ARLO), a closed form for equally spaced "
+    "echoes",
+    "nlls": "by nonlinear least squares (Levenberg-Marquardt from a log-linear start)",
+    "loglinear": "by a magnitude-weighted linear fit of the log signal",
+}
+
+
 def _join(description: str, params: str) -> str:
     return f"{description}; {params}" if params else description
 
@@ -449,6 +469,7 @@ def methods_paragraph(settings: Mapping | None = None, *, cosmos: bool = False) 
         The effective settings (``Settings.to_dict()``, or ``qsmprep_settings.json``). Keys
         read: ``methods``, ``bg_method``, ``unwrap``, ``mask_method``, ``phase_sign``,
         ``b0``, ``reference``, ``phase_units`` (input units found, e.g. ``["integer"]``),
+        ``r2star_methods`` (R2* estimators used, from the R2starmap sidecars),
         ``method_params`` (``{method: {param: value}}``; parameters not
         given are shown at the defaults of the ``qsmprep.recon`` function), ``version``.
         Missing keys take the defaults of the command line.

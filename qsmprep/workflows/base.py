@@ -40,7 +40,8 @@ def init_participant_wf(
         The participant's acquisitions (unique :attr:`~qsmprep.bids.Acquisition.id`).
     settings : :class:`qsmprep.config.Settings`
         Uses ``output_dir``, ``methods``, ``bg_method``, ``unwrap``, ``mask_method``,
-        ``method_params``, ``device``, ``phase_sign``, ``reference`` and ``omp_nthreads``.
+        ``method_params``, ``device``, ``phase_sign``, ``reference``, ``omp_nthreads`` and
+        ``outputs``.
     cosmos_groups : dict or iterable, optional
         Orientation groups, e.g. :func:`qsmprep.bids.group_orientations` (``{(subject,
         session): [Acquisition, ...]}``) or a list of lists; each group's members must be in
@@ -96,6 +97,7 @@ def init_participant_wf(
             phase_sign=settings.phase_sign,
             reference=settings.reference,
             metrics=a.id not in reference_of,
+            outputs=getattr(settings, "outputs", ("chi", "r2star")),
             name=f"qsm_{node_label(a.prefix)}_wf",
             **common,
         )

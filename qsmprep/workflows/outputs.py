@@ -62,9 +62,10 @@ def init_qsm_derivatives_wf(
     unwrap_method: str,
     phase_sign: int = 1,
     method_params: Mapping[str, Mapping] | None = None,
+    r2star: bool = False,
     name: str = "qsm_derivatives_wf",
 ) -> pe.Workflow:
-    """Write the masks, field maps and Chimaps of one acquisition.
+    """Write the masks, field maps and Chimaps of one acquisition (and its R2* maps).
 
     Inputs (``inputnode``)
     ----------------------
@@ -74,6 +75,10 @@ def init_qsm_derivatives_wf(
         Sidecar entries of the background removal, for the local field and the local mask.
     chimap_<method>, meta_<method>
         From the inversion workflow.
+    r2star, t2star, s0, r2star_meta
+        With ``r2star``: the maps of :class:`~qsmprep.interfaces.R2StarMap` and its sidecar
+        entries, written as ``<prefix>_R2starmap`` (1/s), ``<prefix>_T2starmap`` (s) and
+        ``<prefix>_S0map`` (BIDS quantitative-map suffixes).
 
     Each sink node (``ds_<map>``) reports its written path as ``out_file``.
     """
@@ -83,7 +88,17 @@ def init_qsm_derivatives_wf(
     per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "meta")]
     inputnode = pe.Node(
         IdentityInterface(
-            fields=[*fields, "reliable_mask", "bg_meta", "local_mask_meta", *per_method]
+            fields=[
+                *fields,
+                "reliable_mask",
+                "bg_meta",
+                "local_mask_meta",
+                *per_method,
+                "r2star",
+                "t2star",
+                "s0",
+                "r2star_meta",
+            ]
         ),
         name="inputnode",
     )
@@ -215,6 +230,28 @@ def init_qsm_derivatives_wf(
         workflow.connect([
             (inputnode, ds_chimap, [(f"chimap_{method}", "in_file"), (f"meta_{method}", "meta")]),
         ])  # fmt: skip
+    if r2star:
+        relax = {
+            "SkullStripped": True,
+            "EchoTime": [float(t) for t in a.echo_times],
+            "MagneticFieldStrength": float(a.b0),
+            "SignalModel": "S(TE) = S0 exp(-R2star TE), fitted to the magnitude of each voxel",
+            **base,
+        }
+        maps = (
+            ("r2star", "R2starmap", "1/s", "R2* = 1/T2*, clipped to R2starRange"),
+            ("t2star", "T2starmap", "s", "T2* = 1/R2*, at most T2starMax"),
+            ("s0", "S0map", "arbitrary", "signal at TE = 0, least squares given R2*"),
+        )
+        for key, suffix, units, desc in maps:
+            ds = _sink(
+                f"ds_{key}",
+                path(None, suffix),
+                {"Units": units, "Description": desc, **relax},
+            )
+            workflow.connect([
+                (inputnode, ds, [(key, "in_file"), ("r2star_meta", "meta")]),
+            ])  # fmt: skip
     return workflow
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from qsmprep.config import OUTPUTS
 from qsmprep.dl.weights import DL_METHODS, TRAINED_BACKGROUND
+from qsmprep.interfaces import R2StarMap
 from qsmprep.recon.background import DEFAULT_METHOD
-from qsmprep.workflows._util import gpu_work
+from qsmprep.workflows._util import gpu_work, params_of
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
 from qsmprep.workflows.metrics import init_metrics_wf
@@ -23,8 +25,15 @@ LOGGER = logging.getLogger("qsmprep")
 
 _OUTPUTS = [
     "brain_mask", "local_mask", "total_field", "noise_field", "local_field", "magnitude",
-    "chimaps", "dc_residuals", "metrics_tsv", "metrics_json",
+    "chimaps", "dc_residuals", "metrics_tsv", "metrics_json", "r2star", "t2star", "s0",
 ]  # fmt: skip
+
+
+_R2STAR_DESC = {
+    "arlo": "by auto-regression on linear operations (ARLO; Pei et al., 2015)",
+    "nlls": "by nonlinear least squares (Levenberg-Marquardt), started from a log-linear fit",
+    "loglinear": "by a magnitude-weighted linear fit of the log signal",
+}
 
 
 UNWRAP_METHODS = ("auto", "quality", "laplacian")
@@ -58,6 +67,7 @@ def init_qsm_wf(
     reference: str | Path | None = None,
     metrics: bool = True,
     omp_nthreads: int = 1,
+    outputs: Sequence[str] = OUTPUTS,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
     """Susceptibility maps of one acquisition, from its per-echo magnitude and phase files.
@@ -66,6 +76,7 @@ def init_qsm_wf(
 
         inputnode -> field_wf -> inversion_wf -> metrics_wf -> outputnode
                              \\-> derivatives_wf (masks, field maps, Chimaps)
+                             \\-> r2star_map (magnitude, brain mask) -> derivatives_wf
 
     The acquisition's files and metadata are set on ``inputnode`` here; derivative names are
     derived from it (:func:`qsmprep.bids.derivative_path`). Embed the workflow in a larger one
@@ -100,6 +111,12 @@ def init_qsm_wf(
         may not both feed and consume another one.
     omp_nthreads : int
         Threads of the CPU-heavy nodes.
+    outputs : sequence of str
+        Maps to make (:data:`qsmprep.config.OUTPUTS`). ``"r2star"`` adds the node ``r2star_map``
+        (:class:`~qsmprep.interfaces.R2StarMap`, parameters from ``method_params["r2star"]``,
+        e.g. ``{"method": "nlls"}``) on the 4D magnitude and the brain mask, and its R2*, T2*
+        and S0 derivatives; an acquisition of one echo has no R2* and skips it (logged).
+        ``"swi"`` is not wired here.
     name : str
         Workflow name.
 
@@ -114,6 +131,8 @@ def init_qsm_wf(
         From the field workflow (Hz; magnitude 4D).
     chimaps, dc_residuals
         Chi maps (ppm) and data-consistency residuals (%) in the order of ``methods``.
+    r2star, t2star, s0
+        R2* (1/s), T2* (s) and S0 maps in the brain mask (with ``"r2star"`` in ``outputs``).
     metrics_tsv, metrics_json
         The metrics table (with ``metrics`` only).
     """
@@ -129,6 +148,15 @@ def init_qsm_wf(
             "no voxel is judged unreliable (no multi-echo fit residual)",
             a.prefix, 1e3 * float(a.echo_times[0]),
         )  # fmt: skip
+    outputs = list(outputs)
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
+    make_r2star = "r2star" in outputs and n_echoes >= 2
+    if "r2star" in outputs and not make_r2star:
+        LOGGER.info("%s: one echo: no R2*/T2* map (a decay needs two or more echoes)", a.prefix)
+    r2star_params = params_of(method_params, "r2star")
+    r2star_method = r2star_params.pop("method", "auto")
     fields = ["magnitude", "phase", "echo_times", "phase_units", "phase_sign", "b0", "b0_dir"]
 
     workflow = pe.Workflow(name=name)
@@ -216,6 +244,18 @@ def init_qsm_wf(
             ]),
         ])  # fmt: skip
 
+    if make_r2star:
+        r2star_map = pe.Node(
+            R2StarMap(method=r2star_method, params=r2star_params), name="r2star_map"
+        )
+        workflow.connect([
+            (inputnode, r2star_map, [("echo_times", "echo_times")]),
+            (field_wf, r2star_map, [
+                ("outputnode.magnitude", "magnitude"), ("outputnode.brain_mask", "mask"),
+            ]),
+            (r2star_map, outputnode, [("r2star", "r2star"), ("t2star", "t2star"), ("s0", "s0")]),
+        ])  # fmt: skip
+
     if output_dir is not None:
         derivatives_wf = init_qsm_derivatives_wf(
             acquisition=a,
@@ -226,6 +266,7 @@ def init_qsm_wf(
             unwrap_method=unwrap_method,
             phase_sign=phase_sign,
             method_params=method_params,
+            r2star=make_r2star,
         )
         field_out = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
         workflow.connect([
@@ -242,6 +283,13 @@ def init_qsm_wf(
                 for m in methods for k in ("chimap", "meta")
             ]),
         ])  # fmt: skip
+        if make_r2star:
+            workflow.connect([
+                (r2star_map, derivatives_wf, [
+                    ("r2star", "inputnode.r2star"), ("t2star", "inputnode.t2star"),
+                    ("s0", "inputnode.s0"), ("meta", "inputnode.r2star_meta"),
+                ]),
+            ])  # fmt: skip
 
     workflow.__desc__ = (
         f"Acquisition {a.prefix}: {n_echoes} echo{'es' if n_echoes != 1 else ''} at "
@@ -249,4 +297,17 @@ def init_qsm_wf(
         f"(phase in {a.phase_units})."
     )
     workflow.__citations__ = []
+    if make_r2star:
+        how = (
+            "chosen by the echoes: ARLO (Pei et al., 2015) for three or more equally spaced "
+            "echoes, else a nonlinear or, for two echoes, a log-linear fit"
+            if r2star_method == "auto"
+            else _R2STAR_DESC[r2star_method]
+        )
+        workflow.__desc__ += (
+            f" R2* (1/s) was fitted to the magnitude of the echoes in the brain mask, {how}, "
+            "clipped to [0, 1000] 1/s, with T2* = 1/R2* and S0."
+        )
+        if r2star_method in ("auto", "arlo"):
+            workflow.__citations__.append("arlo")
     return workflow
