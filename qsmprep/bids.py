@@ -47,6 +47,8 @@ Outputs
     <prefix>_desc-total_fieldmap.nii.gz    <prefix>_desc-local_fieldmap.nii.gz
     <prefix>_desc-noise_fieldmap.nii.gz    <prefix>_desc-<method>_Chimap.nii.gz
     <prefix>_metrics.tsv / .json           sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz
+    <prefix>_desc-swi_T2starw.nii.gz       <prefix>_desc-minip_T2starw.nii.gz
+    <prefix>_desc-smwipara_T2starw.nii.gz  <prefix>_desc-smwidia_T2starw.nii.gz
 
 with ``<prefix> = sub-<label>[_ses-<label>][_acq-<label>][_rec-<label>][_run-<index>]``
 (:attr:`Acquisition.prefix`); :func:`write_dataset_description` writes the derivative

@@ -38,7 +38,9 @@ CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
 DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
-PARAM_SECTIONS = (*ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space")
+PARAM_SECTIONS = (
+    *ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space", "swi", "smwi",
+)  # fmt: skip
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:

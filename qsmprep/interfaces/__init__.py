@@ -13,6 +13,8 @@ interface                   does                                                
 ``DeepInversion``           one trained network -> referenced chi (ppm), DC residual    inversion
 ``Cosmos``                  multi-orientation COSMOS -> referenced chi (ppm)            inversion
 ``ComputeMetrics``          metrics per method -> TSV + JSON                            metrics
+``ComputeSWI``              magnitude + total field -> SWI, minIP, combined magnitude   swi
+``ComputeSMWI``             combined magnitude + Chimap -> para-/diamagnetic SMWI       swi
 ``WriteDerivative``         atomic copy into the derivative dataset + JSON sidecar      derivatives
 ``RegisterToTemplate``      magnitude -> template: ANTs rigid + affine + SyN            space
 ``AtlasToNative``           template atlas labels warped to the acquisition             space
@@ -52,6 +54,7 @@ from qsmprep.interfaces.space import (
     RegistrationFigure,
     ROIStatistics,
 )
+from qsmprep.interfaces.swi import ComputeSMWI, ComputeSWI
 
 __all__ = [
     "ApplyTemplateTransform",
@@ -65,6 +68,8 @@ __all__ = [
     "METRIC_COLUMNS",
     "BrainMask",
     "ComputeMetrics",
+    "ComputeSMWI",
+    "ComputeSWI",
     "Cosmos",
     "DeepInversion",
     "DipoleInversion",

@@ -8,6 +8,7 @@ how they were produced::
     .../<prefix>_desc-{total,local,noise}_fieldmap.nii.gz                (Hz)
     .../<prefix>_desc-<method>_Chimap.nii.gz                             (ppm)
     .../sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz              (COSMOS, ppm)
+    .../<prefix>_desc-{swi,minip,smwipara,smwidia}_T2starw.nii.gz        (SWI, minIP, SMWI)
     .../<prefix>_metrics.tsv
 
 where ``<prefix>`` is ``sub-<label>[_ses-<label>][_acq-<label>][_rec-<label>][_run-<index>]``.
@@ -43,6 +44,7 @@ ENTITIES = ("sub", "ses", "acq", "rec", "run")
 _NIFTI = (".nii.gz", ".nii")
 _FIELDS = ("total", "local", "noise")
 _MASKS = ("brain", "local")
+_SWI = ("swi", "minip", "smwipara", "smwidia")
 
 
 def subject_label(subject: str) -> str:
@@ -92,6 +94,7 @@ class AcquisitionFiles:
     masks: dict[str, Path] = field(default_factory=dict)  # "brain", "local"
     fields: dict[str, Path] = field(default_factory=dict)  # "total", "local", "noise"
     chimaps: dict[str, Path] = field(default_factory=dict)  # method -> Chimap
+    swi: dict[str, Path] = field(default_factory=dict)  # "swi", "minip", "smwipara", ...
     metrics_tsv: Path | None = None
 
     @property
@@ -157,6 +160,8 @@ def find_subject_files(output_dir, subject: str) -> SubjectFiles:
             kind = ("fields", desc)
         elif is_nifti and suffix == "Chimap" and desc:
             kind = ("chimaps", desc)
+        elif is_nifti and suffix == "T2starw" and desc in _SWI:
+            kind = ("swi", desc)
         elif name.endswith(".tsv") and suffix == "metrics":
             kind = ("metrics_tsv", None)
         if kind is None:

@@ -15,7 +15,8 @@ from qsmprep.workflows._util import gpu_work
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
 from qsmprep.workflows.metrics import init_metrics_wf
-from qsmprep.workflows.outputs import init_qsm_derivatives_wf
+from qsmprep.workflows.outputs import init_qsm_derivatives_wf, init_swi_derivatives_wf
+from qsmprep.workflows.swi import init_swi_wf, smwi_method_of
 
 __all__ = ["UNWRAP_METHODS", "init_qsm_wf", "resolve_unwrap"]
 
@@ -23,7 +24,8 @@ LOGGER = logging.getLogger("qsmprep")
 
 _OUTPUTS = [
     "brain_mask", "local_mask", "total_field", "noise_field", "local_field", "magnitude",
-    "chimaps", "dc_residuals", "metrics_tsv", "metrics_json",
+    "chimaps", "dc_residuals", "metrics_tsv", "metrics_json", "swi", "minip", "smwi_para",
+    "smwi_dia",
 ]  # fmt: skip
 
 
@@ -58,6 +60,8 @@ def init_qsm_wf(
     reference: str | Path | None = None,
     metrics: bool = True,
     omp_nthreads: int = 1,
+    swi: bool = True,
+    smwi: bool = True,
     name: str = "qsm_wf",
 ) -> pe.Workflow:
     """Susceptibility maps of one acquisition, from its per-echo magnitude and phase files.
@@ -100,6 +104,12 @@ def init_qsm_wf(
         may not both feed and consume another one.
     omp_nthreads : int
         Threads of the CPU-heavy nodes.
+    swi : bool
+        Add the SWI workflow (:func:`~qsmprep.workflows.swi.init_swi_wf`): SWI and minIP from
+        the loaded magnitude and the total field.
+    smwi : bool
+        With ``swi``, also the SMWI of one Chimap: the first classical method of ``methods``
+        (:func:`~qsmprep.workflows.swi.smwi_method_of`); none without a method.
     name : str
         Workflow name.
 
@@ -116,6 +126,8 @@ def init_qsm_wf(
         Chi maps (ppm) and data-consistency residuals (%) in the order of ``methods``.
     metrics_tsv, metrics_json
         The metrics table (with ``metrics`` only).
+    swi, minip, smwi_para, smwi_dia
+        Susceptibility-weighted images (with ``swi``; SMWI with ``smwi``).
     """
     methods = list(methods)
     use_gpu = gpu_work(device)
@@ -242,6 +254,40 @@ def init_qsm_wf(
                 for m in methods for k in ("chimap", "meta")
             ]),
         ])  # fmt: skip
+
+    if swi:
+        smwi_from = smwi_method_of(methods) if smwi else None
+        swi_wf = init_swi_wf(method_params=method_params, smwi_method=smwi_from)
+        workflow.connect([
+            (inputnode, swi_wf, [("echo_times", "inputnode.echo_times")]),
+            (field_wf, swi_wf, [
+                ("outputnode.magnitude", "inputnode.magnitude"),
+                ("outputnode.total_field", "inputnode.total_field"),
+                ("outputnode.reliable_mask", "inputnode.mask"),
+            ]),
+            (swi_wf, outputnode, [
+                ("outputnode.swi", "swi"), ("outputnode.minip", "minip"),
+            ]),
+        ])  # fmt: skip
+        if smwi_from is not None:
+            workflow.connect([
+                (inversion_wf, swi_wf, [(f"outputnode.chimap_{smwi_from}", "inputnode.chimap")]),
+                (swi_wf, outputnode, [
+                    ("outputnode.smwi_para", "smwi_para"), ("outputnode.smwi_dia", "smwi_dia"),
+                ]),
+            ])  # fmt: skip
+        if output_dir is not None:
+            swi_derivatives_wf = init_swi_derivatives_wf(
+                acquisition=a, output_dir=output_dir, smwi_method=smwi_from, phase_sign=phase_sign
+            )
+            outs = ["swi", "minip", "swi_meta", "minip_meta"]
+            if smwi_from is not None:
+                outs += ["smwi_para", "smwi_dia", "smwi_meta"]
+            workflow.connect([
+                (swi_wf, swi_derivatives_wf, [
+                    (f"outputnode.{k}", f"inputnode.{k}") for k in outs
+                ]),
+            ])  # fmt: skip
 
     workflow.__desc__ = (
         f"Acquisition {a.prefix}: {n_echoes} echo{'es' if n_echoes != 1 else ''} at "
