@@ -49,6 +49,8 @@ Outputs
     <prefix>_metrics.tsv / .json           sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz
     <prefix>_R2starmap.nii.gz (1/s)        <prefix>_T2starmap.nii.gz (s)
     <prefix>_S0map.nii.gz
+    <prefix>_desc-swi_T2starw.nii.gz       <prefix>_desc-minip_T2starw.nii.gz
+    <prefix>_desc-smwipara_T2starw.nii.gz  <prefix>_desc-smwidia_T2starw.nii.gz
 
 with ``<prefix> = sub-<label>[_ses-<label>][_acq-<label>][_rec-<label>][_run-<index>]``
 (:attr:`Acquisition.prefix`); :func:`write_dataset_description` writes the derivative

@@ -40,11 +40,12 @@ DL_METHODS = tuple(_DL_METHODS)
 ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
 BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
 PARAM_SECTIONS = (
-    *ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space", "r2star",
+    *ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space", "r2star", "swi",
+    "smwi",
 )  # fmt: skip
 OUTPUTS = ("chi", "r2star", "swi")
 """Choices of ``--outputs``: susceptibility maps (always made), R2*/T2*/S0 maps (two or more
-echoes), susceptibility-weighted images (not wired yet in this version)."""
+echoes), susceptibility-weighted images (SWI and its minIP; with ``chi``, SMWI)."""
 
 
 def load_method_params(path: str | Path) -> dict[str, dict]:

@@ -230,6 +230,32 @@ def test_subject_report_without_reference(run_dir):
     assert all((out / s).is_file() for s in srcs)
 
 
+def test_subject_report_swi_section(run_dir, tmp_path):
+    from qsmprep.recon.swi import min_intensity_projection
+
+    _, src = run_dir
+    out = Path(shutil.copytree(src, tmp_path / "out"))
+    anat = out / "sub-02" / "anat"
+    img = nib.load(anat / "sub-02_desc-brain_mask.nii.gz")
+    ph = make_head_phantom((48, 48, 40), (4.0, 4.0, 4.0), seed=1)
+    swi = (ph.m0 * (1 - 0.5 * (ph.labels == 11))).astype(np.float32)
+    minip, affine, _ = min_intensity_projection(swi, img.affine, 16.0)
+    side = {"Parameters": {"power": 4.0, "sigma_mm": 4.0}, "SkullStripped": False}
+    _save(anat / "sub-02_desc-swi_T2starw.nii.gz", swi, img.affine, side)
+    _save(anat / "sub-02_desc-minip_T2starw.nii.gz", minip, affine, side)
+    smwi = {"Parameters": {"threshold": 1.0}, "SusceptibilityMethod": "tkd"}
+    for d in ("smwipara", "smwidia"):
+        _save(anat / f"sub-02_desc-{d}_T2starw.nii.gz", swi, img.affine, smwi)
+    page = build_subject_report(out, "02")
+    text = page.read_text()
+    assert "Susceptibility-weighted images" in text and "No errors were recorded" in text
+    for d in ("swi", "minip", "smwipara", "smwidia"):
+        assert f"sub-02_desc-{d}_mosaic.png" in text
+        assert (out / "sub-02" / "figures" / f"sub-02_desc-{d}_mosaic.png").is_file()
+    assert "from the tkd map" in text and "sigma_mm 4" in text
+    assert "CLEAR-SWI" in text and "Eckstein K, Bachrata B" in text  # methods paragraph
+
+
 def test_broken_input_still_gives_page_and_log(run_dir, tmp_path):
     _, out = run_dir
     broken = tmp_path / "out"

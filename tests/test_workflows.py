@@ -247,7 +247,10 @@ def test_qsm_wf_graph(tmp_path, methods, with_reference, reference_file):
         "ds_r2star": "sub-01_run-2_R2starmap.nii.gz",
         "ds_t2star": "sub-01_run-2_T2starmap.nii.gz",
         "ds_s0": "sub-01_run-2_S0map.nii.gz",
-    }
+        **{f"ds_{k}": f"sub-01_run-2_desc-{d}_T2starw.nii.gz" for k, d in
+           (("swi", "swi"), ("minip", "minip"), ("smwi_para", "smwipara"),
+            ("smwi_dia", "smwidia"))},
+    }  # fmt: skip
     sinks = {name.split(".")[-1]: n for name, n in nodes.items() if ".ds_" in name}
     assert set(sinks) == set(expected)
     for key, fname in expected.items():
@@ -289,6 +292,58 @@ def test_qsm_wf_outputs(tmp_path):
     with pytest.raises(ValueError, match="always computed"):
         _settings(tmp_path, outputs=["r2star"])
     assert _settings(tmp_path, outputs=["swi", "chi"]).outputs == ["chi", "swi"]
+
+
+@pytest.mark.parametrize(
+    ("methods", "outputs", "smwi_from"),
+    [(["unet", "l2", "tkd"], ["chi", "swi"], "l2"), (["unet"], ["chi", "swi"], "unet"),
+     (["tkd"], ["r2star", "swi"], None), (["tkd"], ["chi", "r2star"], None)],
+)  # fmt: skip
+def test_qsm_wf_swi_graph(tmp_path, methods, outputs, smwi_from):
+    swi = "swi" in outputs
+    wf = init_qsm_wf(
+        acquisition=_acq(), output_dir=tmp_path, methods=methods, outputs=outputs,
+        method_params={"swi": {"sigma_mm": 3.0}},
+    )  # fmt: skip
+    nodes, links = _nodes(wf), _links(wf)
+    sinks = {n.split(".")[-1] for n in nodes if ".ds_" in n}
+    assert ({"ds_swi", "ds_minip"} <= sinks) == swi
+    assert ({"ds_smwi_para", "ds_smwi_dia"} <= sinks) == (smwi_from is not None)
+    if not swi:
+        assert not [n for n in nodes if "swi" in n]
+        return
+    swi_node = nodes["qsm_wf.swi_wf.compute_swi"]
+    assert swi_node.inputs.params["sigma_mm"] == 3.0 and swi_node.inputs.params["power"] == 4.0
+    assert ("qsm_wf.field_wf.fit_field", "total_field", "qsm_wf.swi_wf.compute_swi",
+            "total_field") in links  # fmt: skip
+    assert ("qsm_wf.field_wf.load_echoes", "magnitude", "qsm_wf.swi_wf.compute_swi",
+            "magnitude") in links  # fmt: skip
+    assert ("qsm_wf.field_wf.field_reliability", "reliable_mask", "qsm_wf.swi_wf.compute_swi",
+            "mask") in links  # fmt: skip
+    ds = nodes["qsm_wf.swi_derivatives_wf.ds_swi"]
+    side = ds.inputs.sidecar
+    assert ds.inputs.out_file.endswith("sub-01_desc-swi_T2starw.nii.gz")
+    assert side["SkullStripped"] is False and side["GeneratedBy"]["Name"] == "qsmprep"
+    assert side["Sources"][0].endswith("sub-01_echo-1_part-mag_MEGRE.nii.gz")
+    text, keys = methods_description(wf)
+    assert "CLEAR-SWI" in text and "clearswi" in keys
+    if smwi_from:
+        assert (f"qsm_wf.inversion_wf.inversion_{smwi_from}", "out_file",
+                "qsm_wf.swi_wf.compute_smwi", "chimap") in links  # fmt: skip
+        para = nodes["qsm_wf.swi_derivatives_wf.ds_smwi_para"].inputs.sidecar
+        assert para["SusceptibilityMap"] == f"sub-01_desc-{smwi_from}_Chimap.nii.gz"
+        assert "SMWI" in text and "smwi2014" in keys
+
+
+def test_participant_wf_reads_outputs(tmp_path):
+    s = _settings(tmp_path, methods=["tkd"])
+    assert "swi_wf" in {n.split(".")[2] for n in _nodes(init_participant_wf([_acq()], s))}
+    s.outputs = ["chi"]  # the --outputs selection, when the settings carry one
+    assert "swi_wf" not in {n.split(".")[2] for n in _nodes(init_participant_wf([_acq()], s))}
+    s.outputs = ["swi"]
+    nodes = _nodes(init_participant_wf([_acq()], s))
+    assert any(n.endswith("swi_wf.compute_swi") for n in nodes)
+    assert not any(n.endswith("compute_smwi") for n in nodes)
 
 
 def test_qsm_wf_without_sinks():
@@ -391,7 +446,8 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
     expected = [
         f"sub-01_desc-{d}.nii.gz"
         for d in ("brain_mask", "local_mask", "total_fieldmap", "noise_fieldmap",
-                  "local_fieldmap", "tkd_Chimap", "l2_Chimap")
+                  "local_fieldmap", "tkd_Chimap", "l2_Chimap", "swi_T2starw", "minip_T2starw",
+                  "smwipara_T2starw", "smwidia_T2starw")
     ]  # fmt: skip
     for name in expected:
         assert (anat / name).is_file(), name
@@ -424,6 +480,28 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
         assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.5, m
     rows = (anat / "sub-01_metrics.tsv").read_text().splitlines()
     assert rows[1].split("\t")[:3] == ["tkd", "none", "n/a"]
+
+    # SWI, minIP (a grid of its own: full 16 mm slabs of 4 mm slices) and SMWI from TKD
+    swi = nib.load(anat / "sub-01_desc-swi_T2starw.nii.gz")
+    minip = nib.load(anat / "sub-01_desc-minip_T2starw.nii.gz")
+    assert swi.shape == (32, 32, 24) and minip.shape == (32, 32, 21)
+    assert tuple(minip.header.get_data_shape()) == minip.dataobj.shape == (32, 32, 21)
+    np.testing.assert_allclose(minip.affine, minip.header.get_sform())
+    np.testing.assert_allclose(minip.affine, minip.header.get_qform(), atol=1e-4)
+    # voxel (i, j, k) of the minIP sits at the centre of SWI slices k .. k + 3
+    centre = swi.affine @ np.array([5.0, 7.0, 2 + 1.5, 1.0])
+    np.testing.assert_allclose(minip.affine @ np.array([5.0, 7.0, 2.0, 1.0]), centre)
+    np.testing.assert_allclose(
+        minip.get_fdata()[..., 2], swi.get_fdata()[..., 2:6].min(-1), rtol=1e-6
+    )
+    side = json.loads((anat / "sub-01_desc-minip_T2starw.json").read_text())
+    assert side["SlabSlices"] == 4 and side["Parameters"]["slab_mm"] == 16.0
+    side = json.loads((anat / "sub-01_desc-swi_T2starw.json").read_text())
+    assert side["Parameters"]["power"] == 4.0 and side["Parameters"]["sigma_mm"] == 4.0
+    assert side["Parameters"]["te"] == 0.012 and side["SkullStripped"] is False
+    para = json.loads((anat / "sub-01_desc-smwipara_T2starw.json").read_text())
+    assert para["SusceptibilityMap"] == "sub-01_desc-tkd_Chimap.nii.gz"
+    assert para["Parameters"] == {"threshold": 1.0, "power": 4.0}
 
     # rerun with the same work directory: compute nodes are reused, sinks rewrite
     results = {p: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz") if "ds_" not in p.name}

@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT",
         help=f"maps to write, from {', '.join(OUTPUTS)}: chi the susceptibility maps (always"
         " made); r2star the R2* (1/s), T2* (s) and S0 maps of the magnitude decay (two or more"
-        " echoes; single-echo acquisitions skip it); swi is reserved for susceptibility-weighted"
-        " images and does nothing yet in this version",
+        " echoes; single-echo acquisitions skip it); swi the susceptibility-weighted image and"
+        " its minimum intensity projection (with chi, also the susceptibility-map-weighted"
+        " images)",
     )
     g.add_argument(
         "--bg-method",

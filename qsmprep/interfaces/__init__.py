@@ -14,6 +14,8 @@ interface                   does                                                
 ``Cosmos``                  multi-orientation COSMOS -> referenced chi (ppm)            inversion
 ``R2StarMap``               4D magnitude -> R2* (1/s), T2* (s), S0 in the brain mask    r2star
 ``ComputeMetrics``          metrics per method -> TSV + JSON                            metrics
+``ComputeSWI``              magnitude + total field -> SWI, minIP, combined magnitude   swi
+``ComputeSMWI``             combined magnitude + Chimap -> para-/diamagnetic SMWI       swi
 ``WriteDerivative``         atomic copy into the derivative dataset + JSON sidecar      derivatives
 ``RegisterToTemplate``      magnitude -> template: ANTs rigid + affine + SyN            space
 ``AtlasToNative``           template atlas labels warped to the acquisition             space
@@ -54,6 +56,7 @@ from qsmprep.interfaces.space import (
     RegistrationFigure,
     ROIStatistics,
 )
+from qsmprep.interfaces.swi import ComputeSMWI, ComputeSWI
 
 __all__ = [
     "ApplyTemplateTransform",
@@ -67,6 +70,8 @@ __all__ = [
     "METRIC_COLUMNS",
     "BrainMask",
     "ComputeMetrics",
+    "ComputeSMWI",
+    "ComputeSWI",
     "Cosmos",
     "DeepInversion",
     "DipoleInversion",

@@ -40,15 +40,20 @@ def out_path(in_file, suffix: str) -> str:
     return stem + ".nii.gz"
 
 
-def save(data, like, path, dtype=np.float32) -> str:
-    """Save ``data`` with the affine and header of the image ``like``; return the path."""
+def save(data, like, path, dtype=np.float32, affine=None) -> str:
+    """Save ``data`` with the affine and header of the image ``like``; return the path.
+
+    ``affine`` replaces ``like``'s (e.g. a projection on a grid of its own); the header's
+    dimensions always follow ``data``.
+    """
     arr = np.asarray(data).astype(dtype)
+    aff = like.affine if affine is None else np.asarray(affine, dtype=float)
     header = like.header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(1.0, 0.0)
-    img = nib.Nifti1Image(arr, like.affine, header)
-    img.header.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
-    img.header.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
+    img = nib.Nifti1Image(arr, aff, header)
+    img.header.set_qform(aff, code=int(like.header["qform_code"]) or 1)
+    img.header.set_sform(aff, code=int(like.header["sform_code"]) or 1)
     nib.save(img, os.fspath(path))
     return os.fspath(Path(path).resolve())
 

@@ -9,6 +9,7 @@ how they were produced::
     .../<prefix>_desc-<method>_Chimap.nii.gz                             (ppm)
     .../sub-<label>[_ses-<label>]_desc-cosmos_Chimap.nii.gz              (COSMOS, ppm)
     .../<prefix>_{R2starmap,T2starmap,S0map}.nii.gz                      (1/s, s, a.u.)
+    .../<prefix>_desc-{swi,minip,smwipara,smwidia}_T2starw.nii.gz        (SWI, minIP, SMWI)
     .../<prefix>_metrics.tsv
 
 where ``<prefix>`` is ``sub-<label>[_ses-<label>][_acq-<label>][_rec-<label>][_run-<index>]``.
@@ -45,6 +46,7 @@ _NIFTI = (".nii.gz", ".nii")
 _FIELDS = ("total", "local", "noise")
 _MASKS = ("brain", "local")
 _RELAXATION = ("R2starmap", "T2starmap", "S0map")
+_SWI = ("swi", "minip", "smwipara", "smwidia")
 
 
 def subject_label(subject: str) -> str:
@@ -95,6 +97,7 @@ class AcquisitionFiles:
     fields: dict[str, Path] = field(default_factory=dict)  # "total", "local", "noise"
     chimaps: dict[str, Path] = field(default_factory=dict)  # method -> Chimap
     relaxation: dict[str, Path] = field(default_factory=dict)  # "R2starmap", "T2starmap", ...
+    swi: dict[str, Path] = field(default_factory=dict)  # "swi", "minip", "smwipara", ...
     metrics_tsv: Path | None = None
 
     @property
@@ -162,6 +165,8 @@ def find_subject_files(output_dir, subject: str) -> SubjectFiles:
             kind = ("chimaps", desc)
         elif is_nifti and suffix in _RELAXATION and not desc:
             kind = ("relaxation", suffix)
+        elif is_nifti and suffix == "T2starw" and desc in _SWI:
+            kind = ("swi", desc)
         elif name.endswith(".tsv") and suffix == "metrics":
             kind = ("metrics_tsv", None)
         if kind is None:

@@ -13,6 +13,8 @@ Colour scales:
 
 - magnitude: grey, 0.5th to 99.5th percentile; phase: grey, [-pi, pi] for radians;
 - field maps (Hz): diverging, symmetric about 0 at the 99th percentile of ``|f|`` in the mask;
+- susceptibility-weighted images (SWI, minIP, SMWI): grey, 0 to the 99.5th percentile of the
+  nonzero voxels;
 - susceptibility (ppm): grey, **one symmetric scale for every method of an acquisition**
   (:func:`common_scale`, the 99th percentile of ``|chi|`` over all methods in the mask), so
   that the mosaics compare; differences to the reference: diverging, one scale for all methods.
@@ -42,6 +44,7 @@ __all__ = [
     "mask_overlay_figure",
     "metric_strip_figure",
     "save_figure",
+    "weighted_mosaic_figure",
 ]
 
 #: Resolution of saved figures (dots per inch): ~800 px wide for an 8-inch figure.
@@ -391,6 +394,18 @@ def r2star_mosaic_figure(r2star, view: View, path, *, mask=None, percentile=99.0
         fig, grid, 0, view, _masked(r2star, mask), cmap="inferno", vmin=0, vmax=vmax, title="R2*"
     )
     _colorbar(fig, grid, 0, im, "R2* (1/s)")
+    return save_figure(fig, path)
+
+
+def weighted_mosaic_figure(volume, view: View, path, *, title: str) -> Path:
+    """A susceptibility-weighted image (SWI, minIP, SMWI) on the three planes, grey scale from
+    0 to the 99.5th percentile of its nonzero voxels (dark veins stay dark)."""
+    v = np.asarray(volume, dtype=np.float32)
+    nz = v[v > 0]
+    hi = float(np.percentile(nz, 99.5)) if nz.size else 1.0
+    fig, grid = _grid_figure(view, 1)
+    im = _plane_row(fig, grid, 0, view, v, cmap="gray", vmin=0.0, vmax=max(hi, 1e-6), title=title)
+    _colorbar(fig, grid, 0, im, "a.u.")
     return save_figure(fig, path)
 
 

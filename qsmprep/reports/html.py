@@ -668,6 +668,7 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
             out.append(_table(rows))
         elif loaded is not None:
             rep.problems.append(f"{acq.prefix}: R2* map has another grid than the mask")
+    out.append(rep.attempt(f"{acq.prefix}: SWI section", _swi_section, rep, acq, brain, vs) or "")
 
     # metrics
     out.append("<h3>Metrics</h3>")
@@ -693,6 +694,61 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
         rep.problems.append(f"{acq.prefix}: no Chimap for {', '.join(missing)}")
     out.append("</section>")
     return "\n".join(out), info
+
+
+_SWI_TITLES = {
+    "swi": ("SWI", "susceptibility-weighted image: combined magnitude times the phase mask"),
+    "minip": ("minIP", "minimum intensity projection of the SWI over sliding slabs"),
+    "smwipara": ("SMWI para", "magnitude weighted by the paramagnetic susceptibility mask"),
+    "smwidia": ("SMWI dia", "magnitude weighted by the diamagnetic susceptibility mask"),
+}
+
+
+def _swi_section(rep: _Report, acq, brain, vs) -> str:
+    """Mosaics of the SWI, its minIP and the SMWI, with their parameters."""
+    from qsmprep.reports import figures as F
+
+    if not acq.swi:
+        return ""
+    out = ["<h3>Susceptibility-weighted images</h3>"]
+    center = F.View.from_mask(brain, vs).center if brain is not None and vs else None
+    for desc, (title, text) in _SWI_TITLES.items():
+        path = acq.swi.get(desc)
+        if path is None:
+            continue
+        loaded = rep.attempt(f"{acq.prefix}: read {path.name}", load_volume, path)
+        if loaded is None:
+            continue
+        vol, vs_i, _ = loaded
+        # the minIP has fewer slices than the SWI: centre its planes by the fraction
+        c = None
+        if center is not None and brain is not None:
+            c = tuple(
+                min(int(round(ci * n / nb)), n - 1)
+                for ci, n, nb in zip(center, vol.shape, brain.shape, strict=True)
+            )
+        view = F.View.full(vol.shape, vs_i, c)
+        fig = rep.attempt(
+            f"{acq.prefix}: {desc} mosaic",
+            F.weighted_mosaic_figure,
+            vol,
+            view,
+            rep.figdir / f"{acq.prefix}_desc-{desc}_mosaic.png",
+            title=title,
+        )
+        side = read_sidecar(path)
+        params = _key(side, "Parameters")
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in params.items()) if params else ""
+        extra = (
+            f" from the {_esc(side['SusceptibilityMethod'])} map"
+            if side.get("SusceptibilityMethod")
+            else ""
+        )
+        caption = f"<b>{_esc(title)}</b> ({_esc(path.name)}): {_esc(text)}{extra}" + (
+            f"; {shown}" if shown else ""
+        )
+        out.append(rep.figure(fig, caption, f"{title} mosaic"))
+    return "\n".join(out)
 
 
 def _cosmos_section(rep: _Report, files: SubjectFiles) -> str:

@@ -98,6 +98,19 @@ CITATIONS: dict[str, str] = {
     "convolution. Adv Neural Inf Process Syst 2017;30:3867-3877.",
     "dsbn": "Chang WG, You T, Seo S, Kwak S, Han B. Domain-specific batch normalization for "
     "unsupervised domain adaptation. Proc IEEE/CVF CVPR 2019:7354-7362.",
+    "swi1997": "Reichenbach JR, Venkatesan R, Schillinger DJ, Kido DK, Haacke EM. Small "
+    "vessels in the human brain: MR venography with deoxyhemoglobin as an intrinsic contrast "
+    "agent. Radiology 1997;204:272-277.",
+    "swi2004": "Haacke EM, Xu Y, Cheng YC, Reichenbach JR. Susceptibility weighted imaging "
+    "(SWI). Magn Reson Med 2004;52:612-618.",
+    "clearswi": "Eckstein K, Bachrata B, Hangel G, et al. Improved susceptibility weighted "
+    "imaging at ultra-high field using bipolar multi-echo acquisition and optimized image "
+    "processing: CLEAR-SWI. NeuroImage 2021;237:118175.",
+    "smwi2014": "Gho SM, Liu C, Li W, et al. Susceptibility map-weighted imaging (SMWI) for "
+    "neuroimaging. Magn Reson Med 2014;72:337-346.",
+    "smwi2017": "Nam Y, Gho SM, Kim DH, Kim EY, Lee J. Imaging of nigrosome 1 in substantia "
+    "nigra at 3T using multiecho susceptibility map-weighted imaging (SMWI). J Magn Reson "
+    "Imaging 2017;46:528-536.",
     "ssim": "Wang Z, Bovik AC, Sheikh HR, Simoncelli EP. Image quality assessment: from error "
     "visibility to structural similarity. IEEE Trans Image Process 2004;13:600-612.",
 }
@@ -419,6 +432,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             f"S = S0 exp(-R2* TE), {how}{cites}, and clipped to [0, 1000] 1/s; T2* maps are "
             "1/R2* (at most 1 s)."
         )
+    out.extend(_swi_sentences(s, mp, cite))
     ref = s.get("reference")
     if ref:
         out.append(
@@ -452,6 +466,45 @@ _R2STAR = {
 }
 
 
+def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
+    """SWI, minIP and SMWI, when ``outputs`` selects ``swi`` (settings without it: all)."""
+    from qsmprep.workflows.swi import SMWI_DEFAULTS, SWI_DEFAULTS, smwi_method_of
+
+    outputs = _get(s, "outputs", ("chi", "r2star", "swi"))
+    if "swi" not in outputs:
+        return []
+    p = {**SWI_DEFAULTS, **dict(mp.get("swi") or {})}
+    combine = (
+        "combined over echoes by root-sum-of-squares"
+        if p.get("combine", "rss") == "rss"
+        else "averaged over echoes with echo-time weights"
+    )
+    te = f"an echo time of {_fmt_value(p['te'])} s" if p.get("te") else "the longest echo time"
+    out = [
+        f"Susceptibility-weighted images (SWI{cite('swi1997', 'swi2004')}) were computed in "
+        f"the manner of CLEAR-SWI{cite('clearswi')}: the magnitude was {combine}, and the "
+        "total field was high-passed by subtracting its Gaussian smoothing (sigma "
+        f"{_fmt_value(p['sigma_mm'])} mm) within the reliable brain mask and converted to the "
+        f"phase at {te}. A phase mask, 1 for negative phase and falling linearly from 1 to 0 "
+        "between 0 and pi for positive (paramagnetic) phase, was raised to the power "
+        f"{_fmt_value(p['power'])} and multiplied with the combined magnitude over the whole "
+        "head. Minimum intensity projections were computed over sliding slabs of "
+        f"{_fmt_value(p['slab_mm'])} mm along the axis closest to the superior-inferior axis."
+    ]
+    source = smwi_method_of(_get(s, "methods", ["tkd", "l2", "tv", "medi"]))
+    if "chi" in outputs and source is not None:
+        q = {**SMWI_DEFAULTS, **dict(mp.get("smwi") or {})}
+        name = METHODS[source].name if source in METHODS else source
+        out.append(
+            "Susceptibility-map-weighted images (SMWI"
+            f"{cite('smwi2014', 'smwi2017')}) were made from the {name} map: the combined "
+            "magnitude was multiplied with a paramagnetic mask (1 for negative susceptibility, "
+            f"falling linearly to 0 at {_fmt_value(q['threshold'])} ppm) and, separately, with "
+            f"its diamagnetic mirror, each to the power {_fmt_value(q['power'])}."
+        )
+    return out
+
+
 def _join(description: str, params: str) -> str:
     return f"{description}; {params}" if params else description
 
@@ -467,7 +520,7 @@ def methods_paragraph(settings: Mapping | None = None, *, cosmos: bool = False) 
     ----------
     settings : mapping, optional
         The effective settings (``Settings.to_dict()``, or ``qsmprep_settings.json``). Keys
-        read: ``methods``, ``bg_method``, ``unwrap``, ``mask_method``, ``phase_sign``,
+        read: ``methods``, ``outputs``, ``bg_method``, ``unwrap``, ``mask_method``, ``phase_sign``,
         ``b0``, ``reference``, ``phase_units`` (input units found, e.g. ``["integer"]``),
         ``r2star_methods`` (R2* estimators used, from the R2starmap sidecars),
         ``method_params`` (``{method: {param: value}}``; parameters not

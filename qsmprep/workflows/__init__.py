@@ -9,9 +9,11 @@ builder                          builds                                         
 ``init_inversion_wf``            one DipoleInversion node per method                ``inversion``
 ``init_metrics_wf``              metrics table of one acquisition                   ``metrics``
 ``init_cosmos_wf``               COSMOS of an orientation group                     ``cosmos``
+``init_swi_wf``                  SWI, minIP and SMWI of one acquisition             ``swi``
 ``init_qsm_derivatives_wf``      sinks of one acquisition's maps                    ``outputs``
 ``init_metrics_derivatives_wf``  sinks of a metrics table                           ``outputs``
 ``init_cosmos_derivatives_wf``   sink of a COSMOS map                               ``outputs``
+``init_swi_derivatives_wf``      sinks of the SWI, minIP and SMWI                   ``outputs``
 ===============================  =================================================  =============
 
 Every builder is ``init_<thing>_wf(*, keyword options, name="<thing>_wf")`` and returns a
@@ -43,8 +45,10 @@ from qsmprep.workflows.outputs import (
     init_cosmos_derivatives_wf,
     init_metrics_derivatives_wf,
     init_qsm_derivatives_wf,
+    init_swi_derivatives_wf,
 )
 from qsmprep.workflows.qsm import init_qsm_wf
+from qsmprep.workflows.swi import init_swi_wf
 
 __all__ = [
     "gpu_work",
@@ -57,5 +61,7 @@ __all__ = [
     "init_participant_wf",
     "init_qsm_derivatives_wf",
     "init_qsm_wf",
+    "init_swi_derivatives_wf",
+    "init_swi_wf",
     "methods_description",
 ]

@@ -41,7 +41,8 @@ def init_participant_wf(
     settings : :class:`qsmprep.config.Settings`
         Uses ``output_dir``, ``methods``, ``bg_method``, ``unwrap``, ``mask_method``,
         ``method_params``, ``device``, ``phase_sign``, ``reference``, ``omp_nthreads`` and
-        ``outputs``.
+        ``outputs`` when it has one (``"swi"``: SWI and minIP; with ``"chi"`` too, SMWI;
+        default all).
     cosmos_groups : dict or iterable, optional
         Orientation groups, e.g. :func:`qsmprep.bids.group_orientations` (``{(subject,
         session): [Acquisition, ...]}``) or a list of lists; each group's members must be in
@@ -78,6 +79,8 @@ def init_participant_wf(
             for a in group:
                 reference_of[a.id] = cosmos_path(settings.output_dir, group).name
 
+    # ``outputs`` (chi, r2star, swi) selects the derivatives; settings without it make all
+    outputs = tuple(getattr(settings, "outputs", None) or ("chi", "r2star", "swi"))
     plan = plan_from_settings(settings)
     workflow = pe.Workflow(name=name)
     common = {
@@ -97,7 +100,7 @@ def init_participant_wf(
             phase_sign=settings.phase_sign,
             reference=settings.reference,
             metrics=a.id not in reference_of,
-            outputs=getattr(settings, "outputs", ("chi", "r2star")),
+            outputs=outputs,
             name=f"qsm_{node_label(a.prefix)}_wf",
             **common,
         )

@@ -25,6 +25,7 @@ __all__ = [
     "init_cosmos_derivatives_wf",
     "init_metrics_derivatives_wf",
     "init_qsm_derivatives_wf",
+    "init_swi_derivatives_wf",
 ]
 
 GENERATED_BY = {"Name": "qsmprep", "Version": __version__}
@@ -251,6 +252,94 @@ def init_qsm_derivatives_wf(
             )
             workflow.connect([
                 (inputnode, ds, [(key, "in_file"), ("r2star_meta", "meta")]),
+            ])  # fmt: skip
+    return workflow
+
+
+SWI_DESCS = ("swi", "minip", "smwipara", "smwidia")
+"""``desc-`` labels of the susceptibility-weighted images (suffix ``T2starw``)."""
+
+
+def init_swi_derivatives_wf(
+    *,
+    acquisition,
+    output_dir: str | Path,
+    smwi_method: str | None = None,
+    phase_sign: int = 1,
+    name: str = "swi_derivatives_wf",
+) -> pe.Workflow:
+    """Write the SWI, its minIP and (with ``smwi_method``) the two SMWI of one acquisition.
+
+    Named ``<prefix>_desc-{swi,minip,smwipara,smwidia}_T2starw.nii.gz``: T2*-weighted images
+    of the whole head (``SkullStripped: false``), a name the BIDS validator accepts.
+
+    Inputs (``inputnode``)
+    ----------------------
+    swi, minip, swi_meta, minip_meta
+        From :class:`~qsmprep.interfaces.ComputeSWI`.
+    smwi_para, smwi_dia, smwi_meta
+        From :class:`~qsmprep.interfaces.ComputeSMWI` (with ``smwi_method``).
+    """
+    workflow = pe.Workflow(name=name)
+    a = acquisition
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=["swi", "minip", "swi_meta", "minip_meta", "smwi_para", "smwi_dia", "smwi_meta"]
+        ),
+        name="inputnode",
+    )
+    base = {
+        "SkullStripped": False,
+        "EchoTime": [float(t) for t in a.echo_times],
+        "B0": float(a.b0),
+        "PhaseSign": int(phase_sign),
+        "Sources": acquisition_sources(a),
+        "GeneratedBy": GENERATED_BY,
+    }
+
+    def path(desc):
+        return derivative_path(output_dir, a, desc=desc, suffix="T2starw", extension=".nii.gz")
+
+    swi_text = (
+        "susceptibility-weighted image (CLEAR-SWI style): root-sum-of-squares magnitude over "
+        "echoes times the phase mask (1 - phi/pi for positive phi, 1 otherwise) to the power "
+        "'power', phi = 2 pi TE x the total field high-passed with a Gaussian of 'sigma_mm'; "
+        "phase weighting in the reliable brain mask, the magnitude elsewhere"
+    )
+    ds_swi = _sink("ds_swi", path("swi"), {"Description": swi_text, "Method": "swi", **base})
+    ds_minip = _sink(
+        "ds_minip",
+        path("minip"),
+        {
+            "Description": "sliding minimum intensity projection of the SWI over slabs of "
+            "'slab_mm' along the array axis closest to world z; only full slabs, each voxel "
+            "at the centre of its slab (the affine is the SWI's moved by half a slab)",
+            "Method": "minip",
+            **base,
+        },
+    )
+    workflow.connect([
+        (inputnode, ds_swi, [("swi", "in_file"), ("swi_meta", "meta")]),
+        (inputnode, ds_minip, [("minip", "in_file"), ("minip_meta", "meta")]),
+    ])  # fmt: skip
+    if smwi_method is not None:
+        chimap = derivative_path(output_dir, a, desc=smwi_method, suffix="Chimap").name
+        for key, sign in (("para", "paramagnetic"), ("dia", "diamagnetic")):
+            ds = _sink(
+                f"ds_smwi_{key}",
+                path(f"smwi{key}"),
+                {
+                    "Description": f"susceptibility-map-weighted image ({sign} weighting): the "
+                    "combined magnitude times the susceptibility mask (1 at chi of the other "
+                    "sign, falling linearly to 0 at 'threshold' ppm) to the power 'power'",
+                    "Method": f"smwi{key}",
+                    "SusceptibilityMap": chimap,
+                    "SusceptibilityMethod": smwi_method,
+                    **base,
+                },
+            )
+            workflow.connect([
+                (inputnode, ds, [(f"smwi_{key}", "in_file"), ("smwi_meta", "meta")]),
             ])  # fmt: skip
     return workflow
 

@@ -17,7 +17,8 @@ from qsmprep.workflows._util import gpu_work, params_of
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
 from qsmprep.workflows.metrics import init_metrics_wf
-from qsmprep.workflows.outputs import init_qsm_derivatives_wf
+from qsmprep.workflows.outputs import init_qsm_derivatives_wf, init_swi_derivatives_wf
+from qsmprep.workflows.swi import init_swi_wf, smwi_method_of
 
 __all__ = ["UNWRAP_METHODS", "init_qsm_wf", "resolve_unwrap"]
 
@@ -26,6 +27,7 @@ LOGGER = logging.getLogger("qsmprep")
 _OUTPUTS = [
     "brain_mask", "local_mask", "total_field", "noise_field", "local_field", "magnitude",
     "chimaps", "dc_residuals", "metrics_tsv", "metrics_json", "r2star", "t2star", "s0",
+    "swi", "minip", "smwi_para", "smwi_dia",
 ]  # fmt: skip
 
 
@@ -116,7 +118,10 @@ def init_qsm_wf(
         (:class:`~qsmprep.interfaces.R2StarMap`, parameters from ``method_params["r2star"]``,
         e.g. ``{"method": "nlls"}``) on the 4D magnitude and the brain mask, and its R2*, T2*
         and S0 derivatives; an acquisition of one echo has no R2* and skips it (logged).
-        ``"swi"`` is not wired here.
+        ``"swi"`` adds the SWI workflow (:func:`~qsmprep.workflows.swi.init_swi_wf`): SWI and
+        minIP from the loaded magnitude and the total field; with ``"chi"`` too, the SMWI of
+        one Chimap: the first classical method of ``methods``
+        (:func:`~qsmprep.workflows.swi.smwi_method_of`); none without a method.
     name : str
         Workflow name.
 
@@ -135,6 +140,9 @@ def init_qsm_wf(
         R2* (1/s), T2* (s) and S0 maps in the brain mask (with ``"r2star"`` in ``outputs``).
     metrics_tsv, metrics_json
         The metrics table (with ``metrics`` only).
+    swi, minip, smwi_para, smwi_dia
+        Susceptibility-weighted images (with ``"swi"`` in ``outputs``; SMWI with ``"chi"``
+        too).
     """
     methods = list(methods)
     use_gpu = gpu_work(device)
@@ -153,6 +161,8 @@ def init_qsm_wf(
     if unknown:
         raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
     make_r2star = "r2star" in outputs and n_echoes >= 2
+    swi = "swi" in outputs
+    smwi = swi and "chi" in outputs
     if "r2star" in outputs and not make_r2star:
         LOGGER.info("%s: one echo: no R2*/T2* map (a decay needs two or more echoes)", a.prefix)
     r2star_params = params_of(method_params, "r2star")
@@ -288,6 +298,40 @@ def init_qsm_wf(
                 (r2star_map, derivatives_wf, [
                     ("r2star", "inputnode.r2star"), ("t2star", "inputnode.t2star"),
                     ("s0", "inputnode.s0"), ("meta", "inputnode.r2star_meta"),
+                ]),
+            ])  # fmt: skip
+
+    if swi:
+        smwi_from = smwi_method_of(methods) if smwi else None
+        swi_wf = init_swi_wf(method_params=method_params, smwi_method=smwi_from)
+        workflow.connect([
+            (inputnode, swi_wf, [("echo_times", "inputnode.echo_times")]),
+            (field_wf, swi_wf, [
+                ("outputnode.magnitude", "inputnode.magnitude"),
+                ("outputnode.total_field", "inputnode.total_field"),
+                ("outputnode.reliable_mask", "inputnode.mask"),
+            ]),
+            (swi_wf, outputnode, [
+                ("outputnode.swi", "swi"), ("outputnode.minip", "minip"),
+            ]),
+        ])  # fmt: skip
+        if smwi_from is not None:
+            workflow.connect([
+                (inversion_wf, swi_wf, [(f"outputnode.chimap_{smwi_from}", "inputnode.chimap")]),
+                (swi_wf, outputnode, [
+                    ("outputnode.smwi_para", "smwi_para"), ("outputnode.smwi_dia", "smwi_dia"),
+                ]),
+            ])  # fmt: skip
+        if output_dir is not None:
+            swi_derivatives_wf = init_swi_derivatives_wf(
+                acquisition=a, output_dir=output_dir, smwi_method=smwi_from, phase_sign=phase_sign
+            )
+            outs = ["swi", "minip", "swi_meta", "minip_meta"]
+            if smwi_from is not None:
+                outs += ["smwi_para", "smwi_dia", "smwi_meta"]
+            workflow.connect([
+                (swi_wf, swi_derivatives_wf, [
+                    (f"outputnode.{k}", f"inputnode.{k}") for k in outs
                 ]),
             ])  # fmt: skip
 
