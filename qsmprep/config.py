@@ -111,6 +111,8 @@ class Settings:
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     # run the official BIDS validator on the input first (--skip-bids-validation turns it off)
     skip_bids_validation: bool = False
+    # Nipype's resource monitor: peak memory and CPU use of every node in its result file
+    resource_monitor: bool = False
     version: str = __version__
 
     def __post_init__(self):

@@ -329,6 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="noise of the noise-matched oracle")
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
+    q = sub.add_parser(
+        "participant",
+        help="a whole participant as a user runs it: wall time, per-node time and peak memory,"
+        " critical path (see qsmprep.benchmarks.participant)",
+    )
+    q.add_argument("out_dir", help="folder for the simulated data, derivatives and work")
+    q.add_argument("--shape", type=int, nargs=3, default=[160, 186, 149])
+    q.add_argument("--voxel-size", type=float, default=1.0, help="isotropic voxel size (mm)")
+    q.add_argument("--echo-times", type=float, nargs="+", default=[0.004, 0.008, 0.012, 0.016])
+    q.add_argument("--methods", nargs="+", default=["tkd", "tv", "medi"])
+    q.add_argument("--outputs", nargs="+", help="as qsmprep --outputs (default all)")
+    q.add_argument("--nprocs", type=int, default=2)
+    q.add_argument("--omp-nthreads", type=int, help="default: as the App (nprocs - 1, 1 to 8)")
+    q.add_argument(
+        "--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+        help="one run per device (the App's --device)",
+    )  # fmt: skip
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
     s = sub.add_parser(
         "space",
         help="template space: atlas ROI means vs ground-truth labels, registration Dice, extra "
@@ -372,6 +392,21 @@ def main(argv=None) -> int:
         print()
         print(format_chain_table(scores))
         result = {"scores": [s.to_dict() for s in scores]}
+    elif args.bench == "participant":
+        from qsmprep.benchmarks.participant import (
+            format_participant_table,
+            run_participant_bench,
+        )
+
+        runs = run_participant_bench(
+            args.out_dir, shape=args.shape, voxel_size=args.voxel_size,
+            echo_times=args.echo_times, methods=args.methods, nprocs=args.nprocs,
+            omp_nthreads=args.omp_nthreads, devices=args.devices, outputs=args.outputs,
+            seed=args.seed,
+        )  # fmt: skip
+        for r in runs:
+            print(format_participant_table(r))
+        result = {"runs": [r.to_dict() for r in runs]}
     elif args.bench == "space":
         from qsmprep.space.bench import run_space_benchmark
 

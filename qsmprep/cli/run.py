@@ -260,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads a CPU-heavy node may use (it takes that many of the --nprocs slots);"
         " default: nprocs - 1, at most 8, at least 1",
     )
+    g.add_argument(
+        "--resource-monitor",
+        action="store_true",
+        help="record each node's peak memory and CPU use (Nipype's resource monitor, in the"
+        " work directory's result files; qsmprep-bench participant reads them)",
+    )
     g.add_argument("--mem-gb", type=float, help="memory limit for the scheduler (GB)")
     g.add_argument(
         "--device",
@@ -434,6 +440,7 @@ def settings_from_args(args) -> Settings:
         output_spaces=list(getattr(args, "output_spaces", None) or []),
         reference_region=getattr(args, "reference_region", "mask"),
         skip_bids_validation=bool(getattr(args, "skip_bids_validation", False)),
+        resource_monitor=bool(getattr(args, "resource_monitor", False)),
     )
 
 
@@ -454,9 +461,11 @@ def _configure_nipype(settings: Settings) -> None:
                 # MultiProc polls its workers every 2 s by default, which dominates small runs
                 "poll_sleep_duration": 0.2,
             },
-            "monitoring": {"enabled": False},
+            # peak memory and CPU use per node (result files), as fMRIPrep --resource-monitor
+            "monitoring": {"enabled": bool(settings.resource_monitor), "sample_frequency": 0.5},
         }
     )
+    ncfg.resource_monitor = bool(settings.resource_monitor)  # the property caches its value
     nlogging.update_logging(ncfg)
     quiet_nipype()
 

@@ -1,0 +1,40 @@
+"""``qsmprep-bench participant``: wall time, per-node time and memory, critical path."""
+
+import json
+
+from qsmprep.benchmarks.participant import format_participant_table, run_participant_bench
+from qsmprep.cli import bench
+
+
+def test_participant_bench_small(tmp_path, capsys):
+    (r,) = run_participant_bench(
+        tmp_path, shape=(32, 32, 24), voxel_size=3.0, echo_times=(0.004, 0.008, 0.012),
+        methods=("tkd", "tv"), nprocs=2, outputs=["chi"],
+    )  # fmt: skip
+    assert r.exit_code == 0 and r.omp_nthreads == 1
+    names = {n.name.split(".")[-1] for n in r.nodes}
+    assert {"load_echoes", "fit_field", "remove_background", "inversion_tv"} <= names
+    # the critical path is a chain through the field chain: at most the wall time
+    crit = [n for n in r.nodes if n.critical]
+    assert {"load_echoes", "fit_field"} <= {n.name.split(".")[-1] for n in crit}
+    # the longest chain is at least any single node (each node is a chain of one)
+    assert max(n.seconds for n in r.nodes) <= r.critical_path + 1e-9
+    assert 0 < r.critical_path <= r.wall
+    for a, b in zip(crit, crit[1:], strict=False):  # a chain: each starts after the last ended
+        assert b.start >= a.end - 1.0
+    # the resource monitor recorded peak memory for the compute nodes
+    assert all(n.peak_gb and 0 < n.peak_gb < 8 for n in r.nodes if "inversion_" in n.name)
+    assert set(r.stages) == {"field chain", "tkd", "tv"} and r.stages["field chain"] > 0
+    table = format_participant_table(r)
+    assert "wall time of the participant level" in table and "| field chain |" in table
+
+
+def test_participant_bench_cli(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["participant", str(tmp_path / "b"), "--shape", "24", "24", "20", "--voxel-size",
+            "3", "--echo-times", "0.004", "0.008", "--methods", "tkd", "--outputs", "chi",
+            "--json", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert "critical path" in capsys.readouterr().out
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["exit_code"] == 0 and run["critical_path"] > 0 and run["nodes"]
