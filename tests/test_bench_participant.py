@@ -31,7 +31,7 @@ def test_participant_bench_small(tmp_path, capsys):
 
 def test_participant_bench_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["participant", str(tmp_path / "b"), "--shape", "24", "24", "20", "--voxel-size",
+    argv = ["participant", str(tmp_path / "b"), "--shape", "32", "32", "24", "--voxel-size",
             "3", "--echo-times", "0.004", "0.008", "--methods", "tkd", "--outputs", "chi",
             "--json", str(out)]  # fmt: skip
     assert bench.main(argv) == 0

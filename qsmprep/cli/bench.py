@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    failed = False
     if args.bench == "field":
         result = bench_field(args)
     elif args.bench == "inversion":
@@ -407,6 +408,7 @@ def main(argv=None) -> int:
         for r in runs:
             print(format_participant_table(r))
         result = {"runs": [r.to_dict() for r in runs]}
+        failed = any(r.exit_code != 0 for r in runs)
     elif args.bench == "space":
         from qsmprep.space.bench import run_space_benchmark
 
@@ -421,7 +423,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
