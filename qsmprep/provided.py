@@ -335,7 +335,7 @@ def check_field_units(path, acq_id: str | None = None) -> dict:
         how = _CONVERSIONS.get(key)
         raise BIDSInputError(
             f'{side}: the provided total field has "Units": {units!r}; qsmprep needs Hz.'
-            + (f" Convert it ({how}) and set" if how else " Convert it to Hz and set")
+            + (f" Convert it: {how}; then set" if how else " Convert it to Hz and set")
             + ' "Units": "Hz"',
             path=side,
             acquisition=acq_id,
