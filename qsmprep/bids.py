@@ -161,6 +161,10 @@ class Acquisition:
         What discovery recovered or converted on the way (an ``EchoTime`` taken from the
         magnitude's sidecar, phase in degrees, non-finite or negative values set to 0); logged
         at discovery and written to every output sidecar as ``InputNotes``.
+    provided_mask, provided_field : Path or None
+        A brain mask and a total field (Hz) the user provides (``--mask-dir``,
+        ``--field-dir``; found and checked by :func:`qsmprep.provided.attach_provided`):
+        the chain uses them instead of computing them.
     """
 
     subject: str
@@ -183,6 +187,8 @@ class Acquisition:
     b0_source: str = "MagneticFieldStrength"
     phase_units_source: str = "sidecar"
     notes: list[str] = field(default_factory=list)
+    provided_mask: Path | None = None
+    provided_field: Path | None = None
 
     @property
     def prefix(self) -> str:
@@ -243,6 +249,8 @@ class Acquisition:
             "b0_source": self.b0_source,
             "phase_units_source": self.phase_units_source,
             "notes": list(self.notes),
+            "provided_mask": str(self.provided_mask) if self.provided_mask else None,
+            "provided_field": str(self.provided_field) if self.provided_field else None,
         }
 
     @classmethod
@@ -257,6 +265,8 @@ class Acquisition:
         d["affine"] = np.asarray(d["affine"], dtype=float)
         d["b0_dir"] = tuple(float(v) for v in d["b0_dir"])
         d["root"] = Path(d["root"]) if d.get("root") is not None else None
+        for key in ("provided_mask", "provided_field"):
+            d[key] = Path(d[key]) if d.get(key) is not None else None
         return cls(**d)
 
 

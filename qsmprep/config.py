@@ -113,6 +113,10 @@ class Settings:
     skip_bids_validation: bool = False
     # Nipype's resource monitor: peak memory and CPU use of every node in its result file
     resource_monitor: bool = False
+    # precomputed inputs (qsmprep.provided): brain masks and total fields (Hz) of derivative
+    # datasets, used instead of computing them
+    mask_dir: Path | None = None
+    field_dir: Path | None = None
     version: str = __version__
 
     def __post_init__(self):
@@ -123,6 +127,9 @@ class Settings:
         self.work_dir = Path(self.work_dir).absolute()
         if self.reference is not None:
             self.reference = Path(self.reference).absolute()
+        for key in ("mask_dir", "field_dir"):
+            if getattr(self, key) is not None:
+                setattr(self, key, Path(getattr(self, key)).absolute())
         bad = [m for m in self.methods if not m.isalnum()]
         if bad:
             raise ValueError(

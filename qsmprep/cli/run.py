@@ -219,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON/TOML file of method parameters, e.g. {"tv": {"lam": 5e-4}}',
     )
 
+    g = p.add_argument_group(
+        "Precomputed inputs (derivative datasets: sub-<label>[/ses-<label>]/anat/)"
+    )
+    g.add_argument(
+        "--mask-dir",
+        type=Path,
+        metavar="DIR",
+        help="use these brain masks instead of computing them: <prefix>_desc-brain_mask.nii[.gz]"
+        " (or <prefix>_mask) per acquisition, as qsmprep writes them (an earlier output folder"
+        " works), or of fewer entities (sub-<label>_desc-brain_mask serves every run); on the"
+        " acquisition's grid, values 0 and 1 only. An acquisition without one is refused",
+    )
+    g.add_argument(
+        "--field-dir",
+        type=Path,
+        metavar="DIR",
+        help="use these total fields instead of unwrapping and fitting the phase:"
+        ' <prefix>_desc-total_fieldmap.nii[.gz] with a sidecar giving "Units": "Hz", on the'
+        " acquisition's grid; background removal starts from them. An acquisition without"
+        " one is refused",
+    )
+
     g = p.add_argument_group("Template space (TemplateFlow, read offline from TEMPLATEFLOW_HOME)")
     g.add_argument(
         "--output-spaces",
@@ -441,7 +463,22 @@ def settings_from_args(args) -> Settings:
         reference_region=getattr(args, "reference_region", "mask"),
         skip_bids_validation=bool(getattr(args, "skip_bids_validation", False)),
         resource_monitor=bool(getattr(args, "resource_monitor", False)),
+        mask_dir=_existing_dir(getattr(args, "mask_dir", None), "--mask-dir"),
+        field_dir=_existing_dir(getattr(args, "field_dir", None), "--field-dir"),
     )
+
+
+def _existing_dir(path, option: str):
+    """An option's folder, absolute; a missing one is a usage error before any work."""
+    if path is None:
+        return None
+    p = Path(path).absolute()
+    if not p.is_dir():
+        raise UsageError(
+            f"{option} {p} is not a folder; give the root of a derivative dataset (the folder"
+            " holding sub-<label>/), e.g. an earlier qsmprep output folder"
+        )
+    return p
 
 
 def _configure_nipype(settings: Settings) -> None:
@@ -545,6 +582,14 @@ def run_participant(settings: Settings) -> int:
         errors=errors,
     )
     acqs = [a for a in acqs if a.subject not in invalid]
+    if settings.mask_dir is not None or settings.field_dir is not None:
+        from qsmprep.provided import attach_provided
+
+        # a missing or invalid mask/field skips its acquisition (errors); a folder that is
+        # not a derivative dataset stops the run
+        acqs = attach_provided(
+            acqs, mask_dir=settings.mask_dir, field_dir=settings.field_dir, errors=errors
+        )
     for err in errors:
         LOGGER.error("skipped: %s", err)
     if not acqs:

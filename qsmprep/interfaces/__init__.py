@@ -8,6 +8,8 @@ interface                   does                                                
 ``UnwrapPhase``             multi-echo unwrapping                                       field
 ``FitField``                multi-echo fit: total field and its std (Hz), fit residual  field
 ``FieldReliability``        unreliable field voxels (fit residual); trimmed brain mask  field
+``ProvidedMask``            the user's brain mask, checked against the magnitude grid   field
+``ProvidedField``           the user's total field (Hz) and its noise map (no fit)      field
 ``RemoveBackground``        background removal: local field (Hz) and its mask           field
 ``DipoleInversion``         one inversion method -> referenced chi (ppm), DC residual   inversion
 ``DeepInversion``           one trained network -> referenced chi (ppm), DC residual    inversion
@@ -36,6 +38,8 @@ from qsmprep.interfaces.field import (
     FieldReliability,
     FitField,
     LoadEchoes,
+    ProvidedField,
+    ProvidedMask,
     RemoveBackground,
     UnwrapPhase,
 )
@@ -78,6 +82,8 @@ __all__ = [
     "FieldReliability",
     "FitField",
     "LoadEchoes",
+    "ProvidedField",
+    "ProvidedMask",
     "R2StarMap",
     "RemoveBackground",
     "UnwrapPhase",

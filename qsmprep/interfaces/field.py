@@ -17,7 +17,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from qsmprep import bids
+from qsmprep import bids, provided
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._checks import check_echo_times
@@ -27,6 +27,8 @@ __all__ = [
     "FieldReliability",
     "FitField",
     "LoadEchoes",
+    "ProvidedField",
+    "ProvidedMask",
     "RemoveBackground",
     "UnwrapPhase",
 ]
@@ -128,6 +130,76 @@ class BrainMask(SimpleInterface):
         return runtime
 
 
+class _ProvidedMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the user's brain mask (0 and 1)")
+    magnitude = File(exists=True, mandatory=True, desc="4D (or 3D) magnitude: the grid")
+
+
+class ProvidedMask(SimpleInterface):
+    """A brain mask the user provides (:func:`qsmprep.provided.load_provided_mask`): checked
+    against the magnitude's grid and saved as uint8 with the magnitude's header."""
+
+    input_spec = _ProvidedMaskInputSpec
+    output_spec = _MaskOutputSpec
+
+    def _run_interface(self, runtime):
+        img = nib.load(self.inputs.magnitude)
+        like = img.slicer[..., 0] if len(img.shape) == 4 else img
+        brain = provided.load_provided_mask(
+            self.inputs.in_file, provided.Grid.of_image(self.inputs.magnitude)
+        )
+        self._results["out_file"] = save(
+            brain, like, out_path(self.inputs.magnitude, "_brainmask"), np.uint8
+        )
+        return runtime
+
+
+class _ProvidedFieldInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the user's total field (Hz)")
+    magnitude = File(exists=True, mandatory=True, desc="4D magnitude (noise map weights)")
+    mask = File(exists=True, mandatory=True, desc="brain mask; outputs are 0 outside")
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
+
+
+class _ProvidedFieldOutputSpec(TraitedSpec):
+    total_field = File(exists=True, desc="total field (Hz) as given, 0 outside the brain mask")
+    noise_field = File(exists=True, desc="std of the field a weighted echo fit would have (Hz)")
+    noise_std = traits.Float(desc="complex noise std of the magnitude (NaN if not found)")
+
+
+class ProvidedField(SimpleInterface):
+    """A total field the user provides, in place of unwrapping and the echo fit.
+
+    The field (:func:`qsmprep.provided.load_provided_field`: Hz, on the grid, finite in the
+    mask) is kept as given inside the brain mask and set to 0 outside; its noise map is the
+    std the weighted echo fit would have had on this magnitude
+    (:func:`qsmprep.recon.echo.field_std`, scaled by
+    :func:`~qsmprep.recon.echo.estimate_noise_std`).
+    """
+
+    input_spec = _ProvidedFieldInputSpec
+    output_spec = _ProvidedFieldOutputSpec
+
+    def _run_interface(self, runtime):
+        mag, _ = load(self.inputs.magnitude)
+        brain, mimg = load(self.inputs.mask, bool)
+        total = provided.load_provided_field(
+            self.inputs.in_file, provided.Grid.of_image(self.inputs.mask), brain
+        )
+        sigma = echo.estimate_noise_std(mag, brain)
+        std = echo.field_std(
+            mag,
+            self.inputs.echo_times,
+            mask=brain,
+            noise_std=sigma if np.isfinite(sigma) else None,
+        )
+        base = self.inputs.mask
+        self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
+        self._results["noise_field"] = save(std, mimg, out_path(base, "_noisefield"))
+        self._results["noise_std"] = float(sigma)
+        return runtime
+
+
 class _UnwrapInputSpec(BaseInterfaceInputSpec):
     phase = File(exists=True, mandatory=True, desc="4D wrapped phase (rad)")
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
@@ -211,7 +283,11 @@ class FitField(SimpleInterface):
 
 class _ReliabilityInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
-    fit_residual = File(exists=True, mandatory=True, desc="multi-echo fit residual (rad)")
+    fit_residual = File(
+        exists=True,
+        desc="multi-echo fit residual (rad); without it (a provided total field) nothing is"
+        " unreliable",
+    )
     params = traits.Dict(usedefault=True, desc="threshold, rim (mask.field_reliability)")
 
 
@@ -233,7 +309,9 @@ class FieldReliability(SimpleInterface):
 
     def _run_interface(self, runtime):
         brain, img = load(self.inputs.mask, bool)
-        residual, _ = load(self.inputs.fit_residual)
+        residual = (
+            load(self.inputs.fit_residual)[0] if isdefined(self.inputs.fit_residual) else None
+        )
         trimmed, reliable, info = mask.field_reliability(
             brain, residual, voxel_size(img), **dict(self.inputs.params)
         )

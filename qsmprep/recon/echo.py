@@ -17,7 +17,13 @@ from qsmprep.recon._checks import (
     check_volume,
 )
 
-__all__ = ["estimate_noise_std", "fit_field_complex", "fit_field_linear", "fit_residual"]
+__all__ = [
+    "estimate_noise_std",
+    "field_std",
+    "fit_field_complex",
+    "fit_field_linear",
+    "fit_residual",
+]
 
 
 def _check_echoes(phase, magnitude, echo_times, mask):
@@ -165,6 +171,39 @@ def fit_field_linear(
     off[sel] = np.where(np.isfinite(phi0), phi0, 0.0)
     sd[sel] = np.where(np.isfinite(std) & (std > 0), std, np.inf)
     return field, sd, off
+
+
+def field_std(magnitude, echo_times, *, mask=None, noise_std: float | None = None):
+    """Std (Hz) of the field that :func:`fit_field_linear` would fit to these echoes.
+
+    The std of the weighted fit depends on the magnitudes and echo times only, not on the
+    phase: ``sigma / (2 pi sqrt(sum_n M_n^2 (TE_n - TE_w)^2))`` for two or more echoes (with
+    the offset fitted), ``sigma / (2 pi M TE)`` for one. It serves as the noise map of a total
+    field that was not fitted here (provided by the user): the noise the field would have had
+    had it been fitted from these echoes.
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z, E) or (X, Y, Z) array
+        Magnitude per echo.
+    echo_times : E floats
+        s.
+    mask : (X, Y, Z) bool array, optional
+        Voxels; infinite std outside.
+    noise_std : float, optional
+        Complex noise std ``sigma``; default 1.
+
+    Returns
+    -------
+    (X, Y, Z) float32, infinite where the magnitude is zero and outside ``mask``.
+    """
+    mag = np.asarray(magnitude)
+    if mag.ndim == 3:
+        mag = mag[..., None]
+    _, std, _ = fit_field_linear(
+        np.zeros(mag.shape, np.float32), mag, echo_times, mask=mask, noise_std=noise_std
+    )
+    return std
 
 
 def fit_residual(phase, magnitude, echo_times, field_hz, phase_offset, *, mask=None):

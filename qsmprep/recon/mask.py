@@ -157,8 +157,9 @@ def field_reliability(
     ----------
     mask : (X, Y, Z) array
         Brain mask.
-    residual : (X, Y, Z) array
-        Fit residual (rad), e.g. :func:`qsmprep.recon.echo.fit_residual`.
+    residual : (X, Y, Z) array or None
+        Fit residual (rad), e.g. :func:`qsmprep.recon.echo.fit_residual`; None when there is
+        no fit (a total field provided by the user): nothing is unreliable.
     voxel_size : float or 3 floats
         mm.
     threshold : float
@@ -175,9 +176,18 @@ def field_reliability(
     masks are ``mask``, ``threshold_rad`` is None and ``info["note"]`` says why.
     """
     check_volume(mask, "mask")
-    check_volume(residual, "residual")
     m = to_numpy(mask) != 0
     vs = check_voxel_size(voxel_size)
+    if residual is None:  # no multi-echo fit (a provided total field): nothing to judge by
+        info = {
+            "threshold_rad": None,
+            "unreliable": 0,
+            "trimmed": 0,
+            "note": "no multi-echo fit residual (the total field was provided):"
+            " no voxel was judged unreliable",
+        }
+        return m.copy(), m.copy(), info
+    check_volume(residual, "residual")
     r = np.asarray(to_numpy(residual), dtype=np.float64)
     if r.shape != m.shape:
         raise ValueError(f"residual has shape {r.shape}, the mask {m.shape}")

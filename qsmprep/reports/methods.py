@@ -326,7 +326,12 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         f"Susceptibility maps were computed with qsmprep {_get(s, 'version', __version__)}, "
         f"a BIDS App built on Nipype{cite('nipype')} and PyBIDS{cite('pybids')}."
     )
-    if _get(s, "mask_method", "magnitude") == "phase":
+    if s.get("mask_dir"):
+        out.append(
+            "For each acquisition, the brain mask was provided by the user (from "
+            f"{_basename(s['mask_dir'])}) and used as given."
+        )
+    elif _get(s, "mask_method", "magnitude") == "phase":
         out.append(
             "For each acquisition, a brain mask was obtained by thresholding the ROMEO "
             f"phase-quality map{cite('romeo')} as in QSMxT{cite('qsmxt')}, followed by "
@@ -350,7 +355,14 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
     if pre:
         out.append("Before processing, " + " and ".join(pre) + ".")
     counts = {int(n) for n in _get(s, "echo_counts", []) or []}
-    if counts == {1}:
+    if s.get("field_dir"):
+        out.append(
+            f"The total field (Hz) was provided by the user (from {_basename(s['field_dir'])}), "
+            "so the phase was neither unwrapped nor fitted over the echoes; its noise standard "
+            "deviation was taken as that of a magnitude-weighted linear fit of the echoes"
+            f"{cite('kressler')}, and with no fit residual no voxel was marked unreliable."
+        )
+    elif counts == {1}:
         out.extend(_single_echo_sentences(s, cite))
     else:
         out.extend(_multi_echo_sentences(s, cite))
@@ -520,7 +532,8 @@ def methods_paragraph(settings: Mapping | None = None, *, cosmos: bool = False) 
     ----------
     settings : mapping, optional
         The effective settings (``Settings.to_dict()``, or ``qsmprep_settings.json``). Keys
-        read: ``methods``, ``outputs``, ``bg_method``, ``unwrap``, ``mask_method``, ``phase_sign``,
+        read: ``methods``, ``outputs``, ``bg_method``, ``unwrap``, ``mask_method``, ``mask_dir`` and
+        ``field_dir`` (provided brain masks and total fields), ``phase_sign``,
         ``b0``, ``reference``, ``phase_units`` (input units found, e.g. ``["integer"]``),
         ``r2star_methods`` (R2* estimators used, from the R2starmap sidecars),
         ``method_params`` (``{method: {param: value}}``; parameters not

@@ -12,6 +12,8 @@ from qsmprep.interfaces import (
     FieldReliability,
     FitField,
     LoadEchoes,
+    ProvidedField,
+    ProvidedMask,
     RemoveBackground,
     UnwrapPhase,
 )
@@ -59,6 +61,8 @@ def init_field_wf(
     omp_nthreads: int = 1,
     dl_bg_method: str | None = None,
     n_echoes: int | None = None,
+    provided_mask: bool = False,
+    provided_field: bool = False,
     name: str = "field_wf",
 ) -> pe.Workflow:
     """Brain mask, unwrapping, multi-echo field fit and background removal of one acquisition.
@@ -77,6 +81,15 @@ def init_field_wf(
     phase over ``2 pi TE`` with the std ``sigma / (2 pi M TE)``
     (:func:`~qsmprep.recon.echo.fit_field_linear`), and with no fit residual no voxel is
     marked unreliable.
+
+    A brain mask the user provides (``provided_mask``) replaces the computed one: the node
+    ``brain_mask`` is then :class:`~qsmprep.interfaces.ProvidedMask` (checked, saved as
+    uint8). A total field the user provides (``provided_field``) replaces unwrapping and the
+    echo fit: no ``unwrap_phase`` and no ``fit_field``; the node ``provided_field``
+    (:class:`~qsmprep.interfaces.ProvidedField`) passes the field on inside the brain mask
+    with the noise map the weighted fit would have had on this magnitude
+    (:func:`qsmprep.recon.echo.field_std`), and ``field_reliability`` gets no residual, so no
+    voxel is marked unreliable.
 
     Parameters
     ----------
@@ -102,6 +115,9 @@ def init_field_wf(
     n_echoes : int, optional
         Number of echoes, when known; only the methods paragraph (``__desc__``) depends on it
         (1: the single-echo text). The nodes handle any number of echoes.
+    provided_mask, provided_field : bool
+        Take the brain mask / the total field (Hz) from ``inputnode.brain_mask`` /
+        ``inputnode.total_field`` (see above).
     name : str
         Workflow name.
 
@@ -115,6 +131,9 @@ def init_field_wf(
         ``"rad"`` or ``"integer"``; +1 or -1.
     b0_dir
         B0 direction in voxel coordinates (3 floats).
+    brain_mask, total_field
+        The provided brain mask and total field (Hz) files, with ``provided_mask`` /
+        ``provided_field``.
 
     Outputs (``outputnode``)
     ------------------------
@@ -141,7 +160,16 @@ def init_field_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(
-            fields=["magnitude", "phase", "echo_times", "phase_units", "phase_sign", "b0_dir"]
+            fields=[
+                "magnitude",
+                "phase",
+                "echo_times",
+                "phase_units",
+                "phase_sign",
+                "b0_dir",
+                "brain_mask",
+                "total_field",
+            ]
         ),
         name="inputnode",
     )
@@ -157,16 +185,38 @@ def init_field_wf(
     )  # fmt: skip
 
     load_echoes = pe.Node(LoadEchoes(), name="load_echoes")
-    brain_mask = pe.Node(
-        BrainMask(method=mask_method, params=params_of(method_params, "mask")),
-        name="brain_mask",
-    )
-    unwrap_phase = pe.Node(
-        UnwrapPhase(method=unwrap_method, params=params_of(method_params, "unwrap")),
-        name="unwrap_phase",
-        n_procs=omp_nthreads,
-    )
-    fit_field = pe.Node(FitField(), name="fit_field")
+    if provided_mask:
+        brain_mask = pe.Node(ProvidedMask(), name="brain_mask")
+        workflow.connect([
+            (inputnode, brain_mask, [("brain_mask", "in_file")]),
+            (load_echoes, brain_mask, [("magnitude", "magnitude")]),
+        ])  # fmt: skip
+    else:
+        brain_mask = pe.Node(
+            BrainMask(method=mask_method, params=params_of(method_params, "mask")),
+            name="brain_mask",
+        )
+        workflow.connect([
+            (inputnode, brain_mask, [("echo_times", "echo_times")]),
+            (load_echoes, brain_mask, [("magnitude", "magnitude"), ("phase", "phase")]),
+        ])  # fmt: skip
+    if provided_field:
+        # the total field enters here: no unwrapping, no echo fit, no fit residual
+        fit_field = pe.Node(ProvidedField(), name="provided_field")
+        workflow.connect(inputnode, "total_field", fit_field, "in_file")
+    else:
+        unwrap_phase = pe.Node(
+            UnwrapPhase(method=unwrap_method, params=params_of(method_params, "unwrap")),
+            name="unwrap_phase",
+            n_procs=omp_nthreads,
+        )
+        fit_field = pe.Node(FitField(), name="fit_field")
+        workflow.connect([
+            (inputnode, unwrap_phase, [("echo_times", "echo_times")]),
+            (load_echoes, unwrap_phase, [("magnitude", "magnitude"), ("phase", "phase")]),
+            (brain_mask, unwrap_phase, [("out_file", "mask")]),
+            (unwrap_phase, fit_field, [("out_file", "phase")]),
+        ])  # fmt: skip
     field_reliability = pe.Node(
         FieldReliability(params=params_of(method_params, "reliability")),
         name="field_reliability",
@@ -198,17 +248,10 @@ def init_field_wf(
             ("magnitude", "magnitude"), ("phase", "phase"), ("echo_times", "echo_times"),
             ("phase_units", "phase_units"), ("phase_sign", "phase_sign"),
         ]),
-        (inputnode, brain_mask, [("echo_times", "echo_times")]),
-        (load_echoes, brain_mask, [("magnitude", "magnitude"), ("phase", "phase")]),
-        (inputnode, unwrap_phase, [("echo_times", "echo_times")]),
-        (load_echoes, unwrap_phase, [("magnitude", "magnitude"), ("phase", "phase")]),
-        (brain_mask, unwrap_phase, [("out_file", "mask")]),
         (inputnode, fit_field, [("echo_times", "echo_times")]),
         (load_echoes, fit_field, [("magnitude", "magnitude")]),
-        (unwrap_phase, fit_field, [("out_file", "phase")]),
         (brain_mask, fit_field, [("out_file", "mask")]),
         (brain_mask, field_reliability, [("out_file", "mask")]),
-        (fit_field, field_reliability, [("fit_residual", "fit_residual")]),
         (field_reliability, remove_background, [("meta", "extra_meta")]),
         (load_echoes, outputnode, [("magnitude", "magnitude"), ("phase", "phase")]),
         (brain_mask, outputnode, [("out_file", "brain_mask")]),
@@ -221,6 +264,8 @@ def init_field_wf(
         ]),
         (field_reliability, outputnode, [("reliable_mask", "reliable_mask")]),
     ])  # fmt: skip
+    if not provided_field:
+        workflow.connect(fit_field, "fit_residual", field_reliability, "fit_residual")
     if dl_bg_method is not None and dl_bg_method != bg_method:
         check_choice(dl_bg_method, _BG_DESC, "background removal method")
         remove_background_dl = background_node(dl_bg_method, "remove_background_dl")
@@ -239,11 +284,27 @@ def init_field_wf(
     else:
         workflow.connect(brain_mask, "out_file", remove_background, "mask")
 
+    if provided_mask:
+        mask_text, mask_cites = "The brain mask was provided by the user and used as given.", []
+    else:
+        mask_text = f"A brain mask was computed {_MASK_DESC[mask_method]}."
+        mask_cites = _CITES["mask"][mask_method]
+    if provided_field:
+        workflow.__desc__ = (
+            f"{mask_text} The total field (Hz) was provided by the user, so the phase was "
+            "neither unwrapped nor fitted over the echoes; the field was used as given inside "
+            "the brain mask, with as its standard deviation that of a magnitude-weighted fit of "
+            "these echoes (Kressler et al., 2010). With no fit residual, no voxel was marked "
+            f"unreliable. The background field was removed with {_BG_DESC[bg_method]}, giving "
+            "the local field and the mask where it is valid."
+        )
+        workflow.__citations__ = [*mask_cites, "kressler", bg_method]
+        return workflow
     if n_echoes == 1:
         workflow.__desc__ = (
-            f"A brain mask was computed {_MASK_DESC[mask_method]}. The acquisition had a single "
-            "echo, so the echo-independent phase offset could not be separated from the field "
-            f"and was not removed; the phase was {_UNWRAP_DESC_ONE[unwrap_method]}. The total "
+            f"{mask_text} The acquisition had a single echo, so the echo-independent phase "
+            "offset could not be separated from the field and was not removed; the phase was "
+            f" {_UNWRAP_DESC_ONE[unwrap_method]}. The total "
             "field (Hz) was the unwrapped phase divided by 2 pi TE, with its standard deviation "
             "the phase noise (noise standard deviation over magnitude) divided by 2 pi TE "
             "(the one-echo case of the weighted fit; Kressler et al., 2010). With one echo "
@@ -252,17 +313,17 @@ def init_field_wf(
             "and the mask where it is valid."
         )
         workflow.__citations__ = [
-            *_CITES["mask"][mask_method],
+            *mask_cites,
             *[c for c in _CITES["unwrap"][unwrap_method] if c != "mcpc3ds"],
             "kressler",
             bg_method,
         ]
         return workflow
     workflow.__desc__ = (
-        f"A brain mask was computed {_MASK_DESC[mask_method]}. The phase offset of the echoes "
-        "was removed (MCPC-3D-S; Eckstein et al., 2018) and the phase was "
-        f"{_UNWRAP_DESC[unwrap_method]}. The total field (Hz) was fitted to the unwrapped "
-        "phase of all echoes by weighted linear least squares (weights: squared magnitude), "
+        f"{mask_text} The phase offset of the echoes was removed (MCPC-3D-S; Eckstein et al., "
+        f"2018) and the phase was {_UNWRAP_DESC[unwrap_method]}. The total field (Hz) was "
+        "fitted to the unwrapped phase of all echoes by weighted linear least squares "
+        "(weights: squared magnitude), "
         "with a map of its standard deviation (Kressler et al., 2010). Voxels whose phase "
         "departed from a linear evolution over the echoes (a weighted RMS fit residual more "
         "than a robust z-score above that of the deep brain) were marked unreliable"
@@ -275,7 +336,7 @@ def init_field_wf(
         "field and the mask where it is valid."
     )
     workflow.__citations__ = [
-        *_CITES["mask"][mask_method],
+        *mask_cites,
         *_CITES["unwrap"][unwrap_method],
         "kressler",
         bg_method,

@@ -64,9 +64,15 @@ def init_qsm_derivatives_wf(
     phase_sign: int = 1,
     method_params: Mapping[str, Mapping] | None = None,
     r2star: bool = False,
+    provided_mask: str | Path | None = None,
+    provided_field: str | Path | None = None,
     name: str = "qsm_derivatives_wf",
 ) -> pe.Workflow:
     """Write the masks, field maps and Chimaps of one acquisition (and its R2* maps).
+
+    ``provided_mask`` / ``provided_field``: the brain mask / total field the user gave
+    (``--mask-dir`` / ``--field-dir``); their sidecars say ``"Method": "provided"`` and
+    ``"Source"``: the file's absolute path.
 
     Inputs (``inputnode``)
     ----------------------
@@ -124,16 +130,14 @@ def init_qsm_derivatives_wf(
     def path(desc, suffix, ext=".nii.gz"):
         return derivative_path(output_dir, a, desc=desc, suffix=suffix, extension=ext)
 
-    ds_brain_mask = _sink(
-        "ds_brain_mask",
-        path("brain", "mask"),
-        {
-            "Type": "Brain",
-            "Method": mask_method,
-            "Parameters": params_of(method_params, "mask"),
-            **base,
-        },
-    )
+    mask_side = {
+        "Type": "Brain",
+        "Method": mask_method,
+        "Parameters": params_of(method_params, "mask"),
+    }
+    if provided_mask is not None:
+        mask_side = {"Type": "Brain", "Method": "provided", "Source": str(provided_mask)}
+    ds_brain_mask = _sink("ds_brain_mask", path("brain", "mask"), {**mask_side, **base})
     ds_local_mask = _sink(
         "ds_local_mask",
         path("local", "mask"),
@@ -150,7 +154,10 @@ def init_qsm_derivatives_wf(
         path("reliable", "mask"),
         {
             "Type": "Brain",
-            "Description": "the brain mask: with one echo there is no multi-echo fit residual"
+            "Description": "the brain mask: the total field was provided, with no multi-echo fit"
+            " residual to judge it by, so no voxel is marked unreliable"
+            if provided_field is not None
+            else "the brain mask: with one echo there is no multi-echo fit residual"
             " to judge the field by, so no voxel is marked unreliable"
             if single
             else "brain voxels whose phase evolves linearly over the echoes (multi-echo"
@@ -160,27 +167,36 @@ def init_qsm_derivatives_wf(
             **base,
         },
     )
-    ds_total_field = _sink(
-        "ds_total_field",
-        path("total", "fieldmap"),
-        {
+    total_side = {
+        "Units": "Hz",
+        "Description": "total field offset: unwrapped phase of the single echo over 2 pi TE"
+        if single
+        else "total field offset: weighted linear fit of the unwrapped phase",
+        "SkullStripped": True,
+        "UnwrapMethod": unwrap_method,
+        "PhaseOffsetRemoval": offset_removal,
+    }
+    if provided_field is not None:
+        total_side = {
             "Units": "Hz",
-            "Description": "total field offset: unwrapped phase of the single echo over 2 pi TE"
-            if single
-            else "total field offset: weighted linear fit of the unwrapped phase",
+            "Description": "total field offset as provided (Source), 0 outside the brain mask;"
+            " not unwrapped or fitted here",
             "SkullStripped": True,
-            "UnwrapMethod": unwrap_method,
-            "PhaseOffsetRemoval": offset_removal,
-            **echo,
-            **base,
-        },
+            "Method": "provided",
+            "Source": str(provided_field),
+        }
+    ds_total_field = _sink(
+        "ds_total_field", path("total", "fieldmap"), {**total_side, **echo, **base}
     )
     ds_noise_field = _sink(
         "ds_noise_field",
         path("noise", "fieldmap"),
         {
             "Units": "Hz",
-            "Description": "standard deviation of the total field: the phase noise (noise std"
+            "Description": "standard deviation a weighted fit of the echoes would give the"
+            " provided total field (magnitude and echo times only)"
+            if provided_field is not None
+            else "standard deviation of the total field: the phase noise (noise std"
             " over magnitude) over 2 pi TE of the single echo"
             if single
             else "standard deviation of the fitted total field",

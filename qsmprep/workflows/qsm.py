@@ -88,7 +88,9 @@ def init_qsm_wf(
     ----------
     acquisition : :class:`qsmprep.bids.Acquisition`
         Uses ``magnitude``, ``phase``, ``echo_times``, ``b0``, ``b0_dir``, ``phase_units``
-        and, for the derivative names and sidecars, its entities and ``sources``.
+        and, for the derivative names and sidecars, its entities and ``sources``; a
+        ``provided_mask`` / ``provided_field`` replaces the computed brain mask / total field
+        (see :func:`~qsmprep.workflows.init_field_wf`).
     output_dir : path or None
         Root of the BIDS derivative dataset.
     methods : sequence of str
@@ -180,6 +182,9 @@ def init_qsm_wf(
     inputnode.inputs.b0_dir = [float(v) for v in a.b0_dir]
     outputnode = pe.Node(IdentityInterface(fields=_OUTPUTS), name="outputnode")
 
+    # a brain mask and a total field the user provides (qsmprep.provided.attach_provided)
+    provided_mask = getattr(a, "provided_mask", None)
+    provided_field = getattr(a, "provided_field", None)
     # the networks get a local field made as their training data was
     dl_separate = bg_method != TRAINED_BACKGROUND and any(m in DL_METHODS for m in methods)
     field_wf = init_field_wf(
@@ -192,7 +197,13 @@ def init_qsm_wf(
         omp_nthreads=omp_nthreads,
         dl_bg_method=TRAINED_BACKGROUND if dl_separate else None,
         n_echoes=n_echoes,
+        provided_mask=provided_mask is not None,
+        provided_field=provided_field is not None,
     )
+    if provided_mask is not None:
+        field_wf.inputs.inputnode.brain_mask = str(provided_mask)
+    if provided_field is not None:
+        field_wf.inputs.inputnode.total_field = str(provided_field)
     inversion_wf = init_inversion_wf(
         methods=methods,
         method_params=method_params,
@@ -277,6 +288,8 @@ def init_qsm_wf(
             phase_sign=phase_sign,
             method_params=method_params,
             r2star=make_r2star,
+            provided_mask=provided_mask,
+            provided_field=provided_field,
         )
         field_out = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
         workflow.connect([
