@@ -532,8 +532,8 @@ def methods_paragraph(settings: Mapping | None = None, *, cosmos: bool = False) 
     ----------
     settings : mapping, optional
         The effective settings (``Settings.to_dict()``, or ``qsmprep_settings.json``). Keys
-        read: ``methods``, ``outputs``, ``bg_method``, ``unwrap``, ``mask_method``, ``mask_dir`` and
-        ``field_dir`` (provided brain masks and total fields), ``phase_sign``,
+        read: ``methods``, ``outputs``, ``bg_method``, ``unwrap``, ``mask_method``,
+        ``mask_dir`` and ``field_dir`` (provided brain masks and total fields), ``phase_sign``,
         ``b0``, ``reference``, ``phase_units`` (input units found, e.g. ``["integer"]``),
         ``r2star_methods`` (R2* estimators used, from the R2starmap sidecars),
         ``method_params`` (``{method: {param: value}}``; parameters not
