@@ -18,7 +18,7 @@ from qsmprep.interfaces import (
     UnwrapPhase,
 )
 from qsmprep.recon.background import DEFAULT_METHOD, KEEPS_MASK
-from qsmprep.workflows._util import check_choice, params_of
+from qsmprep.workflows._util import check_choice, mem_gb, params_of
 
 __all__ = ["init_field_wf"]
 
@@ -63,6 +63,7 @@ def init_field_wf(
     n_echoes: int | None = None,
     provided_mask: bool = False,
     provided_field: bool = False,
+    n_voxels: int | None = None,
     name: str = "field_wf",
 ) -> pe.Workflow:
     """Brain mask, unwrapping, multi-echo field fit and background removal of one acquisition.
@@ -108,6 +109,9 @@ def init_field_wf(
         Mark the background removal as GPU work for Nipype's MultiProc.
     omp_nthreads : int
         Threads of the CPU-heavy nodes (their ``n_procs``).
+    n_voxels : int, optional
+        Voxels of the acquisition's grid: the nodes announce their memory to the scheduler
+        from it (:func:`~qsmprep.workflows._util.mem_gb`; Nipype's 0.2 GB without it).
     dl_bg_method : str, optional
         A second background removal (node ``remove_background_dl``, on the brain mask) for the
         networks, when it differs from ``bg_method``: the method of their training data
@@ -184,7 +188,10 @@ def init_field_wf(
         name="outputnode",
     )  # fmt: skip
 
-    load_echoes = pe.Node(LoadEchoes(), name="load_echoes")
+    echoes = int(n_echoes or 1)
+    load_echoes = pe.Node(
+        LoadEchoes(), name="load_echoes", mem_gb=mem_gb("load", n_voxels, echoes)
+    )
     if provided_mask:
         brain_mask = pe.Node(ProvidedMask(), name="brain_mask")
         workflow.connect([
@@ -209,8 +216,9 @@ def init_field_wf(
             UnwrapPhase(method=unwrap_method, params=params_of(method_params, "unwrap")),
             name="unwrap_phase",
             n_procs=omp_nthreads,
+            mem_gb=mem_gb("unwrap", n_voxels, echoes),
         )
-        fit_field = pe.Node(FitField(), name="fit_field")
+        fit_field = pe.Node(FitField(), name="fit_field", mem_gb=mem_gb("fit", n_voxels, echoes))
         workflow.connect([
             (inputnode, unwrap_phase, [("echo_times", "echo_times")]),
             (load_echoes, unwrap_phase, [("magnitude", "magnitude"), ("phase", "phase")]),
@@ -234,6 +242,7 @@ def init_field_wf(
             name=name,
             # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs
             n_procs=1 if use_gpu else omp_nthreads,
+            mem_gb=mem_gb("background", n_voxels),
         )
         workflow.connect([
             (inputnode, node, [("b0_dir", "b0_dir")]),

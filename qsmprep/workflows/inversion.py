@@ -9,7 +9,7 @@ from nipype.pipeline import engine as pe
 
 from qsmprep.interfaces import DL_METHODS, INVERSION_METHODS, DeepInversion, DipoleInversion
 from qsmprep.interfaces.inversion import WHOLE_BRAIN_METHODS
-from qsmprep.workflows._util import check_choice, params_of
+from qsmprep.workflows._util import check_choice, mem_gb, params_of
 
 __all__ = ["init_inversion_wf"]
 
@@ -63,6 +63,7 @@ def init_inversion_wf(
     use_gpu: bool = False,
     omp_nthreads: int = 1,
     dl_inputs: bool = False,
+    n_voxels: int | None = None,
     name: str = "inversion_wf",
 ) -> pe.Workflow:
     """Dipole inversion of one local field by several methods, each in its own node.
@@ -87,6 +88,9 @@ def init_inversion_wf(
         Mark the inversion nodes as GPU work (see :func:`qsmprep.workflows.gpu_work`).
     omp_nthreads : int
         Threads of a CPU inversion node (its ``n_procs``).
+    n_voxels : int, optional
+        Voxels of the grid: each inversion node announces its memory to the scheduler from it
+        (:func:`~qsmprep.workflows._util.mem_gb`; Nipype's 0.2 GB without it).
     dl_inputs : bool
         Feed the networks ``dl_local_field``, ``dl_local_mask`` and ``dl_bg_meta`` instead of
         the classical methods' inputs (a local field made as their training data was).
@@ -141,6 +145,7 @@ def init_inversion_wf(
             interface(method=method, params=params, device=device, use_gpu=use_gpu),
             name=f"inversion_{method}",
             n_procs=1 if use_gpu else omp_nthreads,
+            mem_gb=mem_gb("inversion", n_voxels),
         )
         if method in DL_METHODS:  # new weights must not be answered from the cache
             from qsmprep.dl.weights import weights_sha256

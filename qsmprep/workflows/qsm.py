@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
@@ -158,6 +159,7 @@ def init_qsm_wf(
             "no voxel is judged unreliable (no multi-echo fit residual)",
             a.prefix, 1e3 * float(a.echo_times[0]),
         )  # fmt: skip
+    n_voxels = int(np.prod(a.shape)) if getattr(a, "shape", None) else None
     outputs = list(outputs)
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown:
@@ -199,6 +201,7 @@ def init_qsm_wf(
         n_echoes=n_echoes,
         provided_mask=provided_mask is not None,
         provided_field=provided_field is not None,
+        n_voxels=n_voxels,
     )
     if provided_mask is not None:
         field_wf.inputs.inputnode.brain_mask = str(provided_mask)
@@ -211,6 +214,7 @@ def init_qsm_wf(
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
         dl_inputs=dl_separate,
+        n_voxels=n_voxels,
     )
     if dl_separate:
         workflow.connect([
