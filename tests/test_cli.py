@@ -304,3 +304,12 @@ def test_bench_inversion_small(tmp_path, capsys):
     # three orientations beat one: COSMOS is far more accurate than TKD
     assert rows["cosmos"]["nrmse"] < 0.6 * rows["tkd"]["nrmse"]
     assert np.isfinite(rows["l2"]["xsim"])
+
+
+def test_mem_gb_below_the_largest_node_is_refused(dataset, tmp_path, capsys):
+    args = [str(dataset), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
+            "--participant-label", "02", "--methods", "tkd", "--mem-gb", "0.1"]  # fmt: skip
+    assert run.main(args) == 1
+    err = capsys.readouterr().err
+    assert "--mem-gb 0.1 is below the memory node" in err and "give --mem-gb" in err
+    assert not (tmp_path / "out/sub-02/anat").exists()

@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -629,6 +630,21 @@ def run_participant(settings: Settings) -> int:
     return 0
 
 
+def _check_memory(wf, settings: Settings) -> None:
+    """Refuse a --mem-gb below what the largest node announces (MultiProc would only say
+    "Insufficient resources available for job")."""
+    if not settings.mem_gb or settings.plugin != "MultiProc":
+        return
+    nodes = [(name, wf.get_node(name)) for name in wf.list_node_names()]
+    name, node = max(nodes, key=lambda item: item[1].mem_gb)
+    if node.mem_gb > settings.mem_gb:
+        raise RuntimeError(
+            f"--mem-gb {settings.mem_gb:g} is below the memory node {name} needs on this grid "
+            f"({node.mem_gb:.2f} GB, measured peak with 50 % slack); give --mem-gb "
+            f"{math.ceil(node.mem_gb * 10) / 10:g} or more"
+        )
+
+
 def _last_line(exc: BaseException) -> str:
     """The gist of an exception: Nipype's carry the node's traceback, whose last line is it."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -658,6 +674,7 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
         try:
             wf = init_participant_wf(sub_acqs, settings, sub_groups)
             wf.base_dir = str(settings.work_dir)
+            _check_memory(wf, settings)
             plugin_args = dict(settings.plugin_args)
             if settings.plugin not in GRAPH_PLUGINS:
                 names = [a.prefix for a in sub_acqs] + [
