@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 
 from qsmprep import bids, provided
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._checks import check_echo_times
 
@@ -37,7 +38,7 @@ _DEVICES = ("cpu", "auto", "cuda", "torch")
 LOGGER = logging.getLogger("qsmprep")
 
 
-class _LoadEchoesInputSpec(BaseInterfaceInputSpec):
+class _LoadEchoesInputSpec(ThreadsInputSpec):
     magnitude = InputMultiObject(
         File(exists=True), mandatory=True, desc="3D magnitude image of each echo, by echo time"
     )
@@ -62,7 +63,7 @@ class _LoadEchoesOutputSpec(TraitedSpec):
     phase = File(exists=True, desc="4D wrapped phase (rad), echoes on the last axis")
 
 
-class LoadEchoes(SimpleInterface):
+class LoadEchoes(ThreadedInterface):
     """Stack per-echo magnitude and phase into 4D images (:func:`qsmprep.bids.load_phase`)."""
 
     input_spec = _LoadEchoesInputSpec
@@ -91,7 +92,7 @@ class LoadEchoes(SimpleInterface):
         return runtime
 
 
-class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+class _BrainMaskInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D (or 3D) magnitude")
     phase = File(exists=True, desc="4D wrapped phase (rad); needed by method 'phase'")
     echo_times = traits.List(traits.Float, desc="echo times (s), for method 'phase'")
@@ -105,7 +106,7 @@ class _MaskOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="brain mask (uint8)")
 
 
-class BrainMask(SimpleInterface):
+class BrainMask(ThreadedInterface):
     """Brain mask by :func:`~qsmprep.recon.mask.mask_from_magnitude` or phase quality."""
 
     input_spec = _BrainMaskInputSpec
@@ -200,7 +201,7 @@ class ProvidedField(SimpleInterface):
         return runtime
 
 
-class _UnwrapInputSpec(BaseInterfaceInputSpec):
+class _UnwrapInputSpec(ThreadsInputSpec):
     phase = File(exists=True, mandatory=True, desc="4D wrapped phase (rad)")
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
     mask = File(exists=True, mandatory=True, desc="brain mask")
@@ -217,7 +218,7 @@ class _UnwrapOutputSpec(TraitedSpec):
     )
 
 
-class UnwrapPhase(SimpleInterface):
+class UnwrapPhase(ThreadedInterface):
     """Multi-echo unwrapping by :func:`qsmprep.recon.unwrap.unwrap_multi_echo`."""
 
     input_spec = _UnwrapInputSpec
@@ -240,7 +241,7 @@ class UnwrapPhase(SimpleInterface):
         return runtime
 
 
-class _FitFieldInputSpec(BaseInterfaceInputSpec):
+class _FitFieldInputSpec(ThreadsInputSpec):
     phase = File(exists=True, mandatory=True, desc="4D unwrapped phase (rad)")
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude (fit weights M^2)")
     mask = File(exists=True, mandatory=True, desc="brain mask; outputs are 0 outside")
@@ -254,7 +255,7 @@ class _FitFieldOutputSpec(TraitedSpec):
     noise_std = traits.Float(desc="complex noise std of the magnitude (NaN if not found)")
 
 
-class FitField(SimpleInterface):
+class FitField(ThreadedInterface):
     """Weighted linear multi-echo fit (:func:`qsmprep.recon.echo.fit_field_linear`)."""
 
     input_spec = _FitFieldInputSpec
@@ -281,7 +282,7 @@ class FitField(SimpleInterface):
         return runtime
 
 
-class _ReliabilityInputSpec(BaseInterfaceInputSpec):
+class _ReliabilityInputSpec(ThreadsInputSpec):
     mask = File(exists=True, mandatory=True, desc="brain mask")
     fit_residual = File(
         exists=True,
@@ -297,7 +298,7 @@ class _ReliabilityOutputSpec(TraitedSpec):
     meta = traits.Dict(desc="threshold (rad) and voxel counts")
 
 
-class FieldReliability(SimpleInterface):
+class FieldReliability(ThreadedInterface):
     """Unreliable field voxels: :func:`~qsmprep.recon.mask.field_reliability` of the fit residual.
 
     Outputs the brain mask with its unreliable rim trimmed (for background removal that keeps
@@ -322,7 +323,7 @@ class FieldReliability(SimpleInterface):
         return runtime
 
 
-class _BackgroundInputSpec(BaseInterfaceInputSpec):
+class _BackgroundInputSpec(ThreadsInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     method = traits.Enum(*background.METHODS, usedefault=True, desc="background removal method")
@@ -357,7 +358,7 @@ class _BackgroundOutputSpec(TraitedSpec):
     mask_meta = traits.Dict(desc="sidecar entries of the local mask: BackgroundMethod used")
 
 
-class RemoveBackground(SimpleInterface):
+class RemoveBackground(ThreadedInterface):
     """Background field removal (:func:`qsmprep.recon.background.remove_background`)."""
 
     input_spec = _BackgroundInputSpec

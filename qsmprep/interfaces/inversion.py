@@ -6,10 +6,8 @@ from importlib import import_module
 
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
@@ -17,6 +15,7 @@ from nipype.interfaces.base import (
 
 from qsmprep.dl.weights import DL_METHODS
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon.inversion.consistency import data_consistency
 from qsmprep.recon.inversion.cosmos import cosmos
 from qsmprep.recon.inversion.medi import delta_te_of
@@ -60,7 +59,7 @@ _B0_DIR = {"minlen": 3, "maxlen": 3, "value": [0.0, 0.0, 1.0], "usedefault": Tru
 _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_gpu set"
 
 
-class _InversionInputSpec(BaseInterfaceInputSpec):
+class _InversionInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
     method = traits.Enum(*INVERSION_METHODS, mandatory=True, desc="inversion method")
@@ -99,7 +98,7 @@ class _InversionOutputSpec(TraitedSpec):
     meta = traits.Dict(desc="sidecar entries: Parameters, DataConsistencyResidual (%)")
 
 
-class DipoleInversion(SimpleInterface):
+class DipoleInversion(ThreadedInterface):
     """One dipole inversion by name; the result is referenced to the mean over the mask."""
 
     input_spec = _InversionInputSpec
@@ -159,7 +158,7 @@ class DipoleInversion(SimpleInterface):
         return runtime
 
 
-class _DeepInputSpec(BaseInterfaceInputSpec):
+class _DeepInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
     method = traits.Enum(*DL_METHODS, mandatory=True, desc="deep-learning inversion method")
@@ -179,7 +178,7 @@ class _DeepInputSpec(BaseInterfaceInputSpec):
     )
 
 
-class DeepInversion(SimpleInterface):
+class DeepInversion(ThreadedInterface):
     """Dipole inversion by a trained network (:func:`qsmprep.dl.invert.dl_invert`).
 
     The result is referenced to the mean over the mask, as the classical methods are; the
@@ -227,7 +226,7 @@ class DeepInversion(SimpleInterface):
         return runtime
 
 
-class _CosmosInputSpec(BaseInterfaceInputSpec):
+class _CosmosInputSpec(ThreadsInputSpec):
     local_fields = InputMultiObject(
         File(exists=True), mandatory=True, desc="local field (Hz) of each orientation"
     )
@@ -252,7 +251,7 @@ class _CosmosOutputSpec(TraitedSpec):
     meta = traits.Dict(desc="sidecar entries: Parameters")
 
 
-class Cosmos(SimpleInterface):
+class Cosmos(ThreadedInterface):
     """Multi-orientation COSMOS (:func:`qsmprep.recon.inversion.cosmos`), mean-referenced."""
 
     input_spec = _CosmosInputSpec

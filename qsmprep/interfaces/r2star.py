@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from qsmprep.interfaces._nifti import load, out_path, save
+from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import r2star
 
 __all__ = ["R2StarMap"]
 
 
-class _R2StarInputSpec(BaseInterfaceInputSpec):
+class _R2StarInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude, echoes on the last axis")
     mask = File(exists=True, mandatory=True, desc="brain mask; the maps are 0 outside")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s), two or more")
@@ -31,7 +30,7 @@ class _R2StarOutputSpec(TraitedSpec):
     meta = traits.Dict(desc="sidecar entries: method used, clipping range and counts")
 
 
-class R2StarMap(SimpleInterface):
+class R2StarMap(ThreadedInterface):
     """R2*, T2* and S0 maps by :func:`qsmprep.recon.r2star.fit_r2star` in the brain mask."""
 
     input_spec = _R2StarInputSpec

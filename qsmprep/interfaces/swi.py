@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import swi as swi_recon
 
 __all__ = ["ComputeSMWI", "ComputeSWI"]
@@ -27,7 +26,7 @@ def _check_params(params: dict, allowed, what: str) -> dict:
     return dict(params)
 
 
-class _SWIInputSpec(BaseInterfaceInputSpec):
+class _SWIInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude (echoes last)")
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True, desc="where the field is valid (brain)")
@@ -45,7 +44,7 @@ class _SWIOutputSpec(TraitedSpec):
     minip_meta = traits.Dict(desc="sidecar entries of the minIP: Parameters, axis, slices")
 
 
-class ComputeSWI(SimpleInterface):
+class ComputeSWI(ThreadedInterface):
     """SWI and its minIP (:func:`qsmprep.recon.swi.swi`, :func:`~.min_intensity_projection`).
 
     The minIP is written on a grid of its own: ``N - n + 1`` slices along the projection
@@ -80,7 +79,7 @@ class ComputeSWI(SimpleInterface):
         return runtime
 
 
-class _SMWIInputSpec(BaseInterfaceInputSpec):
+class _SMWIInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="combined magnitude (3D)")
     chimap = File(exists=True, mandatory=True, desc="susceptibility map (ppm)")
     params = traits.Dict(usedefault=True, desc="threshold (ppm), power (recon.swi.smwi)")
@@ -92,7 +91,7 @@ class _SMWIOutputSpec(TraitedSpec):
     meta = traits.Dict(desc="sidecar entries: Parameters")
 
 
-class ComputeSMWI(SimpleInterface):
+class ComputeSMWI(ThreadedInterface):
     """Susceptibility-map-weighted images (:func:`qsmprep.recon.swi.smwi`)."""
 
     input_spec = _SMWIInputSpec

@@ -83,6 +83,7 @@ def init_cosmos_wf(
             params=params_of(method_params, "cosmos"),
             device=device,
             use_gpu=use_gpu,
+            num_threads=omp_nthreads,
         ),
         name="cosmos",
         n_procs=1 if use_gpu else omp_nthreads,

@@ -189,8 +189,13 @@ def init_field_wf(
     )  # fmt: skip
 
     echoes = int(n_echoes or 1)
+    # the field chain runs node after node: each gets the threads of a CPU-heavy node
+    threads = {"n_procs": omp_nthreads}
     load_echoes = pe.Node(
-        LoadEchoes(), name="load_echoes", mem_gb=mem_gb("load", n_voxels, echoes)
+        LoadEchoes(num_threads=omp_nthreads),
+        name="load_echoes",
+        mem_gb=mem_gb("load", n_voxels, echoes),
+        **threads,
     )
     if provided_mask:
         brain_mask = pe.Node(ProvidedMask(), name="brain_mask")
@@ -200,8 +205,13 @@ def init_field_wf(
         ])  # fmt: skip
     else:
         brain_mask = pe.Node(
-            BrainMask(method=mask_method, params=params_of(method_params, "mask")),
+            BrainMask(
+                method=mask_method,
+                params=params_of(method_params, "mask"),
+                num_threads=omp_nthreads,
+            ),
             name="brain_mask",
+            **threads,
         )
         workflow.connect([
             (inputnode, brain_mask, [("echo_times", "echo_times")]),
@@ -213,12 +223,21 @@ def init_field_wf(
         workflow.connect(inputnode, "total_field", fit_field, "in_file")
     else:
         unwrap_phase = pe.Node(
-            UnwrapPhase(method=unwrap_method, params=params_of(method_params, "unwrap")),
+            UnwrapPhase(
+                method=unwrap_method,
+                params=params_of(method_params, "unwrap"),
+                num_threads=omp_nthreads,
+            ),
             name="unwrap_phase",
             n_procs=omp_nthreads,
             mem_gb=mem_gb("unwrap", n_voxels, echoes),
         )
-        fit_field = pe.Node(FitField(), name="fit_field", mem_gb=mem_gb("fit", n_voxels, echoes))
+        fit_field = pe.Node(
+            FitField(num_threads=omp_nthreads),
+            name="fit_field",
+            mem_gb=mem_gb("fit", n_voxels, echoes),
+            **threads,
+        )
         workflow.connect([
             (inputnode, unwrap_phase, [("echo_times", "echo_times")]),
             (load_echoes, unwrap_phase, [("magnitude", "magnitude"), ("phase", "phase")]),
@@ -226,8 +245,9 @@ def init_field_wf(
             (unwrap_phase, fit_field, [("out_file", "phase")]),
         ])  # fmt: skip
     field_reliability = pe.Node(
-        FieldReliability(params=params_of(method_params, "reliability")),
+        FieldReliability(params=params_of(method_params, "reliability"), num_threads=omp_nthreads),
         name="field_reliability",
+        **threads,
     )
 
     def background_node(method: str, name: str) -> pe.Node:
@@ -238,6 +258,7 @@ def init_field_wf(
                 params=params_of(method_params, method),
                 device=device,
                 use_gpu=use_gpu,
+                num_threads=omp_nthreads,
             ),
             name=name,
             # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs

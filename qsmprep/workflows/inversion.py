@@ -142,7 +142,13 @@ def init_inversion_wf(
         interface = DeepInversion if method in DL_METHODS else DipoleInversion
         params = params_of(method_params, method)
         node = pe.Node(
-            interface(method=method, params=params, device=device, use_gpu=use_gpu),
+            interface(
+                method=method,
+                params=params,
+                device=device,
+                use_gpu=use_gpu,
+                num_threads=omp_nthreads,
+            ),
             name=f"inversion_{method}",
             n_procs=1 if use_gpu else omp_nthreads,
             mem_gb=mem_gb("inversion", n_voxels),
