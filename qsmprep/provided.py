@@ -222,6 +222,20 @@ def find_provided(root, acq, kind: str, *, option: str = "") -> Path:
     return candidates[0][1]
 
 
+def _read_on_grid(path: Path, acq: Grid, what: str):
+    """The provided image, refused (naming the file and the fix) unreadable or off the grid."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for broken files
+        raise BIDSInputError(
+            f"{path}: cannot read the provided {what} ({exc}); replace the file",
+            path=path,
+            acquisition=acq.acq_id,
+        ) from exc
+    _check_grid(img, acq, path, what)
+    return img
+
+
 def _check_grid(img, grid: Grid, path, what: str) -> None:
     shape = tuple(int(n) for n in img.shape)
     if len(shape) > 3 and int(np.prod(shape[3:])) == 1:
@@ -252,15 +266,7 @@ def load_provided_mask(path, acq) -> np.ndarray:
     """
     path = Path(path)
     acq = Grid.of(acq)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for broken files
-        raise BIDSInputError(
-            f"{path}: cannot read the provided brain mask ({exc}); replace the file",
-            path=path,
-            acquisition=acq.acq_id,
-        ) from exc
-    _check_grid(img, acq, path, "brain mask")
+    img = _read_on_grid(path, acq, "brain mask")
     data = np.asarray(img.dataobj).reshape(tuple(acq.shape))
     if data.dtype != bool:
         finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else True
@@ -352,15 +358,7 @@ def load_provided_field(path, acq, mask=None) -> np.ndarray:
     path = Path(path)
     acq = Grid.of(acq)
     check_field_units(path, acq.acq_id)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for broken files
-        raise BIDSInputError(
-            f"{path}: cannot read the provided total field ({exc}); replace the file",
-            path=path,
-            acquisition=acq.acq_id,
-        ) from exc
-    _check_grid(img, acq, path, "total field")
+    img = _read_on_grid(path, acq, "total field")
     field = np.asarray(img.dataobj, dtype=np.float32).reshape(tuple(acq.shape))
     bad = ~np.isfinite(field)
     if mask is not None:
