@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def _read_chunks(src) -> Iterator[bytes]:
             yield chunk
 
 
+def _gzip_chunks(src, level: int = 1) -> Iterator[bytes]:
+    """``src`` as a gzip stream without a time stamp or name (equal data, equal bytes)."""
+    z = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip container, mtime 0
+    for chunk in _read_chunks(src):
+        out = z.compress(chunk)
+        if out:
+            yield out
+    yield z.flush()
+
+
 def _commit(tmp: str, target: Path) -> Path:
     try:
         os.replace(tmp, target)
@@ -100,6 +111,12 @@ def _commit(tmp: str, target: Path) -> Path:
 def stage_copy(src, target) -> str:
     """Copy ``src`` to a temporary file next to ``target`` (commit it with :func:`commit`)."""
     return _stage(Path(target), _read_chunks(src))
+
+
+def stage_gzip(src, target) -> str:
+    """Stage a gzip-compressed copy of ``src`` (e.g. ``.nii`` to ``.nii.gz``) for ``target``."""
+    target = Path(target)
+    return _stage(target, _gzip_chunks(src))
 
 
 def stage_text(text: str, target) -> str:

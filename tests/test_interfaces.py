@@ -6,6 +6,7 @@ is cut by the field of view, which is harmless here (the numbers are measured on
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
 import math
@@ -326,6 +327,22 @@ def test_write_derivative(data, tmp_path):
         WriteDerivative(in_file=data["local_file"], out_file=str(tmp_path / "x.tsv")).run(
             cwd=str(tmp_path)
         )
+
+
+def test_write_derivative_compresses_an_uncompressed_intermediate(data, tmp_path):
+    # intermediates are .nii (fast to write); a .nii.gz derivative is compressed on publishing,
+    # with no time stamp, so equal data give equal bytes
+    img = nib.load(data["local_file"])
+    raw = tmp_path / "field.nii"
+    nib.save(img, str(raw))
+    outs = []
+    for k in (1, 2):
+        target = tmp_path / f"out{k}" / "sub-01_desc-local_fieldmap.nii.gz"
+        WriteDerivative(in_file=str(raw), out_file=str(target)).run(cwd=str(tmp_path))
+        assert gzip.decompress(target.read_bytes()) == raw.read_bytes()
+        np.testing.assert_array_equal(nib.load(str(target)).get_fdata(), img.get_fdata())
+        outs.append(target.read_bytes())
+    assert outs[0] == outs[1]
 
 
 @pytest.mark.parametrize("method", ["tv", "medi", "tkd"])

@@ -73,7 +73,8 @@ class WriteDerivative(SimpleInterface):
 
     def _run_interface(self, runtime):
         src, out = self.inputs.in_file, os.path.abspath(self.inputs.out_file)
-        if _ext(src) != _ext(out):
+        compress = _ext(src) == ".nii" and _ext(out) == ".nii.gz"  # intermediates: .nii
+        if _ext(src) != _ext(out) and not compress:
             raise ValueError(f"cannot write {src} as {out}: the file types differ")
         sidecar = dict(self.inputs.sidecar) if isdefined(self.inputs.sidecar) else {}
         if isdefined(self.inputs.meta):
@@ -87,7 +88,7 @@ class WriteDerivative(SimpleInterface):
             if sidecar:
                 side = _sidecar_path(out)
                 side_tmp = _atomic.stage_text(json.dumps(sidecar, indent=2) + "\n", side)
-            data_tmp = _atomic.stage_copy(src, out)
+            data_tmp = (_atomic.stage_gzip if compress else _atomic.stage_copy)(src, out)
             if side_tmp:
                 self._results["out_sidecar"] = str(_atomic.commit(side_tmp, side))
                 side_tmp = None
