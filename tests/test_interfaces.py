@@ -193,6 +193,8 @@ def test_fit_field(data, loaded, mask_file, unwrapped):
     assert np.median(np.abs(total - data["gre"].total_field_hz)[m]) < 0.5
     assert np.all(np.isfinite(noise[m])) and np.all(noise[m] > 0)
     assert np.all(total[~(_img(mask_file) > 0)] == 0)
+    # the noise map is finite everywhere: 0 outside the mask (no signal, no inf for viewers)
+    assert np.all(np.isfinite(noise)) and np.all(noise[~(_img(mask_file) > 0)] == 0)
     assert math.isfinite(res.outputs.noise_std) and res.outputs.noise_std > 0
 
 

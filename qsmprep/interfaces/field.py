@@ -196,7 +196,11 @@ class ProvidedField(SimpleInterface):
         )
         base = self.inputs.mask
         self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
-        self._results["noise_field"] = save(std, mimg, out_path(base, "_noisefield"))
+        # outside the brain the fit has no signal (std infinite where the magnitude is 0):
+        # 0 there, so that viewers scale the map by the brain
+        self._results["noise_field"] = save(
+            np.where(brain, std, 0.0), mimg, out_path(base, "_noisefield")
+        )
         self._results["noise_std"] = float(sigma)
         return runtime
 
@@ -277,7 +281,11 @@ class FitField(ThreadedInterface):
         base = self.inputs.mask
         self._results["fit_residual"] = save(residual, mimg, out_path(base, "_fitresidual"))
         self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
-        self._results["noise_field"] = save(std, mimg, out_path(base, "_noisefield"))
+        # outside the brain the fit has no signal (std infinite where the magnitude is 0):
+        # 0 there, so that viewers scale the map by the brain
+        self._results["noise_field"] = save(
+            np.where(brain, std, 0.0), mimg, out_path(base, "_noisefield")
+        )
         self._results["noise_std"] = float(sigma)
         return runtime
 

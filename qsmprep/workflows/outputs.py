@@ -200,7 +200,7 @@ def init_qsm_derivatives_wf(
             " over magnitude) over 2 pi TE of the single echo"
             if single
             else "standard deviation of the fitted total field",
-            "SkullStripped": False,
+            "SkullStripped": True,
             **echo,
             **base,
         },
