@@ -3,7 +3,8 @@
 Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
 
 ``"cpu"`` (default)
-    NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``).
+    NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``) unless
+    :func:`set_fft_workers` or :func:`fft_workers` say otherwise.
 ``"torch"``
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -32,12 +33,15 @@ __all__ = [
     "FFTCounter",
     "asarray",
     "count_ffts",
+    "fft_workers",
     "fftn",
+    "get_fft_workers",
     "ifftn",
     "irfftn",
     "is_torch",
     "namespace",
     "rfftn",
+    "set_fft_workers",
     "to_numpy",
     "torch_device",
 ]
@@ -124,6 +128,43 @@ class FFTCounter:
 
 _ACTIVE: list[FFTCounter] = []
 
+_WORKERS = -1
+
+
+def _check_workers(n) -> int:
+    if n is None:
+        return -1
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not (n == -1 or n >= 1):
+        raise ValueError(f"FFT workers must be a positive integer or -1 (all cores), got {n!r}")
+    return int(n)
+
+
+def get_fft_workers() -> int:
+    """Threads of the NumPy path's FFTs: a positive count, or -1 for all cores (default)."""
+    return _WORKERS
+
+
+def set_fft_workers(n: int | None) -> int:
+    """Set the threads of every :mod:`scipy.fft` call in qsmprep (NumPy path); return the old one.
+
+    ``n`` is a positive count, or -1 (or None) for all cores, the default. The setting is
+    process-wide (all threads). Use it where several processes share the cores, e.g. a node
+    given ``n`` threads. torch devices are not affected (see ``torch.set_num_threads``).
+    """
+    global _WORKERS
+    old, _WORKERS = _WORKERS, _check_workers(n)
+    return old
+
+
+@contextlib.contextmanager
+def fft_workers(n: int | None) -> Iterator[None]:
+    """Within the ``with`` block, FFTs use ``n`` threads (:func:`set_fft_workers`)."""
+    old = set_fft_workers(n)
+    try:
+        yield
+    finally:
+        set_fft_workers(old)
+
 
 @contextlib.contextmanager
 def count_ffts() -> Iterator[FFTCounter]:
@@ -149,7 +190,7 @@ def rfftn(x, s: Sequence[int] | None = None):
         import torch
 
         return torch.fft.rfftn(x, s=shape, dim=_AXES)
-    return sfft.rfftn(x, s=shape, axes=_AXES, workers=-1)
+    return sfft.rfftn(x, s=shape, axes=_AXES, workers=_WORKERS)
 
 
 def irfftn(X, s: Sequence[int]):
@@ -160,7 +201,7 @@ def irfftn(X, s: Sequence[int]):
         import torch
 
         return torch.fft.irfftn(X, s=shape, dim=_AXES)
-    return sfft.irfftn(X, s=shape, axes=_AXES, workers=-1)
+    return sfft.irfftn(X, s=shape, axes=_AXES, workers=_WORKERS)
 
 
 def fftn(x, s: Sequence[int] | None = None):
@@ -171,7 +212,7 @@ def fftn(x, s: Sequence[int] | None = None):
         import torch
 
         return torch.fft.fftn(x, s=shape, dim=_AXES)
-    return sfft.fftn(x, s=shape, axes=_AXES, workers=-1)
+    return sfft.fftn(x, s=shape, axes=_AXES, workers=_WORKERS)
 
 
 def ifftn(X, s: Sequence[int] | None = None):
@@ -182,4 +223,4 @@ def ifftn(X, s: Sequence[int] | None = None):
         import torch
 
         return torch.fft.ifftn(X, s=shape, dim=_AXES)
-    return sfft.ifftn(X, s=shape, axes=_AXES, workers=-1)
+    return sfft.ifftn(X, s=shape, axes=_AXES, workers=_WORKERS)
