@@ -37,9 +37,8 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.linalg import blas
 
-from qsmprep.recon._backend import asarray, irfftn, is_torch, namespace, rfftn, to_numpy
+from qsmprep.recon._backend import asarray, axpy, irfftn, is_torch, namespace, rfftn, to_numpy
 from qsmprep.recon._checks import (
     check_b0_dir,
     check_finite,
@@ -95,19 +94,6 @@ def _sub(a, b, out):
 
         return torch.sub(a, b, out=out)
     return np.subtract(a, b, out=out)
-
-
-def _axpy(a: float, x, y):
-    """``y += a x`` in place, one pass over memory (BLAS ``axpy`` on NumPy)."""
-    if is_torch(y):
-        return y.add_(x, alpha=a)
-    yv = y.reshape(-1)
-    if y.dtype in (np.float32, np.float64) and np.shares_memory(yv, y) and x.dtype == y.dtype:
-        axpy = blas.saxpy if y.dtype == np.float32 else blas.daxpy
-        axpy(np.ascontiguousarray(x).reshape(-1), yv, a=a)
-    else:  # pragma: no cover - float32 contiguous arrays are all we use
-        y += a * x
-    return y
 
 
 def _fdiff(x, axis: int, out):
@@ -339,7 +325,7 @@ def tv(
                 if inv_d[0] != 1.0:
                     r *= inv_d[0]
             else:
-                _axpy(inv_d[i], _bdiff(v[i], i, tmp), r)
+                axpy(inv_d[i], _bdiff(v[i], i, tmp), r)
         X = rfftn(r)
         X *= ria
         if w is None:
@@ -363,10 +349,10 @@ def tv(
             _fdiff(x, i, s[i])
             s[i] *= relax * inv_d[i]
         if relax != 1.0:
-            _axpy(1.0 - relax, v, s)
-        _axpy(2.0 - relax, u, s)
+            axpy(1.0 - relax, v, s)
+        axpy(2.0 - relax, u, s)
         _clip(s, neg_thr, thr, u)
-        _axpy(-2.0, u, s)
+        axpy(-2.0, u, s)
         v, s = s, v
         # y- and u_y-updates of the weighted data term (over-relaxed D x)
         if w is not None:
@@ -375,7 +361,7 @@ def tv(
             del X
             t *= relax
             if relax != 1.0:
-                _axpy(1.0 - relax, y, t)
+                axpy(1.0 - relax, y, t)
             t += uy
             y = iaw * t
             y += fw
