@@ -32,6 +32,7 @@ from array_api_compat import array_namespace
 __all__ = [
     "FFTCounter",
     "asarray",
+    "axpy",
     "count_ffts",
     "fft_workers",
     "fftn",
@@ -89,6 +90,28 @@ def asarray(x, device: str | None = "cpu", dtype=np.float32):
     if is_torch(x):
         return x.to(device=tdev, dtype=tdtype)
     return torch.as_tensor(np.ascontiguousarray(x), dtype=tdtype, device=tdev)
+
+
+def axpy(a: float, x, y):
+    """``y += a x`` in place in one pass over memory (BLAS ``axpy`` for NumPy); returns ``y``.
+
+    Falls back to ``y += a * x`` (a temporary) for other dtypes or non-contiguous ``y``.
+    """
+    if is_torch(y):
+        return y.add_(x, alpha=a)
+    if (
+        y.dtype in (np.float32, np.float64)
+        and x.dtype == y.dtype
+        and y.flags.c_contiguous
+        and x.shape == y.shape
+    ):
+        from scipy.linalg import blas
+
+        f = blas.saxpy if y.dtype == np.float32 else blas.daxpy
+        f(np.ascontiguousarray(x).reshape(-1), y.reshape(-1), a=a)
+    else:
+        y += a * x
+    return y
 
 
 def to_numpy(x) -> np.ndarray:

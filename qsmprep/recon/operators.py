@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qsmprep.recon._backend import namespace
+import numpy as np
+
+from qsmprep.recon._backend import axpy, namespace
 
 __all__ = ["cg", "div", "grad"]
 
@@ -92,6 +94,8 @@ def cg(
     xp = namespace(b)
 
     def dot(u, v):
+        if isinstance(u, np.ndarray) and u.flags.c_contiguous and v.flags.c_contiguous:
+            return float(np.dot(u.reshape(-1), v.reshape(-1)))  # BLAS, no temporary
         return float(xp.sum(u * v))
 
     if x0 is None:
@@ -112,10 +116,12 @@ def cg(
         if pap <= 0:
             break
         alpha = rr / pap
-        x = x + alpha * p
-        r = r - alpha * ap
+        # in place, one pass each (x and r are private copies)
+        x = axpy(alpha, p, x)
+        r = axpy(-alpha, ap, r)
         rr_new = dot(r, r)
-        p = r + (rr_new / rr) * p
+        p *= rr_new / rr
+        p += r
         rr = rr_new
         it += 1
     res = rr**0.5 / bnorm

@@ -265,17 +265,22 @@ def _irls_weights(x, wg, vs, eps: float, xp):
     return weights, cost
 
 
-def _weighted_laplacian(p, weights, xp):
+def _weighted_laplacian(p, weights, xp, bufs=None):
     """``grad^T (W grad p)``: MEDI's ``div(w_G V w_G grad p)`` (its ``bdiv`` is ``grad^T``).
 
     With ``q_n = w_n (p_{n+1} - p_n)``, the adjoint of the forward difference gives
-    ``out_n = q_{n-1} - q_n``; ``weights`` already hold ``1 / dx^2``.
+    ``out_n = q_{n-1} - q_n``; ``weights`` already hold ``1 / dx^2``. ``bufs``: optional
+    arrays shaped like ``weights`` to hold ``q`` (NumPy: no temporaries).
     """
     out = xp.zeros_like(p)
     for axis in range(3):
         hi, lo = _SLICES[axis]
-        q = p[hi] - p[lo]
-        q *= weights[axis]
+        if bufs is None:
+            q = p[hi] - p[lo]
+            q *= weights[axis]
+        else:
+            q = np.subtract(p[hi], p[lo], out=bufs[axis])
+            np.multiply(q, weights[axis], out=q)
         out[lo] -= q
         out[hi] += q
     return out
@@ -515,6 +520,7 @@ def medi(
         return 2.0 * float(xp.sum(w2 * s * s)) ** 0.5  # |e^{ia} - e^{ib}| = 2 |sin((a-b)/2)|
 
     # ---- Gauss-Newton
+    bufs = [xp.empty_like(w) for w in wg] if isinstance(f_rad, np.ndarray) else None
     x = xp.zeros_like(f_rad)
     dipole_x = xp.zeros_like(f_rad)  # D x (no FFT for x = 0)
     hist = {"rel": [], "cg_it": [], "cg_res": [], "data": [], "reg": []}
@@ -538,7 +544,7 @@ def medi(
         else:
 
             def apply_a(p, weights=weights):
-                out = _weighted_laplacian(p, weights, xp)
+                out = _weighted_laplacian(p, weights, xp, bufs)
                 out += fidelity(p)
                 return out
 
