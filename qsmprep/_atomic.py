@@ -27,7 +27,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = [
+    "AlreadyRunning",
     "DiskFullError",
+    "exclusive",
     "copy_file",
     "locked",
     "remove_stale_temporaries",
@@ -152,6 +154,33 @@ def copy_file(src, target) -> Path:
     """Copy ``src`` to ``target`` atomically."""
     target = Path(target)
     return _commit(stage_copy(src, target), target)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the lock of the work this one was about to do."""
+
+
+@contextlib.contextmanager
+def exclusive(lock_path, what: str) -> Iterator[None]:
+    """Hold ``lock_path`` for ``what`` without waiting: :class:`AlreadyRunning` when another
+    process holds it. Where the filesystem has no locks, a warning is logged and the block runs.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(
+                f"another qsmprep run is processing {what} (it holds {lock_path}); wait for it"
+                " to finish, or give this run a work directory of its own (-w)"
+            ) from None
+        except OSError as exc:
+            LOGGER.warning("cannot lock %s (%s); running without a lock", lock_path, exc)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

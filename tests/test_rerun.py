@@ -301,3 +301,30 @@ def test_two_cpu_runs_give_identical_chimaps(tmp_path):
             assert np.array_equal(x, y, equal_nan=True), name
         else:  # sidecars, metrics: no timestamps or run-specific paths in them
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_participant_busy_in_another_run_is_left_alone(tmp_path, capsys):
+    """Two runs of one participant with one work directory: the second refuses that
+    participant (it would overwrite the first one's nodes), names the lock, exits 1."""
+    import fcntl
+
+    from qsmprep.cli import run
+
+    bids = tmp_path / "bids"
+    simulate_bids_dataset(
+        bids, n_subjects=1, shape=(32, 32, 24), voxel_size=3.0,
+        echo_times=(0.004, 0.008, 0.012), seed=3,
+    )  # fmt: skip
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    fd = os.open(work / ".sub-01.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "the other run"
+    try:
+        code = run.main([str(bids), str(out), "participant", "-w", str(work),
+                         "--methods", "tkd", "--skip-bids-validation"])  # fmt: skip
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "another qsmprep run is processing sub-01" in err and ".sub-01.lock" in err
+    assert not (out / "sub-01").exists() and not (out / "sub-01.html").exists()

@@ -9,6 +9,7 @@ small dataset with ground truth and runs both levels on it: the embedded default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -668,10 +669,15 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
         )
         t0 = time.perf_counter()
         crashes_before = set(logs.glob("crash-*"))
-        # temporary files of a killed earlier run (final names are only ever complete)
-        remove_stale_temporaries(settings.output_dir / f"sub-{sub}")
         progress = None
+        held = contextlib.ExitStack()
         try:
+            # one run per participant and work directory: two would overwrite each other's
+            # nodes and temporary files
+            lock = settings.work_dir / f".sub-{sub}.lock"
+            held.enter_context(atomic.exclusive(lock, f"sub-{sub} in {settings.work_dir}"))
+            # temporary files of a killed earlier run (final names are only ever complete)
+            remove_stale_temporaries(settings.output_dir / f"sub-{sub}")
             wf = init_participant_wf(sub_acqs, settings, sub_groups)
             wf.base_dir = str(settings.work_dir)
             _check_memory(wf, settings)
@@ -692,6 +698,12 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
                 gc.unfreeze()
                 if progress is not None:
                     progress.finish()
+        except atomic.AlreadyRunning as exc:
+            # the other run owns this participant's outputs and report: leave them alone
+            for a in sub_acqs:
+                failed[a.prefix] = str(exc)
+            LOGGER.error("sub-%s skipped: %s", sub, exc)
+            continue
         except Exception as exc:  # noqa: BLE001 - one failing subject never sinks the others
             new = sorted(set(logs.glob("crash-*")) - crashes_before)
             names = [
@@ -707,6 +719,8 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
             log = logs / f"sub-{sub}_error.log"
             log.write_text(traceback.format_exc())
             LOGGER.error("sub-%s failed: %s; details in %s", sub, why, log)
+        finally:
+            held.close()
         LOGGER.info("sub-%s done in %.1f s", sub, time.perf_counter() - t0)
         report(
             settings.output_dir,
