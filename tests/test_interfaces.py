@@ -408,3 +408,15 @@ def test_r2star_map(tmp_path, monkeypatch):
     np.testing.assert_allclose(nib.load(out.t2star).get_fdata()[inside], 1 / got[inside], 1e-5)
     np.testing.assert_allclose(nib.load(out.s0).get_fdata()[inside], 500.0, rtol=1e-3)
     assert np.allclose(nib.load(out.r2star).affine, aff)
+
+
+def test_messages_name_the_acquisition_of_a_work_file():
+    from qsmprep.interfaces.field import _acquisition_of
+
+    assert _acquisition_of("/w/sub-01_echo-1_part-mag_MEGRE_4d_brainmask_totalfield.nii") == (
+        "sub-01"
+    )
+    assert _acquisition_of("sub-02_ses-a_acq-swi_part-mag_T2starw_totalfield.nii") == (
+        "sub-02_ses-a_acq-swi"
+    )
+    assert _acquisition_of("field.nii") == "field.nii"

@@ -331,6 +331,14 @@ class FieldReliability(ThreadedInterface):
         return runtime
 
 
+def _acquisition_of(path) -> str:
+    """The acquisition a work file belongs to: its name up to the echo or part entity
+    (``sub-01_echo-1_part-mag_MEGRE_4d_..._totalfield.nii`` -> ``sub-01``)."""
+    name = Path(path).name
+    cut = [name.find(k) for k in ("_echo-", "_part-") if name.find(k) > 0]
+    return name[: min(cut)] if cut else name
+
+
 class _BackgroundInputSpec(ThreadsInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
@@ -401,7 +409,7 @@ class RemoveBackground(ThreadedInterface):
                 LOGGER.warning(
                     "%s: %s disagreed with %s by %.0f %% (limit %.0f %%): the background "
                     "removal fell back to %s",
-                    Path(self.inputs.total_field).name, self.inputs.method, check["against"],
+                    _acquisition_of(self.inputs.total_field), self.inputs.method, check["against"],
                     check["disagreement"], check["max_disagreement"], check["method"],
                 )  # fmt: skip
         if isdefined(self.inputs.extra_meta):
