@@ -294,3 +294,21 @@ def test_app_refuses_an_acquisition_without_a_usable_mask(dataset, tmp_path, cap
     code, _, _ = _run(dataset, tmp_path, "none", "--field-dir", str(tmp_path / "nowhere"))
     assert code == 1
     assert "--field-dir" in capsys.readouterr().err
+
+
+def test_mask_method_with_mask_dir_is_said_to_be_unused(tmp_path, caplog):
+    from qsmprep.cli import run
+
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "masks").mkdir()
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]
+    args = run.build_parser().parse_args([*base, "--mask-dir", str(tmp_path / "masks"),
+                                          "--mask-method", "phase"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="qsmprep"):
+        settings = run.settings_from_args(args)
+    assert "--mask-method phase is not used" in caplog.text
+    assert settings.mask_dir == (tmp_path / "masks").absolute()
+    # alone, --mask-method keeps its meaning, and its default is the magnitude
+    assert run.settings_from_args(run.build_parser().parse_args(base)).mask_method == "magnitude"
+    args = run.build_parser().parse_args([*base, "--mask-method", "phase"])
+    assert run.settings_from_args(args).mask_method == "phase"

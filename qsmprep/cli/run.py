@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--mask-method",
         choices=["magnitude", "phase"],
-        default="magnitude",
-        help="brain mask from the magnitude or from the phase quality",
+        default=None,
+        help="brain mask from the magnitude (default) or from the phase quality; not used with"
+        " --mask-dir",
     )
     g.add_argument(
         "--reference",
@@ -372,6 +373,18 @@ def _check_weights(methods, params) -> None:
                 raise UsageError(str(err)) from err
 
 
+def _mask_method(args) -> str:
+    """``--mask-method``, which ``--mask-dir`` makes moot (said, when both are given)."""
+    method = getattr(args, "mask_method", None)
+    if method is not None and getattr(args, "mask_dir", None) is not None:
+        LOGGER.warning(
+            "--mask-method %s is not used: the brain masks come from --mask-dir %s",
+            method,
+            args.mask_dir,
+        )
+    return method or "magnitude"
+
+
 def settings_from_args(args) -> Settings:
     """Validate the command line and turn it into :class:`Settings`."""
     bids_dir = args.bids_dir.absolute()
@@ -454,7 +467,7 @@ def settings_from_args(args) -> Settings:
         outputs=list(dict.fromkeys(getattr(args, "outputs", None) or OUTPUTS)),
         bg_method=args.bg_method,
         unwrap=args.unwrap,
-        mask_method=args.mask_method,
+        mask_method=_mask_method(args),
         reference=args.reference,
         b0=args.b0,
         phase_sign=args.phase_sign,
