@@ -6,6 +6,9 @@ is the same anatomy sampled on another grid (2.5 mm) and turned and shifted in t
 the template's own labels, so every error below comes from registration and resampling.
 """
 
+import multiprocessing
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -20,18 +23,9 @@ from qsmprep.space.registration import apply_transforms, dice, register_to_templ
 pytest.importorskip("ants")
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reg")
-    folder = write_phantom_template(root / "tf")
-    ph = make_head_phantom((76, 76, 58), (2.5,) * 3, seed=1, lesions=False)
-    affine = rotate_affine(ph.affine, 8.0, -5.0)
-    affine[:3, 3] += [3.0, -4.0, 5.0]
-    gre = simulate_gre(ph, (0.004, 0.012, 0.020), snr=50.0, seed=0)
-    nib.save(nib.Nifti1Image(gre.magnitude.astype(np.float32), affine), root / "mag.nii.gz")
-    nib.save(nib.Nifti1Image(ph.brain_mask.astype(np.uint8), affine), root / "mask.nii.gz")
-    tpl = {k: folder / f"tpl-QSMPhantom_res-01_{k}.nii.gz" for k in ("desc-brain_T1w",
-           "desc-brain_mask", "atlas-Phantom_dseg")}  # fmt: skip
+def _register(root, tpl):
+    """Register and warp the atlas labels back, in a process of its own (see ``case``)."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "2"
     reg = register_to_template(
         root / "mag.nii.gz",
         root / "mask.nii.gz",
@@ -45,6 +39,25 @@ def case(tmp_path_factory):
         tpl["atlas-Phantom_dseg"], root / "mask.nii.gz", [reg.inverse], root / "labels.nii.gz",
         interpolation="genericLabel",
     )  # fmt: skip
+    return reg, labels
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reg")
+    folder = write_phantom_template(root / "tf")
+    ph = make_head_phantom((76, 76, 58), (2.5,) * 3, seed=1, lesions=False)
+    affine = rotate_affine(ph.affine, 8.0, -5.0)
+    affine[:3, 3] += [3.0, -4.0, 5.0]
+    gre = simulate_gre(ph, (0.004, 0.012, 0.020), snr=50.0, seed=0)
+    nib.save(nib.Nifti1Image(gre.magnitude.astype(np.float32), affine), root / "mag.nii.gz")
+    nib.save(nib.Nifti1Image(ph.brain_mask.astype(np.uint8), affine), root / "mask.nii.gz")
+    tpl = {k: folder / f"tpl-QSMPhantom_res-01_{k}.nii.gz" for k in ("desc-brain_T1w",
+           "desc-brain_mask", "atlas-Phantom_dseg")}  # fmt: skip
+    # ITK takes its thread count once per process, and the registration's result depends on
+    # it: a fresh process with two threads, whatever other tests in this worker set before
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        reg, labels = pool.apply(_register, (root, tpl))
     return {"root": root, "phantom": ph, "affine": affine, "tpl": tpl, "reg": reg,
             "labels": np.asarray(nib.load(labels).dataobj)}  # fmt: skip
 
