@@ -8,7 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qsmprep.bids import collect_acquisitions
 from qsmprep.cli import run
+from qsmprep.config import Settings
 from qsmprep.sim.bids import simulate_bids_dataset
 from qsmprep.space.install import write_phantom_template
 
@@ -47,6 +49,38 @@ def _args(s, out, *extra):
 def _tsv(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
+
+
+@pytest.mark.parametrize("region", ["mask", "csf"])
+def test_space_wf_is_fed_through_the_qsm_outputnode(setup, monkeypatch, region):
+    # the participant graph: the space workflow reads only the QSM workflow's outputnode, and
+    # the native Chimaps are written once (by the space workflow with the CSF reference)
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(setup["home"]))
+    from qsmprep.workflows import init_participant_wf
+
+    methods = ["tkd", "tv"]
+    settings = Settings(
+        bids_dir=setup["bids"], output_dir=setup["root"] / "out_graph", methods=methods,
+        reference_region=region, output_spaces=["QSMPhantom:res-1"],
+        method_params=json.loads(setup["config"].read_text()),
+    )  # fmt: skip
+    wf = init_participant_wf(collect_acquisitions(setup["bids"]), settings)
+    qsm_wf, space_wf = wf.get_node("qsm_sub_01_wf"), wf.get_node("space_sub_01_wf")
+    fed = wf._graph.get_edge_data(qsm_wf, space_wf)["connect"]
+    assert fed and all(src.startswith("outputnode.") for src, _ in fed)
+    metas = {(f"outputnode.meta_{m}", f"inputnode.meta_{m}") for m in methods}
+    assert (metas <= set(fed)) == (region == "csf")
+    names = set(wf.list_node_names())
+    for m in methods:
+        native = f"qsm_sub_01_wf.qsm_derivatives_wf.ds_chimap_{m}"
+        assert (native in names) == (region == "mask")
+        assert (f"space_sub_01_wf.ds_chimap_{m}" in names) == (region == "csf")
+    writers = [
+        n for n in wf._create_flat_graph().nodes()
+        if n.name.startswith("ds_chimap_")
+    ]  # fmt: skip
+    out_files = [n.inputs.out_file for n in writers]
+    assert len(out_files) == len(set(out_files)) == len(methods)
 
 
 @pytest.mark.slow

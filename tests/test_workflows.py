@@ -266,6 +266,32 @@ def test_qsm_wf_graph(tmp_path, methods, with_reference, reference_file):
     assert sinks["ds_total_field"].inputs.sidecar["Units"] == "Hz"
 
 
+@pytest.mark.parametrize("methods", [["tkd"], ["l2", "medi"]], ids="-".join)
+def test_qsm_wf_csf_reference_leaves_chimaps_to_the_space_wf(tmp_path, methods):
+    # the space workflow references the native Chimaps to the ventricles and writes them: the
+    # QSM workflow has no Chimap sinks then, and gives the inversion sidecars on its outputnode
+    a = _acq(run="2")
+    mask = init_qsm_wf(acquisition=a, output_dir=tmp_path, methods=methods)
+    csf = init_qsm_wf(acquisition=a, output_dir=tmp_path, methods=methods, reference_region="csf")
+    sinks = {name.split(".")[-1] for name in _nodes(csf) if ".ds_" in name}
+    chimap_sinks = {f"ds_chimap_{m}" for m in methods}
+    mask_sinks = {name.split(".")[-1] for name in _nodes(mask) if ".ds_" in name}
+    assert chimap_sinks <= mask_sinks and sinks == mask_sinks - chimap_sinks
+    assert set(_nodes(csf)) == set(_nodes(mask)) - {
+        f"qsm_wf.qsm_derivatives_wf.{s}" for s in chimap_sinks
+    }
+    for wf in (mask, csf):
+        out = wf.get_node("outputnode")
+        assert all(f"meta_{m}" in out.inputs.copyable_trait_names() for m in methods)
+        edges = wf._graph.get_edge_data(wf.get_node("inversion_wf"), out)["connect"]
+        assert {(f"outputnode.meta_{m}", f"meta_{m}") for m in methods} <= set(edges)
+    # metrics and the outputnode's Chimaps are unchanged (mean-referenced)
+    assert ("qsm_wf.inversion_wf.merge_chimaps", "out", "qsm_wf.metrics_wf.compute_metrics",
+            "in_files") in _links(csf)  # fmt: skip
+    with pytest.raises(ValueError, match="reference_region"):
+        init_qsm_wf(acquisition=a, output_dir=None, reference_region="ventricles")
+
+
 def test_qsm_wf_outputs(tmp_path):
     # r2star (default): fed by the loaded magnitude and the brain mask, written with units
     wf = init_qsm_wf(acquisition=_acq(), output_dir=tmp_path, methods=["tkd"])

@@ -101,6 +101,7 @@ def init_participant_wf(
             reference=settings.reference,
             metrics=a.id not in reference_of,
             outputs=outputs,
+            reference_region=plan.reference_region if plan.enabled else "mask",
             name=f"qsm_{node_label(a.prefix)}_wf",
             **common,
         )

@@ -14,7 +14,7 @@ from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
 from qsmprep.__about__ import __version__
-from qsmprep.bids import derivative_path
+from qsmprep.bids.derivatives import derivative_path
 from qsmprep.interfaces import WriteDerivative
 from qsmprep.workflows._util import params_of
 
@@ -66,13 +66,16 @@ def init_qsm_derivatives_wf(
     r2star: bool = False,
     provided_mask: str | Path | None = None,
     provided_field: str | Path | None = None,
+    chimaps: bool = True,
     name: str = "qsm_derivatives_wf",
 ) -> pe.Workflow:
     """Write the masks, field maps and Chimaps of one acquisition (and its R2* maps).
 
     ``provided_mask`` / ``provided_field``: the brain mask / total field the user gave
     (``--mask-dir`` / ``--field-dir``); their sidecars say ``"Method": "provided"`` and
-    ``"Source"``: the file's absolute path.
+    ``"Source"``: the file's absolute path. ``chimaps=False`` leaves out the Chimap sinks
+    (``ds_chimap_<method>``) and their inputs, for when another workflow writes the Chimaps
+    (the space workflow, with ``--reference-region csf``).
 
     Inputs (``inputnode``)
     ----------------------
@@ -81,7 +84,7 @@ def init_qsm_derivatives_wf(
     bg_meta, local_mask_meta
         Sidecar entries of the background removal, for the local field and the local mask.
     chimap_<method>, meta_<method>
-        From the inversion workflow.
+        From the inversion workflow (with ``chimaps`` only).
     r2star, t2star, s0, r2star_meta
         With ``r2star``: the maps of :class:`~qsmprep.interfaces.R2StarMap` and its sidecar
         entries, written as ``<prefix>_R2starmap`` (1/s), ``<prefix>_T2starmap`` (s) and
@@ -92,7 +95,8 @@ def init_qsm_derivatives_wf(
     workflow = pe.Workflow(name=name)
     a = acquisition
     fields = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
-    per_method = [f"{k}_{m}" for m in methods for k in ("chimap", "meta")]
+    chimap_methods = list(methods) if chimaps else []
+    per_method = [f"{k}_{m}" for m in chimap_methods for k in ("chimap", "meta")]
     inputnode = pe.Node(
         IdentityInterface(
             fields=[
@@ -228,7 +232,7 @@ def init_qsm_derivatives_wf(
         (inputnode, ds_local_field, [("local_field", "in_file"), ("bg_meta", "meta")]),
     ])  # fmt: skip
 
-    for method in methods:
+    for method in chimap_methods:
         ds_chimap = _sink(
             f"ds_chimap_{method}",
             path(method, "Chimap"),

@@ -14,6 +14,7 @@ from qsmprep.config import OUTPUTS
 from qsmprep.dl.weights import DL_METHODS, TRAINED_BACKGROUND
 from qsmprep.interfaces import R2StarMap
 from qsmprep.recon.background import DEFAULT_METHOD
+from qsmprep.space.plan import REFERENCE_REGIONS
 from qsmprep.workflows._util import gpu_work, params_of
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
@@ -71,6 +72,7 @@ def init_qsm_wf(
     metrics: bool = True,
     omp_nthreads: int = 1,
     outputs: Sequence[str] = OUTPUTS,
+    reference_region: str = "mask",
     name: str = "qsm_wf",
 ) -> pe.Workflow:
     """Susceptibility maps of one acquisition, from its per-echo magnitude and phase files.
@@ -78,8 +80,10 @@ def init_qsm_wf(
     Workflow graph::
 
         inputnode -> field_wf -> inversion_wf -> metrics_wf -> outputnode
-                             \\-> derivatives_wf (masks, field maps, Chimaps)
+                             \\-> derivatives_wf (masks, field maps, Chimaps [1])
                              \\-> r2star_map (magnitude, brain mask) -> derivatives_wf
+
+    [1] with ``reference_region="mask"``; with ``"csf"`` the space workflow writes them.
 
     The acquisition's files and metadata are set on ``inputnode`` here; derivative names are
     derived from it (:func:`qsmprep.bids.derivative_path`). Embed the workflow in a larger one
@@ -125,6 +129,13 @@ def init_qsm_wf(
         minIP from the loaded magnitude and the total field; with ``"chi"`` too, the SMWI of
         one Chimap: the first classical method of ``methods``
         (:func:`~qsmprep.workflows.swi.smwi_method_of`); none without a method.
+    reference_region : {"mask", "csf"}
+        Where the written native Chimaps have mean 0 (``--reference-region``). ``"mask"``:
+        the local-field mask, as the inversions give them; this workflow writes them.
+        ``"csf"``: the atlas ventricles, known only after registration; the space workflow
+        (:func:`~qsmprep.workflows.space.add_space_wf`) references and writes them, and this
+        workflow leaves out its Chimap sinks. ``outputnode.chimaps`` and the metrics are
+        mean-referenced either way.
     name : str
         Workflow name.
 
@@ -139,6 +150,8 @@ def init_qsm_wf(
         From the field workflow (Hz; magnitude 4D).
     chimaps, dc_residuals
         Chi maps (ppm) and data-consistency residuals (%) in the order of ``methods``.
+    meta_<method>
+        Sidecar entries of each inversion (parameters, data-consistency residual, ...).
     r2star, t2star, s0
         R2* (1/s), T2* (s) and S0 maps in the brain mask (with ``"r2star"`` in ``outputs``).
     metrics_tsv, metrics_json
@@ -164,6 +177,10 @@ def init_qsm_wf(
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown:
         raise ValueError(f"unknown output(s) {unknown}; choose from {list(OUTPUTS)}")
+    if reference_region not in REFERENCE_REGIONS:
+        raise ValueError(
+            f"reference_region must be one of {list(REFERENCE_REGIONS)}, got {reference_region!r}"
+        )
     make_r2star = "r2star" in outputs and n_echoes >= 2
     swi = "swi" in outputs
     smwi = swi and "chi" in outputs
@@ -182,7 +199,9 @@ def init_qsm_wf(
     inputnode.inputs.phase_sign = int(phase_sign)
     inputnode.inputs.b0 = float(a.b0)
     inputnode.inputs.b0_dir = [float(v) for v in a.b0_dir]
-    outputnode = pe.Node(IdentityInterface(fields=_OUTPUTS), name="outputnode")
+    outputnode = pe.Node(
+        IdentityInterface(fields=[*_OUTPUTS, *[f"meta_{m}" for m in methods]]), name="outputnode"
+    )
 
     # a brain mask and a total field the user provides (qsmprep.provided.attach_provided)
     provided_mask = getattr(a, "provided_mask", None)
@@ -251,6 +270,7 @@ def init_qsm_wf(
         ]),
         (inversion_wf, outputnode, [
             ("outputnode.chimaps", "chimaps"), ("outputnode.dc_residuals", "dc_residuals"),
+            *[(f"outputnode.meta_{m}", f"meta_{m}") for m in methods],
         ]),
     ])  # fmt: skip
     if metrics:
@@ -294,6 +314,7 @@ def init_qsm_wf(
             r2star=make_r2star,
             provided_mask=provided_mask,
             provided_field=provided_field,
+            chimaps=reference_region == "mask",  # "csf": the space workflow writes them
         )
         field_out = ["brain_mask", "local_mask", "total_field", "noise_field", "local_field"]
         workflow.connect([
@@ -305,11 +326,14 @@ def init_qsm_wf(
                 ("outputnode.local_mask_meta", "inputnode.local_mask_meta"),
                 ("outputnode.reliable_mask", "inputnode.reliable_mask"),
             ]),
-            (inversion_wf, derivatives_wf, [
-                (f"outputnode.{k}_{m}", f"inputnode.{k}_{m}")
-                for m in methods for k in ("chimap", "meta")
-            ]),
         ])  # fmt: skip
+        if reference_region == "mask":
+            workflow.connect([
+                (inversion_wf, derivatives_wf, [
+                    (f"outputnode.{k}_{m}", f"inputnode.{k}_{m}")
+                    for m in methods for k in ("chimap", "meta")
+                ]),
+            ])  # fmt: skip
         if make_r2star:
             workflow.connect([
                 (r2star_map, derivatives_wf, [

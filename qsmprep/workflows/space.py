@@ -31,7 +31,7 @@ from pathlib import Path
 from nipype.interfaces.utility import IdentityInterface, Merge, Select
 from nipype.pipeline import engine as pe
 
-from qsmprep.bids import derivative_path
+from qsmprep.bids.derivatives import derivative_path
 from qsmprep.interfaces import WriteDerivative
 from qsmprep.interfaces.space import (
     ApplyTemplateTransform,
@@ -47,7 +47,7 @@ from qsmprep.space.plan import space_params
 from qsmprep.workflows._util import node_label
 from qsmprep.workflows.outputs import CHIMAP_REFERENCE, GENERATED_BY, acquisition_sources
 
-__all__ = ["add_space_wf", "detach_chimap_sinks", "init_space_wf", "space_path"]
+__all__ = ["add_space_wf", "init_space_wf", "space_path"]
 
 
 def space_path(output_dir, acquisition, name: str, *, figures: bool = False) -> Path:
@@ -63,25 +63,6 @@ def _sink(name: str, out_file: Path, sidecar: dict | None = None) -> pe.Node:
     if sidecar is not None:
         ds.inputs.sidecar = sidecar
     return pe.Node(ds, name=name, run_without_submitting=True)
-
-
-def detach_chimap_sinks(qsm_wf: pe.Workflow, methods: Sequence[str]) -> list[str]:
-    """Remove the native Chimap sinks of a QSM workflow (the space workflow writes them).
-
-    With ``--reference-region csf`` the native maps are referenced to the atlas ventricles,
-    which only the space workflow knows; it then writes ``<prefix>_desc-<method>_Chimap``
-    itself. Returns the names of the removed nodes.
-    """
-    deriv = qsm_wf.get_node("derivatives_wf")
-    if deriv is None:
-        return []
-    removed = []
-    for method in methods:
-        node = deriv.get_node(f"ds_chimap_{method}")
-        if node is not None:
-            deriv.remove_nodes([node])
-            removed.append(node.name)
-    return removed
 
 
 def init_space_wf(
@@ -405,10 +386,11 @@ def _as_list(value):
 def add_space_wf(workflow: pe.Workflow, qsm_wf: pe.Workflow, acquisition, settings, plan):
     """Add the space workflow of one acquisition beside its QSM workflow and connect them.
 
-    Feeds it the magnitude, masks and Chimaps of ``qsm_wf`` (and the inversion sidecar
-    entries); with ``--reference-region csf`` the QSM workflow's native Chimap sinks are
-    removed (:func:`detach_chimap_sinks`): the space workflow writes the referenced maps.
-    Returns the space workflow (``space_<prefix>_wf``).
+    Feeds it the magnitude, masks and Chimaps from the ``outputnode`` of ``qsm_wf`` (and, with
+    ``--reference-region csf``, the inversion sidecar entries ``meta_<method>``: the space
+    workflow then writes the referenced native Chimaps, and ``qsm_wf`` must have been built
+    with ``reference_region="csf"``, without Chimap sinks). Returns the space workflow
+    (``space_<prefix>_wf``).
     """
     methods = list(settings.methods)
     space_wf = init_space_wf(
@@ -430,10 +412,7 @@ def add_space_wf(workflow: pe.Workflow, qsm_wf: pe.Workflow, acquisition, settin
         ]),
     ])  # fmt: skip
     if plan.reference_region == "csf":
-        detach_chimap_sinks(qsm_wf, methods)
         workflow.connect([
-            (qsm_wf, space_wf, [
-                (f"inversion_wf.outputnode.meta_{m}", f"inputnode.meta_{m}") for m in methods
-            ]),
+            (qsm_wf, space_wf, [(f"outputnode.meta_{m}", f"inputnode.meta_{m}") for m in methods]),
         ])  # fmt: skip
     return space_wf
