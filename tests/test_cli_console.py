@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from qsmprep.app.console import console
 from qsmprep.cli import run
-from qsmprep.cli.console import console
 from qsmprep.sim.bids import simulate_bids_dataset
 
 STAGES = ("field", "inversion", "outputs", "metrics")
@@ -109,7 +109,7 @@ def test_console_restores_the_enclosing_handlers(capsys):
 def test_stage_names_of_the_participant_workflow():
     from nipype.pipeline import engine as pe
 
-    from qsmprep.cli.console import StageProgress
+    from qsmprep.app.console import StageProgress
 
     progress = StageProgress(pe.Workflow("sub_01_wf"), ["sub-01_acq-ori1", "sub-01"])
     cases = {

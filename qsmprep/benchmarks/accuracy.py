@@ -79,7 +79,7 @@ def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, dev
     The runs share one work directory, so a second run reuses the field chain of the first
     from Nipype's cache and only runs its inversions.
     """
-    from qsmprep.cli.run import main
+    from qsmprep import app
 
     # group variants so that each run has each method at most once
     runs: list[dict] = []
@@ -99,12 +99,15 @@ def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, dev
         if not cfg.is_file() or cfg.read_text() != text:  # keep its time stamp: Nipype's cache
             cfg.write_text(text)
         methods = [m for m, _ in run.values()]
-        argv = [str(bids), str(o), "participant", "--methods", *methods, "--config", str(cfg),
-                "--work-dir", str(work / "work"), "--nprocs", str(nprocs),
-                "--device", device]  # fmt: skip
-        rc = main(argv)
+        settings = app.make_settings(bids, o, methods=methods, config=cfg,
+                                     work_dir=work / "work", nprocs=nprocs,
+                                     device=device)  # fmt: skip
+        rc = app.run(settings)
         if rc != 0:
-            raise RuntimeError(f"qsmprep failed (exit {rc}) on {bids}: {' '.join(argv)}")
+            raise RuntimeError(
+                f"qsmprep failed (exit {rc}) on {bids}: methods {' '.join(methods)}, "
+                f"parameters {cfg}, outputs {o}"
+            )
         outs.append((o, {label: m for label, (m, _) in run.items()}))
     return outs
 

@@ -214,7 +214,7 @@ def run_chain(
     log=print,
 ) -> list[ChainScore]:
     """Run the App on each dataset into ``out/<name>`` and score every acquisition."""
-    from qsmprep.cli.run import run_participant
+    from qsmprep.app import run_participant
     from qsmprep.config import Settings
 
     out = Path(out).absolute()

@@ -155,8 +155,8 @@ def run_participant_bench(
     seed: int = 0,
 ) -> list[ParticipantBench]:
     """Simulate one head and run the participant level once per device; see the module doc."""
+    from qsmprep.app import default_omp_nthreads, run_participant
     from qsmprep.bids import collect_acquisitions
-    from qsmprep.cli import run
     from qsmprep.config import OUTPUTS, Settings
     from qsmprep.sim.bids import simulate_bids_dataset
 
@@ -171,7 +171,7 @@ def run_participant_bench(
         )  # fmt: skip
         print(f"# simulated {shape} at {voxel_size} mm in {time.perf_counter() - t0:.1f} s "
               "(not counted)", flush=True)  # fmt: skip
-    omp = omp_nthreads if omp_nthreads is not None else max(1, min(nprocs - 1, 8))
+    omp = omp_nthreads if omp_nthreads is not None else default_omp_nthreads(nprocs)
     results = []
     for device in devices:
         deriv, work = out_dir / f"derivatives-{device}", out_dir / f"work-{device}"
@@ -182,7 +182,7 @@ def run_participant_bench(
             plugin_args={"n_procs": nprocs},
         )  # fmt: skip
         t0 = time.perf_counter()
-        code = run.run_participant(settings)
+        code = run_participant(settings)
         wall = time.perf_counter() - t0
         acqs = collect_acquisitions(bids)
         nodes = node_timings(settings, acqs)

@@ -1,14 +1,10 @@
 """``qsmprep-bench``: benchmarks measured as ratios within one run.
 
-``qsmprep-bench inversion`` times each dipole inversion on a simulated head (noisy local
-field) and scores it against the true susceptibility (NRMSE, HFEN, SSIM, XSIM).
-
-``qsmprep-bench field`` simulates a multi-echo head (default 224 x 224 x 160 at 1 mm, 5 echoes)
-and runs the field chain stage by stage. For each stage it prints the wall time, the number of
-FFTs it ran in units of one real FFT of the image grid (FFT-equivalents, counted by
-:func:`qsmprep.recon._backend.count_ffts`, padding included) and the ratio of its time to
-``FFT-equivalents / 2`` forward+inverse pairs of that grid, timed in the same run. A ratio near
-1 means the stage costs no more than its FFTs.
+Each subcommand parses its options and calls a module of :mod:`qsmprep.benchmarks`:
+``field`` (:mod:`~qsmprep.benchmarks.field`: the field chain stage by stage, in units of its
+FFTs), ``inversion`` (:mod:`~qsmprep.benchmarks.inversion`: time, FFTs and accuracy of each
+dipole inversion), ``accuracy``, ``chain``, ``participant`` and ``space`` (the App run on
+simulated or development data and scored).
 """
 
 from __future__ import annotations
@@ -16,236 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-
-import numpy as np
 
 from qsmprep.__about__ import __version__
-from qsmprep.config import BG_METHODS, DEFAULT_BG_METHOD
+from qsmprep.benchmarks.inversion import INVERSION_METHODS
+from qsmprep.config import BG_METHODS
 
-__all__ = ["main"]
-
-
-def _fft_pair_seconds(shape, device: str, repeat: int = 5) -> float:
-    from qsmprep.recon._backend import asarray, irfftn, rfftn
-
-    x = asarray(np.random.default_rng(0).random(shape, dtype=np.float32), device=device)
-    times = []
-    for _ in range(repeat + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        y = irfftn(rfftn(x), s=shape)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    del y
-    return float(np.median(times[1:]))
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _nrmse(est, truth, m) -> float:
-    e = est[m] - est[m].mean()
-    t = truth[m] - truth[m].mean()
-    return float(100 * np.linalg.norm(e - t) / np.linalg.norm(t))
-
-
-def bench_field(args) -> dict:
-    from qsmprep.recon import background
-    from qsmprep.recon.chain import compute_local_field, stage
-    from qsmprep.recon.kernels import b0_dir_from_affine
-    from qsmprep.sim import make_head_phantom, simulate_gre
-
-    shape = tuple(args.shape)
-    vs = tuple(args.voxel_size) * 3 if len(args.voxel_size) == 1 else tuple(args.voxel_size)
-    te = tuple(args.te1 + i * args.dte for i in range(args.echoes))
-    t0 = time.perf_counter()
-    ph = make_head_phantom(shape, vs, seed=args.seed)
-    gre = simulate_gre(ph, te, b0=args.b0, snr=args.snr, seed=args.seed)
-    t_sim = time.perf_counter() - t0
-    print(
-        f"# qsmprep {__version__} field benchmark: {shape} at {vs} mm, {len(te)} echoes "
-        f"({', '.join(f'{1e3 * t:g}' for t in te)} ms), {args.b0} T, SNR {args.snr}, "
-        f"device {args.device}; simulation {t_sim:.1f} s (not counted)",
-        flush=True,
-    )
-    pair = _fft_pair_seconds(shape, args.device)
-    print(f"# one rfftn + irfftn pair of {shape} (float32): {1e3 * pair:.1f} ms", flush=True)
-
-    profile: dict = {}
-    t0 = time.perf_counter()
-    maps = compute_local_field(
-        gre.magnitude,
-        gre.phase,
-        te,
-        vs,
-        b0_dir=b0_dir_from_affine(ph.affine),
-        unwrap_method=args.unwrap,
-        bg_method=DEFAULT_BG_METHOD,
-        device=args.device,
-        profile=profile,
-    )
-    chain_total = time.perf_counter() - t0
-    rows = []
-    for name, rec in profile.items():
-        rows.append((name, rec["seconds"], rec["ffts"].equivalents(shape)))
-    rows.append((f"chain total (with {DEFAULT_BG_METHOD})", chain_total, sum(r[2] for r in rows)))
-    errors = {DEFAULT_BG_METHOD: _nrmse(maps.local_hz, gre.local_field_hz, maps.local_mask)}
-
-    methods = [m for m in args.bg_methods if m != DEFAULT_BG_METHOD]
-    for m in methods:
-        prof: dict = {}
-        with stage(prof, m):
-            local, lmask = background.remove_background(
-                maps.total_hz,
-                maps.trimmed if m in background.KEEPS_MASK else maps.mask,
-                vs,
-                method=m,
-                device=args.device,
-            )
-            _sync(args.device)
-        rows.append((f"background_{m}", prof[m]["seconds"], prof[m]["ffts"].equivalents(shape)))
-        errors[m] = _nrmse(local, gre.local_field_hz, lmask)
-
-    print()
-    print("| stage | wall (s) | FFT-equivalents | time / (FFT pairs x pair time) |")
-    print("|---|---:|---:|---:|")
-    out_rows = []
-    for name, sec, eq in rows:
-        # the ratio says how close an FFT-bound stage is to its FFT cost; for stages without
-        # FFTs and for the whole chain (mostly non-FFT work) it is not meaningful
-        fft_bound = eq > 0 and not name.startswith("chain")
-        ratio = sec / (eq / 2 * pair) if fft_bound else float("nan")
-        shown = f"{ratio:.2f}" if fft_bound else "-"
-        print(f"| {name} | {sec:.2f} | {eq:.1f} | {shown} |")
-        out_rows.append({"stage": name, "seconds": sec, "fft_equivalents": eq, "ratio": ratio})
-    print()
-    print("| background method | local-field NRMSE vs truth (%) |")
-    print("|---|---:|")
-    for m, e in errors.items():
-        print(f"| {m} | {e:.1f} |")
-    return {
-        "version": __version__,
-        "shape": shape,
-        "voxel_size": vs,
-        "echo_times": te,
-        "device": args.device,
-        "fft_pair_seconds": pair,
-        "rows": out_rows,
-        "local_field_nrmse": errors,
-    }
-
-
-INVERSION_METHODS = ("tkd", "tsvd", "l2", "tv", "medi", "cosmos")
-
-
-def bench_inversion(args) -> dict:
-    """Time and score each dipole inversion on one simulated head (noisy local field)."""
-    from qsmprep import metrics
-    from qsmprep.recon import inversion
-    from qsmprep.recon._backend import count_ffts
-    from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
-    from qsmprep.sim import make_head_phantom, simulate_fields, simulate_gre
-
-    shape = tuple(args.shape)
-    vs = tuple(args.voxel_size) * 3 if len(args.voxel_size) == 1 else tuple(args.voxel_size)
-    t0 = time.perf_counter()
-    ph = make_head_phantom(shape, vs, seed=args.seed)
-    b0_dir = b0_dir_from_affine(ph.affine)
-    fields = simulate_fields(ph, b0=args.b0)
-    mask = ph.brain_mask
-    rng = np.random.default_rng(args.seed)
-    noise_ppm = args.noise_hz * float(hz_to_ppm(1.0, args.b0))
-    local = (fields["local_ppm"] + rng.normal(0.0, noise_ppm, shape) * mask).astype(np.float32)
-    truth = np.where(mask, ph.chi, 0.0).astype(np.float32)
-    te = (0.004, 0.008, 0.012, 0.016, 0.020)
-    magnitude = simulate_gre(ph, te, b0=args.b0, snr=args.snr, seed=args.seed).magnitude[..., 0]
-    cosmos_inputs = None
-    if "cosmos" in args.methods:
-        dirs = [np.array(b0_dir)]
-        for ax, ang in ((0, 25.0), (1, -25.0), (0, -20.0))[: args.orientations - 1]:
-            t = np.deg2rad(ang)
-            c, s_ = np.cos(t), np.sin(t)
-            rot = np.eye(3)
-            i, j = [a for a in range(3) if a != ax][:2]
-            rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s_, s_, c
-            dirs.append(rot @ np.array(b0_dir))
-        cosmos_inputs = (
-            [
-                simulate_fields(ph, b0_dir=tuple(d), b0=args.b0)["local_ppm"]
-                + rng.normal(0.0, noise_ppm, shape) * mask
-                for d in dirs
-            ],
-            [tuple(d) for d in dirs],
-        )
-    t_sim = time.perf_counter() - t0
-    print(
-        f"# qsmprep {__version__} inversion benchmark: {shape} at {vs} mm, {args.b0} T, "
-        f"local-field noise {args.noise_hz} Hz ({noise_ppm:.4f} ppm), device {args.device}; "
-        f"simulation {t_sim:.1f} s (not counted)",
-        flush=True,
-    )
-    pair = _fft_pair_seconds(shape, args.device)
-    print(f"# one rfftn + irfftn pair of {shape} (float32): {1e3 * pair:.1f} ms", flush=True)
-
-    rows = []
-    for name in args.methods:
-        info: dict = {}
-        kw = {"b0_dir": b0_dir, "device": args.device}
-        if name in ("tv", "medi"):
-            kw["info"] = info
-        if name == "medi":
-            kw.update(magnitude=magnitude, b0=args.b0)
-        _sync(args.device)
-        t1 = time.perf_counter()
-        with count_ffts() as counter:
-            if name == "cosmos":
-                fs, dirs = cosmos_inputs
-                chi = inversion.cosmos(fs, mask, vs, dirs, device=args.device)
-            else:
-                chi = getattr(inversion, name)(local, mask, vs, **kw)
-            _sync(args.device)
-        sec = time.perf_counter() - t1
-        eq = counter.equivalents(shape)
-        scores = metrics.evaluate(chi, truth, mask)
-        row = {
-            "method": name,
-            "seconds": sec,
-            "iterations": info.get("iterations"),
-            "fft_equivalents": eq,
-            "seconds_per_fft_equivalent": sec / eq if eq else float("nan"),
-            "ratio_to_fft_time": sec / (eq / 2 * pair) if eq else float("nan"),
-            **{k: scores[k] for k in ("nrmse", "hfen", "ssim", "xsim")},
-        }
-        rows.append(row)
-        print(f"  {name}: {sec:.2f} s", flush=True)
-
-    print()
-    print(
-        "| method | wall (s) | iterations | FFT-equivalents | ms per FFT-equivalent "
-        "| time / FFT time | NRMSE (%) | HFEN (%) | SSIM | XSIM |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        it = "" if r["iterations"] is None else str(r["iterations"])
-        print(
-            f"| {r['method']} | {r['seconds']:.2f} | {it} | {r['fft_equivalents']:.0f} "
-            f"| {1e3 * r['seconds_per_fft_equivalent']:.1f} | {r['ratio_to_fft_time']:.2f} "
-            f"| {r['nrmse']:.1f} | {r['hfen']:.1f} | {r['ssim']:.3f} | {r['xsim']:.3f} |"
-        )
-    return {
-        "version": __version__,
-        "shape": shape,
-        "voxel_size": vs,
-        "device": args.device,
-        "noise_hz": args.noise_hz,
-        "fft_pair_seconds": pair,
-        "rows": rows,
-    }
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "space",
         help="template space: atlas ROI means vs ground-truth labels, registration Dice, extra "
-        "wall time per participant (see qsmprep.space.bench)",
+        "wall time per participant (see qsmprep.benchmarks.space)",
     )
     s.add_argument("bids_dir", help="BIDS dataset with derivatives/groundtruth (dseg, Chimap)")
     s.add_argument("out_dir", help="folder for the derivatives and work directories")
@@ -369,9 +141,21 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     failed = False
     if args.bench == "field":
-        result = bench_field(args)
+        from qsmprep.benchmarks.field import bench_field
+
+        result = bench_field(
+            shape=args.shape, voxel_size=args.voxel_size, echoes=args.echoes, te1=args.te1,
+            dte=args.dte, b0=args.b0, snr=args.snr, seed=args.seed, unwrap=args.unwrap,
+            bg_methods=args.bg_methods, device=args.device,
+        )  # fmt: skip
     elif args.bench == "inversion":
-        result = bench_inversion(args)
+        from qsmprep.benchmarks.inversion import bench_inversion
+
+        result = bench_inversion(
+            shape=args.shape, voxel_size=args.voxel_size, b0=args.b0, noise_hz=args.noise_hz,
+            snr=args.snr, orientations=args.orientations, seed=args.seed, methods=args.methods,
+            device=args.device,
+        )  # fmt: skip
     elif args.bench == "accuracy":
         from qsmprep.benchmarks.accuracy import run_accuracy
 
@@ -410,7 +194,7 @@ def main(argv=None) -> int:
         result = {"runs": [r.to_dict() for r in runs]}
         failed = any(r.exit_code != 0 for r in runs)
     elif args.bench == "space":
-        from qsmprep.space.bench import run_space_benchmark
+        from qsmprep.benchmarks.space import run_space_benchmark
 
         result = run_space_benchmark(
             args.bids_dir, args.out_dir, methods=args.methods, output_spaces=args.output_spaces,

@@ -262,34 +262,6 @@ def config_from_args(args, argv) -> object:
     return cfg
 
 
-def run_bench(args) -> dict:
-    from qsmprep.dl.train import benchmark
-
-    r = benchmark(
-        args.arch,
-        patch_size=args.patch_size,
-        batch_size=args.batch_size,
-        base_channels=args.base_channels,
-        depth=args.depth,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=args.device,
-        kind=args.kind,
-        amp=args.amp,
-    )
-    print(
-        f"# qsmprep {__version__} training throughput: {r['arch']} base {r['base_channels']} "
-        f"depth {r['depth']}, {r['parameters']} parameters, batch {r['batch_size']} x "
-        f"{'x'.join(map(str, r['patch_size']))}, {r['hardware']}"
-    )
-    print(
-        f"training step {r['step_s']:.3f} s ({r['patches_per_s']:.2f} patches/s); synthetic "
-        f"batch {r['data_s']:.3f} s; with data {r['patches_per_s_with_data']:.2f} patches/s; "
-        f"peak memory {r['peak_memory_mb']:.0f} MiB"
-    )
-    return r
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -300,7 +272,13 @@ def main(argv=None) -> int:
 
             torch.set_num_threads(int(args.threads))
         if args.command == "bench":
-            result = run_bench(args)
+            from qsmprep.benchmarks.training import bench_training
+
+            result = bench_training(
+                args.arch, patch_size=args.patch_size, batch_size=args.batch_size,
+                base_channels=args.base_channels, depth=args.depth, steps=args.steps,
+                warmup=args.warmup, device=args.device, kind=args.kind, amp=args.amp,
+            )  # fmt: skip
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump(result, fh, indent=2)

@@ -92,7 +92,7 @@ STAGES = [
 
 def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 2) -> Path:
     """Simulate the target heads and run the BIDS App on them; return its output directory."""
-    from qsmprep.cli.run import main
+    from qsmprep.app import make_settings, run
     from qsmprep.sim.bids import simulate_bids_dataset
 
     p = PROFILES[profile]
@@ -110,11 +110,14 @@ def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 
     )  # fmt: skip
     from qsmprep.dl.weights import TRAINED_BACKGROUND
 
-    argv = [str(bids), str(deriv), "participant", "--methods", "tkd", "--nprocs", str(nprocs),
-            "--work-dir", str(out / "work"), "--bg-method", TRAINED_BACKGROUND]  # fmt: skip
-    rc = main(argv)
+    settings = make_settings(bids, deriv, methods=["tkd"], nprocs=nprocs, work_dir=out / "work",
+                             bg_method=TRAINED_BACKGROUND)  # fmt: skip
+    rc = run(settings)
     if rc != 0:
-        raise RuntimeError(f"the BIDS App failed on the target data (exit {rc}): {argv}")
+        raise RuntimeError(
+            f"the BIDS App failed on the target data (exit {rc}): {bids} -> {deriv}, methods tkd,"
+            f" background {TRAINED_BACKGROUND}"
+        )
     return deriv
 
 

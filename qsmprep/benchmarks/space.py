@@ -3,9 +3,9 @@ and the wall time template space adds to a participant.
 
 On a BIDS dataset with a ground-truth derivative (``derivatives/groundtruth``: ``*_Chimap``,
 ``*_dseg`` numbered as :data:`qsmprep.space.atlas.ROIS`, like the development data and
-:mod:`qsmprep.sim.bids`), the benchmark runs ``qsmprep ... participant --output-spaces ...``
-one subject at a time (and, with ``timing``, the same without template space) and reports per
-subject and nucleus:
+:mod:`qsmprep.sim.bids`), the benchmark runs the App's participant level with output spaces
+(:mod:`qsmprep.app`; ``qsmprep ... participant --output-spaces ...``) one subject at a time
+(and, with ``timing``, the same without template space) and reports per subject and nucleus:
 
 - ``true/true``: the true chi averaged over the true labels (the target);
 - ``true/atlas``: the true chi over the atlas labels warped to the subject (labelling error:
@@ -33,14 +33,19 @@ import numpy as np
 __all__ = ["run_space_benchmark"]
 
 
-def _timed_run(args: list[str]) -> float:
-    from qsmprep.cli import run
+def _timed_run(**options) -> float:
+    """Wall time (s) of one participant-level run of the App (options of
+    :func:`qsmprep.app.make_settings`), its own printing silenced."""
+    from qsmprep.app import make_settings, run
 
     t0 = time.perf_counter()
+    settings = make_settings(**options)
     with contextlib.redirect_stdout(io.StringIO()):
-        code = run.main(args)
+        code = run(settings)
     if code != 0:
-        raise RuntimeError(f"qsmprep {' '.join(args)} failed (exit {code})")
+        raise RuntimeError(
+            f"qsmprep {settings.bids_dir} {settings.output_dir} participant failed (exit {code})"
+        )
     return time.perf_counter() - t0
 
 
@@ -124,31 +129,31 @@ def run_space_benchmark(
     reference_region: str = "mask",
     nprocs: int = 2,
     timing: bool = True,
-    extra_args=(),
+    **options,
 ) -> dict:
     """Run the pipeline on every subject and score the atlas path (see the module doc).
+
+    ``options`` are further options of the runs (keywords of :func:`qsmprep.app.make_settings`).
 
     Returns ``{"results": [...], "timing": {sub: {"with": s, "without": s}}, "markdown": str}``.
     """
     bids, out = Path(bids_dir).absolute(), Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     methods = list(methods)
-    common = ["--methods", *methods, "--nprocs", str(nprocs), "--device", "cpu", *extra_args]
+    common = {"methods": methods, "nprocs": nprocs, "device": "cpu", **options}
     timing_out: dict = {}
     results = []
     for sub in _subjects(bids):
-        args = [
-            str(bids), str(out / "with"), "participant", "--participant-label", sub,
-            "-w", str(out / "work_with"), "--output-spaces", *output_spaces,
-            "--reference-region", reference_region, *common,
-        ]  # fmt: skip
-        timing_out.setdefault(sub, {})["with"] = _timed_run(args)
+        timing_out.setdefault(sub, {})["with"] = _timed_run(
+            bids_dir=bids, output_dir=out / "with", participant_label=[sub],
+            work_dir=out / "work_with", output_spaces=list(output_spaces),
+            reference_region=reference_region, **common,
+        )  # fmt: skip
         if timing:
-            args = [
-                str(bids), str(out / "without"), "participant", "--participant-label", sub,
-                "-w", str(out / "work_without"), *common,
-            ]  # fmt: skip
-            timing_out[sub]["without"] = _timed_run(args)
+            timing_out[sub]["without"] = _timed_run(
+                bids_dir=bids, output_dir=out / "without", participant_label=[sub],
+                work_dir=out / "work_without", **common,
+            )  # fmt: skip
         results.append(evaluate_subject(bids, out / "with", sub, methods[0], reference_region))
         print(f"sub-{sub}: {timing_out[sub]}", flush=True)
     md = _markdown(results, timing_out, methods[0])
