@@ -6,7 +6,10 @@ from qsmprep.benchmarks.participant import format_participant_table, run_partici
 from qsmprep.cli import bench
 
 
-def test_participant_bench_small(tmp_path, capsys):
+def test_participant_bench_small(tmp_path, capsys, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     (r,) = run_participant_bench(
         tmp_path, shape=(32, 32, 24), voxel_size=3.0, echo_times=(0.004, 0.008, 0.012),
         methods=("tkd", "tv"), nprocs=2, outputs=["chi"],
@@ -27,6 +30,8 @@ def test_participant_bench_small(tmp_path, capsys):
     assert set(r.stages) == {"field chain", "tkd", "tv"} and r.stages["field chain"] > 0
     table = format_participant_table(r)
     assert "wall time of the participant level" in table and "| field chain |" in table
+    # Nipype's per-interface traces (.proc-*) stay out of the directory the user ran from
+    assert not list(cwd.iterdir())
 
 
 def test_participant_bench_cli(tmp_path, capsys):

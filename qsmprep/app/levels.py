@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -115,6 +116,30 @@ def _validate_input(settings: Settings):
         )
         for sub, issues in sorted(per_subject.items())
     }
+
+
+@contextlib.contextmanager
+def _monitor_traces(settings: Settings):
+    """Keep Nipype's resource-monitor traces out of the user's working directory.
+
+    With ``--resource-monitor`` every interface run writes a ``.proc-<pid>_time-..`` trace into
+    the current directory of its process and never removes it (its samples are kept in the
+    node's result file). The workflow runs from ``<work>/resource_monitor`` (worker processes
+    start there too), and the traces are removed afterwards.
+    """
+    if not settings.resource_monitor:
+        yield
+        return
+    folder = Path(settings.work_dir) / "resource_monitor"
+    folder.mkdir(parents=True, exist_ok=True)
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+        for trace in folder.glob(".proc-*"):
+            trace.unlink(missing_ok=True)
 
 
 def run_participant(settings: Settings) -> int:
@@ -252,7 +277,8 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
             # (everything alive now: modules, the graph) are skipped by those passes.
             gc.freeze()
             try:
-                wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+                with _monitor_traces(settings):
+                    wf.run(plugin=settings.plugin, plugin_args=plugin_args)
             finally:
                 gc.unfreeze()
                 if progress is not None:
