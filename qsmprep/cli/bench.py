@@ -22,6 +22,7 @@ import numpy as np
 
 from qsmprep.__about__ import __version__
 from qsmprep.config import BG_METHODS, DEFAULT_BG_METHOD
+from qsmprep.methods import get, names, resolve
 
 __all__ = ["main"]
 
@@ -102,7 +103,7 @@ def bench_field(args) -> dict:
         with stage(prof, m):
             local, lmask = background.remove_background(
                 maps.total_hz,
-                maps.trimmed if m in background.KEEPS_MASK else maps.mask,
+                maps.trimmed if get(m).keeps_mask else maps.mask,
                 vs,
                 method=m,
                 device=args.device,
@@ -140,13 +141,16 @@ def bench_field(args) -> dict:
     }
 
 
-INVERSION_METHODS = ("tkd", "tsvd", "l2", "tv", "medi", "cosmos")
+INVERSION_METHODS = names("inversion", kind=("classical", "multi-orientation"))
+"""Choices of ``qsmprep-bench inversion --methods``: the inversions of one or several
+orientations that run on arrays (the networks run in ``accuracy``)."""
 
 
 def bench_inversion(args) -> dict:
     """Time and score each dipole inversion on one simulated head (noisy local field)."""
+    import inspect
+
     from qsmprep import metrics
-    from qsmprep.recon import inversion
     from qsmprep.recon._backend import count_ffts
     from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
     from qsmprep.sim import make_head_phantom, simulate_fields, simulate_gre
@@ -165,7 +169,7 @@ def bench_inversion(args) -> dict:
     te = (0.004, 0.008, 0.012, 0.016, 0.020)
     magnitude = simulate_gre(ph, te, b0=args.b0, snr=args.snr, seed=args.seed).magnitude[..., 0]
     cosmos_inputs = None
-    if "cosmos" in args.methods:
+    if any(get(m).kind == "multi-orientation" for m in args.methods):
         dirs = [np.array(b0_dir)]
         for ax, ang in ((0, 25.0), (1, -25.0), (0, -20.0))[: args.orientations - 1]:
             t = np.deg2rad(ang)
@@ -195,19 +199,20 @@ def bench_inversion(args) -> dict:
     rows = []
     for name in args.methods:
         info: dict = {}
+        record, func = get(name), resolve(name)
         kw = {"b0_dir": b0_dir, "device": args.device}
-        if name in ("tv", "medi"):
+        if "info" in inspect.signature(func).parameters:
             kw["info"] = info
-        if name == "medi":
-            kw.update(magnitude=magnitude, b0=args.b0)
+        extra = {"magnitude": magnitude, "b0": args.b0}  # the record's inputs that we have
+        kw.update({k: v for k, v in extra.items() if k in record.inputs})
         _sync(args.device)
         t1 = time.perf_counter()
         with count_ffts() as counter:
-            if name == "cosmos":
+            if record.kind == "multi-orientation":
                 fs, dirs = cosmos_inputs
-                chi = inversion.cosmos(fs, mask, vs, dirs, device=args.device)
+                chi = func(fs, mask, vs, dirs, device=args.device)
             else:
-                chi = getattr(inversion, name)(local, mask, vs, **kw)
+                chi = func(local, mask, vs, **kw)
             _sync(args.device)
         sec = time.perf_counter() - t1
         eq = counter.equivalents(shape)

@@ -23,15 +23,8 @@ from pathlib import Path
 from qsmprep import _atomic as atomic
 from qsmprep.__about__ import __version__
 from qsmprep.cli.console import StageProgress, console, log_file, quiet_nipype
-from qsmprep.config import (
-    ALL_METHODS,
-    BG_METHODS,
-    DEFAULT_BG_METHOD,
-    DL_METHODS,
-    OUTPUTS,
-    Settings,
-    load_method_params,
-)
+from qsmprep.config import OUTPUTS, Settings, load_method_params
+from qsmprep.methods import defaults, names
 from qsmprep.validation import (
     ValidatorUnavailable,
     run_validator,
@@ -168,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--methods",
         nargs="+",
-        default=["tkd", "l2", "tv", "medi"],
+        default=list(defaults("inversion")),
         metavar="METHOD",
         help=f"dipole inversions, each also the desc- label of its Chimap; classical: "
-        f"{', '.join(m for m in ALL_METHODS if m not in DL_METHODS)}; deep learning (trained "
-        f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): {', '.join(DL_METHODS)}",
+        f"{', '.join(names('inversion', kind='classical'))}; deep learning (trained "
+        f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): "
+        f"{', '.join(names('inversion', kind='dl'))}",
     )
     g.add_argument(
         "--outputs",
@@ -188,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--bg-method",
-        choices=BG_METHODS,
-        default=DEFAULT_BG_METHOD,
+        choices=names("background"),
+        default=defaults("background")[0],
         help="background field removal (lbv: Laplacian boundary value on the brain mask less its"
         " unreliable rim; resharp, vsharp and sharp erode the mask by their kernel)",
     )
@@ -330,7 +324,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         help="head orientations of the first subject (>= 2 also gives COSMOS)",
     )
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--methods", nargs="+", default=["tkd", "l2", "tv", "medi"])
+    d.add_argument("--methods", nargs="+", default=list(defaults("inversion")))
     d.add_argument(
         "--nprocs",
         type=int,
@@ -365,7 +359,7 @@ def _check_weights(methods, params) -> None:
     from qsmprep.dl.weights import resolve_model
 
     for m in methods:
-        if m in DL_METHODS:
+        if m in names("inversion", kind="dl"):
             p = params.get(m, {})
             try:
                 resolve_model(m, model=p.get("model"), weights=p.get("weights"))
@@ -409,9 +403,10 @@ def settings_from_args(args) -> Settings:
             "--outputs must include chi: the susceptibility maps are always computed, the other"
             " outputs come from the same chain (e.g. --outputs chi r2star)"
         )
-    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    available = list(names("inversion", kind=("classical", "dl")))
+    unknown = [m for m in args.methods if m not in available]
     if unknown:
-        raise UsageError(f"unknown method(s) {unknown}; available: {list(ALL_METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; available: {available}")
     params = load_method_params(args.config) if args.config else {}
     _check_weights(args.methods, params)
     filters = (
