@@ -37,12 +37,26 @@ html_title = f"qsmprep {__version__}"
 html_static_path: list[str] = []
 
 
+def _write(name: str, text: str) -> None:
+    """Write ``_generated/<name>`` when its text changed (unchanged files are not rebuilt)."""
+    out = DOCS / "_generated"
+    out.mkdir(exist_ok=True)
+    path = out / name
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _write_methods() -> None:
+    """``_generated/methods.md``: the table of methods, from the registry (qsmprep.methods)."""
+    from qsmprep.methods import markdown
+
+    _write("methods.md", markdown())
+
+
 def _write_references() -> None:
     """``_generated/references.md``: the full references, from the package's citation table."""
     from qsmprep.reports.methods import CITATIONS
 
-    out = DOCS / "_generated"
-    out.mkdir(exist_ok=True)
     lines = [
         "# References",
         "",
@@ -51,10 +65,8 @@ def _write_references() -> None:
         "",
     ]
     lines += [f"- **{key}**: {text}" for key, text in sorted(CITATIONS.items())]
-    text = "\n".join(lines) + "\n"
-    path = out / "references.md"
-    if not path.is_file() or path.read_text() != text:  # unchanged files are not rebuilt
-        path.write_text(text)
+    _write("references.md", "\n".join(lines) + "\n")
 
 
+_write_methods()
 _write_references()

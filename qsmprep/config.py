@@ -17,9 +17,8 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from qsmprep import methods as _methods
 from qsmprep.__about__ import __version__
-from qsmprep.dl.weights import DL_METHODS as _DL_METHODS
-from qsmprep.recon.background import DEFAULT_METHOD as DEFAULT_BG_METHOD
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -31,18 +30,34 @@ __all__ = [
     "DL_METHODS",
     "OUTPUTS",
     "PARAM_SECTIONS",
+    "STAGE_SECTIONS",
     "Settings",
     "load_method_params",
+    "param_sections",
 ]
 
-CLASSICAL_METHODS = ("tkd", "tsvd", "l2", "tv", "medi")
-DL_METHODS = tuple(_DL_METHODS)
-ALL_METHODS = (*CLASSICAL_METHODS, *DL_METHODS)
-BG_METHODS = ("resharp", "vsharp", "sharp", "pdf", "lbv")
-PARAM_SECTIONS = (
-    *ALL_METHODS, *BG_METHODS, "mask", "unwrap", "reliability", "cosmos", "space", "r2star", "swi",
-    "smwi",
-)  # fmt: skip
+STAGE_SECTIONS = ("mask", "unwrap", "reliability", "cosmos", "space", "r2star", "swi", "smwi")
+"""``--config`` sections of stages (those of the methods are their names)."""
+
+
+def param_sections() -> tuple[str, ...]:
+    """The sections a ``--config`` file may have: every selectable inversion method, every
+    background method (as registered now, :mod:`qsmprep.methods`) and the stages."""
+    selectable = _methods.names("inversion", kind=("classical", "dl"))
+    return (*selectable, *_methods.names("background"), *STAGE_SECTIONS)
+
+
+# The method tables, read from the registry (qsmprep.methods) when this module is imported;
+# code that must see methods registered later calls qsmprep.methods itself.
+CLASSICAL_METHODS = _methods.names("inversion", kind="classical")
+DL_METHODS = _methods.names("inversion", kind="dl")
+ALL_METHODS = _methods.names("inversion", kind=("classical", "dl"))
+"""Choices of ``--methods``: the classical and deep-learning inversions."""
+BG_METHODS = _methods.names("background")
+"""Choices of ``--bg-method``."""
+DEFAULT_BG_METHOD = _methods.defaults("background")[0]
+PARAM_SECTIONS = param_sections()
+
 OUTPUTS = ("chi", "r2star", "swi")
 """Choices of ``--outputs``: susceptibility maps (always made), R2*/T2*/S0 maps (two or more
 echoes), susceptibility-weighted images (SWI and its minIP; with ``chi``, SMWI)."""
@@ -71,10 +86,11 @@ def load_method_params(path: str | Path) -> dict[str, dict]:
             f"config file {p} must map section names to parameter tables, e.g."
             ' {"tv": {"lam": 0.0005}}'
         )
-    unknown = sorted(set(data) - set(PARAM_SECTIONS))
+    sections = param_sections()
+    unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ValueError(
-            f"config file {p} has unknown section(s) {unknown}; known: {list(PARAM_SECTIONS)}"
+            f"config file {p} has unknown section(s) {unknown}; known: {list(sections)}"
         )
     return data
 
@@ -94,8 +110,8 @@ class Settings:
     omp_nthreads: int = 1
     mem_gb: float | None = None
     device: str = "auto"
-    methods: list[str] = field(default_factory=lambda: ["tkd", "l2", "tv", "medi"])
-    bg_method: str = DEFAULT_BG_METHOD
+    methods: list[str] = field(default_factory=lambda: list(_methods.defaults("inversion")))
+    bg_method: str = field(default_factory=lambda: _methods.defaults("background")[0])
     unwrap: str = "auto"
     mask_method: str = "magnitude"
     reference: Path | None = None

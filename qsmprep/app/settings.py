@@ -15,14 +15,8 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from qsmprep.config import (
-    ALL_METHODS,
-    DEFAULT_BG_METHOD,
-    DL_METHODS,
-    OUTPUTS,
-    Settings,
-    load_method_params,
-)
+from qsmprep.config import DEFAULT_BG_METHOD, OUTPUTS, Settings, load_method_params
+from qsmprep.methods import names
 
 __all__ = ["UsageError", "default_nprocs", "default_omp_nthreads", "make_settings"]
 
@@ -81,7 +75,7 @@ def _check_weights(methods, params) -> None:
     from qsmprep.dl.weights import resolve_model
 
     for m in methods:
-        if m in DL_METHODS:
+        if m in names("inversion", kind="dl"):
             p = params.get(m, {})
             try:
                 resolve_model(m, model=p.get("model"), weights=p.get("weights"))
@@ -190,9 +184,10 @@ def make_settings(
             "--outputs must include chi: the susceptibility maps are always computed, the other"
             " outputs come from the same chain (e.g. --outputs chi r2star)"
         )
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    available = list(names("inversion", kind=("classical", "dl")))
+    unknown = [m for m in methods if m not in available]
     if unknown:
-        raise UsageError(f"unknown method(s) {unknown}; available: {list(ALL_METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; available: {available}")
     params = load_method_params(config) if config else {}
     _check_weights(methods, params)
     filters = (

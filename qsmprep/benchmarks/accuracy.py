@@ -33,26 +33,33 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from qsmprep.methods import get
+
 __all__ = ["ROWS_ADAPTIVE", "ROWS_DSBN", "ROWS_EXTERNAL", "run_accuracy"]
 
 ORIENTATIONS = [(0.0, 0.0), (25.0, 0.0), (-25.0, 0.0), (0.0, 25.0), (0.0, -25.0)]
 """Head rotations (about world x, about world y; degrees) of a COSMOS set."""
 
-# (row label, --methods name, method params)
+
+def _row(method: str, label: str | None = None, **params) -> tuple[str, str, dict]:
+    """(row label, --methods name, method params); the label defaults to the method's."""
+    return (label or get(method, "inversion").label, method, params)
+
+
 ROWS_DSBN = [
-    ("TKD", "tkd", {}),
-    ("MEDI", "medi", {}),
-    ("TV", "tv", {}),
-    ("QSMInvNet", "dcfinetune", {}),
-    ("QSMInvNet+", "dsbn", {}),
-    ("uQSM", "unsup", {}),
+    _row("tkd"),
+    _row("medi"),
+    _row("tv"),
+    _row("dcfinetune"),
+    _row("dsbn"),
+    _row("unsup", "uQSM"),
 ]
 ROWS_ADAPTIVE = [
-    ("Adaptive U-Net + TL", "adaptive", {}),
-    ("Adaptive U-Net, no TL", "adaptive", {"model": "adaptive-pretrained"}),
-    ("Conventional U-Net + TL", "unet", {}),
-    ("TV", "tv", {}),
-    ("MEDI", "medi", {}),
+    _row("adaptive", "Adaptive U-Net + TL"),
+    _row("adaptive", "Adaptive U-Net, no TL", model="adaptive-pretrained"),
+    _row("unet", "Conventional U-Net + TL"),
+    _row("tv"),
+    _row("medi"),
 ]
 ROWS_EXTERNAL = list({r[0]: r for r in ROWS_DSBN + ROWS_ADAPTIVE}.values())
 """Every method of both tables, for data made by another simulator (``external``)."""

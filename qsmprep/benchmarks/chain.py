@@ -32,16 +32,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ChainScore", "format_chain_table", "run_chain", "score_acquisition"]
+from qsmprep.methods import get, names, resolve
 
-_INVERSIONS = {
-    "tkd": "direct:tkd",
-    "tsvd": "direct:tsvd",
-    "l2": "direct:l2",
-    "tv": "tv:tv",
-    "medi": "medi:medi",
-}
-"""Single-orientation classical inversions the benchmark can rerun on oracle fields."""
+__all__ = ["ChainScore", "format_chain_table", "run_chain", "score_acquisition"]
 
 
 @dataclass
@@ -100,20 +93,19 @@ def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
 
 def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz):
     """``method`` on a given field and mask with the App's parameters and extra inputs."""
-    from importlib import import_module
-
-    module, name = _INVERSIONS[method].split(":")
-    func = getattr(import_module(f"qsmprep.recon.inversion.{module}"), name)
+    func, needs = resolve(method), get(method).inputs
     params = dict(params)
     extra = {}
-    if method == "medi":
-        te = list(meta.get("EchoTime") or [])
-        if te:
-            from qsmprep.recon.inversion.medi import delta_te_of
+    te = list(meta.get("EchoTime") or [])
+    if "delta_te" in needs and te:
+        from qsmprep.recon.inversion.medi import delta_te_of
 
-            params.setdefault("delta_te", delta_te_of(te))
+        params.setdefault("delta_te", delta_te_of(te))
+    if "b0" in needs:
         params.setdefault("b0", float(meta["B0"]))
+    if "magnitude" in needs:
         extra["magnitude"] = _magnitude(bids, meta.get("Sources", []))
+    if "noise_std" in needs:
         extra["noise_std"] = noise_hz
     return func(field_ppm, mask, vs, b0_dir=b0_dir, **extra, **params)
 
@@ -174,7 +166,7 @@ def score_acquisition(
         chi = _load(f)
         row = {"covered": float((t_mask & (chi != 0)).sum()) / n_true}
         row["end_to_end"] = _metrics(evaluate(chi, t_chi, t_mask))
-        if method in _INVERSIONS:
+        if method in names("inversion", kind="classical"):
             b0 = float(meta["B0"])
             for key, field_hz in (("oracle", t_local), ("noise_oracle", noisy)):
                 est = _oracle_inversion(

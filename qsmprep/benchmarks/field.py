@@ -17,6 +17,7 @@ import numpy as np
 from qsmprep.__about__ import __version__
 from qsmprep.benchmarks.timing import fft_pair_seconds, sync
 from qsmprep.config import BG_METHODS, DEFAULT_BG_METHOD
+from qsmprep.methods import get
 
 __all__ = ["bench_field"]
 
@@ -117,7 +118,7 @@ def bench_field(
         with stage(prof, m):
             local, lmask = background.remove_background(
                 maps.total_hz,
-                maps.trimmed if m in background.KEEPS_MASK else maps.mask,
+                maps.trimmed if get(m).keeps_mask else maps.mask,
                 vs,
                 method=m,
                 device=device,

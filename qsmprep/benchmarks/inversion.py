@@ -12,11 +12,14 @@ import numpy as np
 
 from qsmprep.__about__ import __version__
 from qsmprep.benchmarks.timing import fft_pair_seconds, sync
+from qsmprep.methods import get, names, resolve
 
 __all__ = ["INVERSION_METHODS", "bench_inversion"]
 
 
-INVERSION_METHODS = ("tkd", "tsvd", "l2", "tv", "medi", "cosmos")
+INVERSION_METHODS = names("inversion", kind=("classical", "multi-orientation"))
+"""Choices of ``qsmprep-bench inversion --methods``: the inversions of one or several
+orientations that run on arrays (the networks run in ``accuracy``)."""
 
 
 def bench_inversion(
@@ -61,8 +64,9 @@ def bench_inversion(
         FFT-equivalent, ratio to the FFT time, NRMSE, HFEN, SSIM and XSIM against the truth;
         the FFT pair time and the settings.
     """
+    import inspect
+
     from qsmprep import metrics
-    from qsmprep.recon import inversion
     from qsmprep.recon._backend import count_ffts
     from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
     from qsmprep.sim import make_head_phantom, simulate_fields, simulate_gre
@@ -81,7 +85,7 @@ def bench_inversion(
     te = (0.004, 0.008, 0.012, 0.016, 0.020)
     magnitude = simulate_gre(ph, te, b0=b0, snr=snr, seed=seed).magnitude[..., 0]
     cosmos_inputs = None
-    if "cosmos" in methods:
+    if any(get(m).kind == "multi-orientation" for m in methods):
         dirs = [np.array(b0_dir)]
         for ax, ang in ((0, 25.0), (1, -25.0), (0, -20.0))[: orientations - 1]:
             t = np.deg2rad(ang)
@@ -111,19 +115,20 @@ def bench_inversion(
     rows = []
     for name in methods:
         info: dict = {}
+        record, func = get(name), resolve(name)
         kw = {"b0_dir": b0_dir, "device": device}
-        if name in ("tv", "medi"):
+        if "info" in inspect.signature(func).parameters:
             kw["info"] = info
-        if name == "medi":
-            kw.update(magnitude=magnitude, b0=b0)
+        extra = {"magnitude": magnitude, "b0": b0}  # the record's inputs that we have
+        kw.update({k: v for k, v in extra.items() if k in record.inputs})
         sync(device)
         t1 = time.perf_counter()
         with count_ffts() as counter:
-            if name == "cosmos":
+            if record.kind == "multi-orientation":
                 fs, dirs = cosmos_inputs
-                chi = inversion.cosmos(fs, mask, vs, dirs, device=device)
+                chi = func(fs, mask, vs, dirs, device=device)
             else:
-                chi = getattr(inversion, name)(local, mask, vs, **kw)
+                chi = func(local, mask, vs, **kw)
             sync(device)
         sec = time.perf_counter() - t1
         eq = counter.equivalents(shape)

@@ -24,14 +24,8 @@ from qsmprep.app import (
     run_demo,
 )
 from qsmprep.app.console import console
-from qsmprep.config import (
-    ALL_METHODS,
-    BG_METHODS,
-    DEFAULT_BG_METHOD,
-    DL_METHODS,
-    OUTPUTS,
-    Settings,
-)
+from qsmprep.config import OUTPUTS, Settings
+from qsmprep.methods import defaults, names
 
 __all__ = [
     "UsageError",
@@ -136,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--methods",
         nargs="+",
-        default=["tkd", "l2", "tv", "medi"],
+        default=list(defaults("inversion")),
         metavar="METHOD",
         help=f"dipole inversions, each also the desc- label of its Chimap; classical: "
-        f"{', '.join(m for m in ALL_METHODS if m not in DL_METHODS)}; deep learning (trained "
-        f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): {', '.join(DL_METHODS)}",
+        f"{', '.join(names('inversion', kind='classical'))}; deep learning (trained "
+        f"networks shipped with qsmprep or in $QSMPREP_WEIGHTS_DIR): "
+        f"{', '.join(names('inversion', kind='dl'))}",
     )
     g.add_argument(
         "--outputs",
@@ -156,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--bg-method",
-        choices=BG_METHODS,
-        default=DEFAULT_BG_METHOD,
+        choices=names("background"),
+        default=defaults("background")[0],
         help="background field removal (lbv: Laplacian boundary value on the brain mask less its"
         " unreliable rim; resharp, vsharp and sharp erode the mask by their kernel)",
     )
@@ -298,7 +293,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
         help="head orientations of the first subject (>= 2 also gives COSMOS)",
     )
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--methods", nargs="+", default=["tkd", "l2", "tv", "medi"])
+    d.add_argument("--methods", nargs="+", default=list(defaults("inversion")))
     d.add_argument(
         "--nprocs",
         type=int,

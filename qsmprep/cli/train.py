@@ -24,6 +24,7 @@ import shlex
 import sys
 
 from qsmprep.__about__ import __version__
+from qsmprep.methods import names
 
 __all__ = ["build_parser", "main"]
 
@@ -132,9 +133,13 @@ def _target(p: argparse.ArgumentParser, *, reference_default=None) -> None:
     t.add_argument(
         "--bg-method",
         default="resharp",
-        choices=["resharp", "sharp", "vsharp", "pdf", "lbv"],
+        choices=sorted(names("background"), key=lambda m: (*_BG_HELP_ORDER, m).index(m)),
         help="BIDS datasets: background removal of the field chain",
     )
+
+
+_BG_HELP_ORDER = ("resharp", "sharp", "vsharp", "pdf", "lbv")
+"""Order of ``--bg-method``'s choices in this help; other registered methods follow."""
 
 
 def build_parser() -> argparse.ArgumentParser:

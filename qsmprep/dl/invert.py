@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmprep.dl.weights import DL_METHODS, resolve_model
+from qsmprep import methods as _registry
+from qsmprep.dl.weights import resolve_model
 
 __all__ = ["DL_ARCH", "dl_invert", "load_method_model"]
 
-DL_ARCH = {
-    "unet": "unet",
-    "adaptive": "adaptive",
-    "dsbn": "dsbn",
-    "dcfinetune": "unet",
-    "unsup": "unet",
-}
-"""The architecture each method's checkpoint must have."""
+DL_ARCH = {m.name: m.arch for m in _registry.records(kind="dl")}
+"""The architecture each method's checkpoint must have (its record's ``arch``; the functions
+here read the registry, so methods registered later work too)."""
+
+
+def _arch(method: str) -> str:
+    return _registry.get(method, kind="dl").arch
 
 
 @lru_cache(maxsize=8)
@@ -41,7 +41,7 @@ def load_method_model(method: str, *, model: str | None = None, weights=None, de
     entry = resolve_model(method, model=model, weights=weights)
     dev = str(resolve_device(device))
     path = Path(entry.path).resolve()
-    net, meta = _load(str(path), entry.sha256, DL_ARCH[method], dev, path.stat().st_mtime)
+    net, meta = _load(str(path), entry.sha256, _arch(method), dev, path.stat().st_mtime)
     return net, meta, entry
 
 
@@ -63,7 +63,7 @@ def dl_invert(
     Parameters
     ----------
     method : {"unet", "adaptive", "dsbn", "dcfinetune", "unsup"}
-        See :data:`qsmprep.dl.weights.DL_METHODS`.
+        A deep-learning method of the registry (:mod:`qsmprep.methods`).
     field_ppm, mask : (X, Y, Z) arrays
         Local field in ppm of B0 and the mask where it is valid.
     voxel_size : 3 floats
@@ -92,11 +92,12 @@ def dl_invert(
     """
     from qsmprep.dl.inference import predict
 
-    if method not in DL_METHODS:
-        raise ValueError(f"unknown deep-learning method {method!r}; choose from {list(DL_ARCH)}")
+    deep = _registry.names(kind="dl")
+    if method not in deep:
+        raise ValueError(f"unknown deep-learning method {method!r}; choose from {list(deep)}")
     net, meta, entry = load_method_model(method, model=model, weights=weights, device=device)
     # QSMInvNet+ runs measured scans through the target-domain batch-norm statistics
-    domain = "target" if DL_ARCH[method] == "dsbn" else None
+    domain = "target" if _arch(method) == "dsbn" else None
     chi = predict(
         net,
         field_ppm,
@@ -112,7 +113,7 @@ def dl_invert(
         "Model": entry.name,
         "WeightsFile": Path(entry.path).name,
         "WeightsSha256": meta.get("sha256"),
-        "Architecture": DL_ARCH[method],
+        "Architecture": _arch(method),
         "TrainingSteps": meta.get("step"),
         "Domain": domain,
     }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-
 import numpy as np
 from nipype.interfaces.base import (
     File,
@@ -13,7 +11,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from qsmprep.dl.weights import DL_METHODS
+from qsmprep import methods as registry
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon.inversion.consistency import data_consistency
@@ -32,26 +30,37 @@ __all__ = [
     "DipoleInversion",
 ]
 
-_FUNCTIONS = {
-    "tkd": "direct:tkd",
-    "tsvd": "direct:tsvd",
-    "l2": "direct:l2",
-    "tv": "tv:tv",
-    "medi": "medi:medi",
-}
-INVERSION_METHODS = tuple(_FUNCTIONS)
-"""Single-orientation inversions of :mod:`qsmprep.recon.inversion` run by DipoleInversion."""
+INVERSION_METHODS = registry.names("inversion", kind="classical")
+"""Single-orientation classical inversions run by DipoleInversion (the registry's, at import;
+the interface accepts any registered later too)."""
 
-WHOLE_BRAIN_METHODS = ("tv", "medi")
-"""Inversions with a per-voxel data weight: given the brain mask they cover all of it, with
-zero data weight where the local field is unknown or unreliable (the regulariser carries chi
-there). The others cover the local-field mask only."""
+DL_METHODS = registry.names("inversion", kind="dl")
+"""Deep-learning inversions run by DeepInversion (the registry's, at import)."""
+
+WHOLE_BRAIN_METHODS = tuple(
+    m.name for m in registry.records("inversion", kind="classical") if m.whole_brain
+)
+"""Inversions with a per-voxel data weight (``Method.whole_brain``): given the brain mask they
+cover all of it, with zero data weight where the local field is unknown or unreliable (the
+regulariser carries chi there). The others cover the local-field mask only."""
 
 
-def _function(method: str):
-    """The inversion function of ``method`` (imported on use: optional modules stay lazy)."""
-    module, name = _FUNCTIONS[method].split(":")
-    return getattr(import_module(f"qsmprep.recon.inversion.{module}"), name)
+class _MethodName(traits.BaseStr):
+    """A trait holding the name of a registered inversion of one kind (checked on assignment
+    against the registry as it is then, so methods registered at run time are accepted)."""
+
+    def __init__(self, kind: str, **metadata):
+        self._kind = kind
+        super().__init__(**metadata)
+
+    def validate(self, obj, name, value):
+        value = super().validate(obj, name, value)
+        if value not in registry.names("inversion", kind=self._kind):
+            self.error(obj, name, value)
+        return value
+
+    def info(self):
+        return "one of " + ", ".join(map(repr, registry.names("inversion", kind=self._kind)))
 
 
 _DEVICES = ("cpu", "auto", "cuda", "torch")
@@ -62,7 +71,7 @@ _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_
 class _InversionInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    method = traits.Enum(*INVERSION_METHODS, mandatory=True, desc="inversion method")
+    method = _MethodName("classical", mandatory=True, desc="inversion method")
     params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
     b0 = traits.Float(mandatory=True, desc="field strength (T)")
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
@@ -109,32 +118,19 @@ class DipoleInversion(ThreadedInterface):
         field_hz, img = load(inp.local_field)
         local, _ = load(inp.mask, bool)
         field, vs, b0_dir = hz_to_ppm(field_hz, inp.b0), voxel_size(img), tuple(inp.b0_dir)
-        func = _function(method)
+        record = registry.get(method, "inversion")
+        func = registry.resolve(method)
         params = dict(inp.params)
-        extra = {}
         data = local
         if isdefined(inp.reliable_mask):
             data = local & load(inp.reliable_mask, bool)[0]
             if not data.any():
                 data = local  # nothing judged reliable: fall back to the local mask
         noise = load(inp.noise_field)[0] if isdefined(inp.noise_field) else None
-        whole = method in WHOLE_BRAIN_METHODS and isdefined(inp.brain_mask)
+        whole = record.whole_brain and isdefined(inp.brain_mask)
         m = (load(inp.brain_mask, bool)[0] | local) if whole else local
-        if method == "medi":
-            if not isdefined(inp.magnitude):
-                raise ValueError("MEDI needs the magnitude input (its edge mask)")
-            te = list(inp.echo_times) if isdefined(inp.echo_times) else []
-            if te:
-                params.setdefault("delta_te", delta_te_of(te))
-            params.setdefault("b0", inp.b0)
-            extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
-            if noise is not None:
-                # outside the data mask the weight is zero: any positive value serves there
-                extra["noise_std"] = np.where(data & np.isfinite(noise) & (noise > 0), noise, 1.0)
-            if whole or isdefined(inp.reliable_mask):
-                extra["data_mask"] = data
-        elif method == "tv" and (whole or isdefined(inp.reliable_mask)) and "weight" not in params:
-            extra["weight"] = _tv_weight(data, noise)
+        weighted = whole or isdefined(inp.reliable_mask)
+        extra = self._extra_inputs(record, params, data, noise, weighted)
         chi = func(field, m, vs, b0_dir=b0_dir, device=inp.device, **extra, **params)
         chi = reference_mean(chi, m)
         self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
@@ -157,11 +153,33 @@ class DipoleInversion(ThreadedInterface):
             )
         return runtime
 
+    def _extra_inputs(self, record, params: dict, data, noise, weighted: bool) -> dict:
+        """The arrays among the record's extra inputs (:data:`qsmprep.methods.INPUTS`); its
+        scalar ones (``delta_te``, ``b0``) go into ``params`` unless given there."""
+        inp, needs, extra = self.inputs, record.inputs, {}
+        if "magnitude" in needs and not isdefined(inp.magnitude):
+            raise ValueError(f"{record.label} needs the magnitude input (its edge mask)")
+        te = list(inp.echo_times) if isdefined(inp.echo_times) else []
+        if "delta_te" in needs and te:
+            params.setdefault("delta_te", delta_te_of(te))
+        if "b0" in needs:
+            params.setdefault("b0", inp.b0)
+        if "magnitude" in needs:
+            extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
+        if "noise_std" in needs and noise is not None:
+            # outside the data mask the weight is zero: any positive value serves there
+            extra["noise_std"] = np.where(data & np.isfinite(noise) & (noise > 0), noise, 1.0)
+        if "data_mask" in needs and weighted:
+            extra["data_mask"] = data
+        if "weight" in needs and weighted and "weight" not in params:
+            extra["weight"] = _tv_weight(data, noise)
+        return extra
+
 
 class _DeepInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    method = traits.Enum(*DL_METHODS, mandatory=True, desc="deep-learning inversion method")
+    method = _MethodName("dl", mandatory=True, desc="deep-learning inversion method")
     params = traits.Dict(
         usedefault=True,
         desc="model (registered name), weights (checkpoint file), tile_shape, overlap",
@@ -196,11 +214,12 @@ class DeepInversion(ThreadedInterface):
         m, _ = load(inp.mask, bool)
         field, vs, b0_dir = hz_to_ppm(field_hz, inp.b0), voxel_size(img), tuple(inp.b0_dir)
         params = dict(inp.params)
-        unknown = set(params) - {"model", "weights", "tile_shape", "overlap"}
+        known = [p.name for p in registry.get(inp.method).parameters]
+        unknown = set(params) - set(known)
         if unknown:
             raise ValueError(
                 f"unknown parameters {sorted(unknown)} for {inp.method!r}; "
-                "use model, weights, tile_shape or overlap"
+                f"use {', '.join(known[:-1])} or {known[-1]}"
             )
         device = "cpu" if inp.device == "torch" else inp.device
         chi, info = dl_invert(inp.method, field, m, vs, b0_dir, device=device, **params)

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import cg as sparse_cg
 
+from qsmprep import methods as _registry
 from qsmprep.recon._backend import asarray, irfftn, namespace, rfftn, to_numpy
 from qsmprep.recon._checks import (
     check_b0_dir,
@@ -57,13 +58,15 @@ __all__ = [
     "vsharp_radii",
 ]
 
-METHODS = ("sharp", "vsharp", "resharp", "pdf", "lbv")
-"""Names accepted by :func:`remove_background`."""
+METHODS = _registry.names("background")
+"""Names accepted by :func:`remove_background`: the registry's background methods
+(:mod:`qsmprep.methods`; those registered later are accepted too)."""
 
-DEFAULT_METHOD = "lbv"
-"""The App's background removal: of the methods here, the one with the lowest end-to-end error
-over the true brain on the development data (``qsmprep-bench chain``; ``docs/field-chain.md``)
-once the unreliable rim is trimmed (:func:`qsmprep.recon.mask.field_reliability`)."""
+DEFAULT_METHOD = _registry.defaults("background")[0]
+"""The App's background removal (the registry's default, LBV): of the methods here, the one with
+the lowest end-to-end error over the true brain on the development data (``qsmprep-bench
+chain``; ``docs/field-chain.md``) once the unreliable rim is trimmed
+(:func:`qsmprep.recon.mask.field_reliability`)."""
 
 MAX_DISAGREEMENT = 75.0
 """Largest NRMSE (%) of a whole-mask method's local field against RESHARP's, inside RESHARP's
@@ -72,10 +75,10 @@ acquisitions of the development data (qsmdev, qsmdev-multi, qsmdev-aniso), where
 most accurate method, and 158-188 % on our own phantoms at 1 to 3 mm (tissue of -0.5 ppm borders
 their brain, so LBV's zero boundary value fails); 75 is about their geometric mean."""
 
-KEEPS_MASK = ("pdf", "lbv")
-"""Methods whose local field covers their whole input mask (no kernel erosion): they take the
-field at the mask's edge at face value, so the App gives them the brain mask less its
-unreliable rim (:func:`qsmprep.recon.mask.field_reliability`)."""
+KEEPS_MASK = tuple(m.name for m in _registry.records("background") if m.keeps_mask)
+"""Methods whose local field covers their whole input mask (no kernel erosion; ``keeps_mask``
+in their records): they take the field at the mask's edge at face value, so the App gives them
+the brain mask less its unreliable rim (:func:`qsmprep.recon.mask.field_reliability`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,11 +761,13 @@ def remove_background(field, mask, voxel_size, *, method: str = "resharp", **kwa
     :func:`lbv`).
     Returns ``(local_field, mask_out)`` in the unit of ``field``.
     """
-    funcs = {"sharp": sharp, "vsharp": vsharp, "resharp": resharp, "pdf": pdf, "lbv": lbv}
     key = str(method).lower().replace("-", "").replace("_", "")
-    if key not in funcs:
-        raise ValueError(f"unknown background removal method {method!r}; choose from {METHODS}")
-    return funcs[key](field, mask, voxel_size, **kwargs)
+    if key not in _registry.names("background"):
+        raise ValueError(
+            f"unknown background removal method {method!r}; choose from "
+            f"{_registry.names('background')}"
+        )
+    return _registry.resolve(key)(field, mask, voxel_size, **kwargs)
 
 
 def remove_background_checked(
@@ -811,10 +816,12 @@ def remove_background_checked(
     """
     local, out = remove_background(field, mask, voxel_size, method=method, device=device, **kwargs)
     key = str(method).lower().replace("-", "").replace("_", "")
-    if key not in KEEPS_MASK or max_disagreement is None:
+    if not _registry.get(key).keeps_mask or max_disagreement is None:
         return local, out, {"method": key}
     ref_mask = mask if brain_mask is None else brain_mask
-    kw = {"b0_dir": kwargs["b0_dir"]} if fallback == "pdf" and "b0_dir" in kwargs else {}
+    fb = str(fallback).lower().replace("-", "").replace("_", "")
+    takes_b0_dir = fb in _registry.names("background") and "b0_dir" in _registry.get(fb).inputs
+    kw = {"b0_dir": kwargs["b0_dir"]} if takes_b0_dir and "b0_dir" in kwargs else {}
     ref, ref_out = remove_background(
         field, ref_mask, voxel_size, method=fallback, device=device, **kw
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsmprep import methods as _registry
 from qsmprep.recon._checks import check_echo_times, check_finite, check_mask, check_volume
 
 __all__ = [
@@ -48,8 +49,9 @@ __all__ = [
     "resolve_method",
 ]
 
-METHODS = ("auto", "arlo", "nlls", "loglinear")
-"""Choices of :func:`fit_r2star`'s ``method``."""
+METHODS = ("auto", *_registry.names("r2star"))
+"""Choices of :func:`fit_r2star`'s ``method``: ``"auto"`` (:func:`resolve_method`) and the
+registry's R2* estimators (:mod:`qsmprep.methods`)."""
 
 R2STAR_RANGE = (0.0, 1000.0)
 """Physical range of R2* (1/s) the maps are clipped to."""

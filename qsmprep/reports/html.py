@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from qsmprep import methods as registry
 from qsmprep.__about__ import __version__
 from qsmprep.reports.collect import (
     AcquisitionFiles,
@@ -49,8 +50,9 @@ __all__ = ["build_subject_report", "load_settings", "write_text_atomic"]
 
 LOGGER = logging.getLogger("qsmprep.reports")
 
-#: Preferred order of methods on the page (others follow alphabetically).
-_METHOD_ORDER = ("tkd", "tsvd", "l2", "tv", "medi")
+#: Preferred order of methods on the page (others follow alphabetically): the classical
+#: inversions in the registry's order.
+_METHOD_ORDER = registry.view("inversion", kind="classical")
 #: Units of metric columns, shown in the table header.
 METRIC_UNITS = {"nrmse": "%", "hfen": "%", "psnr": "dB", "dc_residual": "%"}
 

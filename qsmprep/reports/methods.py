@@ -3,30 +3,27 @@
 :func:`methods_paragraph` writes a boilerplate description for a paper's methods section that
 names every option that shaped the result (mask, unwrapping, background removal, inversion
 methods and their parameters, referencing, reference maps and metrics), each with its
-literature reference. Methods unknown here (e.g. a newly added deep-learning method) are named
-without a citation; add them to :data:`METHODS` and :data:`CITATIONS` to describe them.
+literature reference. The methods are described by their records in :mod:`qsmprep.methods`
+(label, description, references, key parameters); a method without one is named without a
+citation.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from qsmprep import methods as registry
 from qsmprep.__about__ import __version__
-from qsmprep.dl.weights import DL_METHODS as DL_NAMES
 
 __all__ = ["CITATIONS", "METHODS", "MethodsText", "methods_paragraph", "methods_text"]
 
-#: Full references, by key.
-CITATIONS: dict[str, str] = {
+#: References of the chain's fixed steps, by key (the methods' are in their records).
+_CITATIONS: dict[str, str] = {
     "nipype": "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and "
     "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.",
     "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
     "datasets. J Open Source Softw 2019;4(40):1294.",
-    "arlo": "Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting "
-    "based on Auto-Regression on Linear Operations (ARLO) of data. Magn Reson Med "
-    "2015;73:843-850.",
     "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst "
     "Man Cybern 1979;9:62-66.",
     "romeo": "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid "
@@ -41,63 +38,12 @@ CITATIONS: dict[str, str] = {
     "kressler": "Kressler B, de Rochefort L, Liu T, Spincemaille P, Jiang Q, Wang Y. Nonlinear "
     "regularization for per voxel estimation of magnetic susceptibility distributions from MRI "
     "field maps. IEEE Trans Med Imaging 2010;29:273-281.",
-    "sharp": "Schweser F, Deistung A, Lehr BW, Reichenbach JR. Quantitative imaging of "
-    "intrinsic magnetic tissue properties using MRI signal phase: an approach to in vivo brain "
-    "iron metabolism? NeuroImage 2011;54:2789-2807.",
-    "vsharp": "Wu B, Li W, Guidon A, Liu C. Whole brain susceptibility mapping using compressed "
-    "sensing. Magn Reson Med 2012;67:137-147.",
-    "resharp": "Sun H, Wilman AH. Background field removal using spherical mean value filtering "
-    "and Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.",
-    "pdf": "Liu T, Khalidov I, de Rochefort L, et al. A novel background field removal method "
-    "for MRI using projection onto dipole fields (PDF). NMR Biomed 2011;24:1129-1136.",
-    "lbv": "Zhou D, Liu T, Spincemaille P, Wang Y. Background field removal by solving the "
-    "Laplacian boundary value problem. NMR Biomed 2014;27:312-319.",
-    "tkd": "Shmueli K, de Zwart JA, van Gelderen P, Li TQ, Dodd SJ, Duyn JH. Magnetic "
-    "susceptibility mapping of brain tissue in vivo using MRI phase data. Magn Reson Med "
-    "2009;62:1510-1522.",
-    "tkd_correction": "Schweser F, Deistung A, Sommer K, Reichenbach JR. Toward online "
-    "reconstruction of quantitative susceptibility maps: superfast dipole inversion. Magn "
-    "Reson Med 2013;69:1582-1594.",
-    "tsvd": "Wharton S, Schaefer A, Bowtell R. Susceptibility mapping in the human brain using "
-    "threshold-based k-space division. Magn Reson Med 2010;63:1292-1304.",
-    "l2": "Bilgic B, Chatnuntawech I, Fan AP, et al. Fast image reconstruction with "
-    "L2-regularization. J Magn Reson Imaging 2014;40:181-191.",
-    "tv": "Bilgic B, Fan AP, Polimeni JR, et al. Fast quantitative susceptibility mapping with "
-    "L1-regularization and automatic parameter selection. Magn Reson Med 2014;72:1444-1459.",
-    "fansi": "Milovic C, Bilgic B, Zhao B, Acosta-Cabronero J, Tejos C. Fast nonlinear "
-    "susceptibility inversion with variational regularization. Magn Reson Med "
-    "2018;80:814-821.",
-    "medi2011": "Liu T, Liu J, de Rochefort L, et al. Morphology enabled dipole inversion "
-    "(MEDI) from a single-angle acquisition: comparison with COSMOS in human brain imaging. "
-    "Magn Reson Med 2011;66:777-783.",
-    "medi2012": "Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion for "
-    "quantitative susceptibility mapping using structural consistency between the magnitude "
-    "image and the susceptibility map. NeuroImage 2012;59:2560-2568.",
-    "medi2013": "Liu T, Wisnieff C, Lou M, Chen W, Spincemaille P, Wang Y. Nonlinear "
-    "formulation of the magnetic field to source relationship for robust quantitative "
-    "susceptibility mapping. Magn Reson Med 2013;69:467-476.",
-    "medi0": "Liu Z, Spincemaille P, Yao Y, Zhang Y, Wang Y. MEDI+0: Morphology enabled dipole "
-    "inversion with automatic uniform cerebrospinal fluid zero reference for quantitative "
-    "susceptibility mapping. Magn Reson Med 2018;79:2795-2803.",
-    "cosmos": "Liu T, Spincemaille P, de Rochefort L, Kressler B, Wang Y. Calculation of "
-    "susceptibility through multiple orientation sampling (COSMOS): a method for conditioning "
-    "the inverse problem from measured magnetic field map to susceptibility source image in "
-    "MRI. Magn Reson Med 2009;61:196-204.",
     "challenge2016": "Langkammer C, Schweser F, Shmueli K, et al. Quantitative susceptibility "
     "mapping: Report from the 2016 reconstruction challenge. Magn Reson Med "
     "2018;79:1661-1673.",
     "xsim": "Milovic C, Tejos C, Acosta-Cabronero J, et al. The 2016 QSM Challenge: Lessons "
     "learned and considerations for a future challenge design. Magn Reson Med "
     "2020;84:1624-1637.",
-    "qsmnet": "Yoon J, Gong E, Chatnuntawech I, et al. Quantitative susceptibility mapping "
-    "using deep neural network: QSMnet. NeuroImage 2018;179:199-206.",
-    "deepqsm": "Bollmann S, Rasmussen KGB, Kristensen M, et al. DeepQSM - using deep learning "
-    "to solve the dipole inversion for quantitative susceptibility mapping. NeuroImage "
-    "2019;195:373-383.",
-    "adaptiveconv": "Kang D, Dhar D, Chan AB. Incorporating side information by adaptive "
-    "convolution. Adv Neural Inf Process Syst 2017;30:3867-3877.",
-    "dsbn": "Chang WG, You T, Seo S, Kwak S, Han B. Domain-specific batch normalization for "
-    "unsupervised domain adaptation. Proc IEEE/CVF CVPR 2019:7354-7362.",
     "swi1997": "Reichenbach JR, Venkatesan R, Schillinger DJ, Kido DK, Haacke EM. Small "
     "vessels in the human brain: MR venography with deoxyhemoglobin as an intrinsic contrast "
     "agent. Radiology 1997;204:272-277.",
@@ -116,96 +62,30 @@ CITATIONS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class _Method:
-    name: str  # as written in the text
-    description: str  # follows the name
-    cites: tuple[str, ...]
-    function: str  # "module:function" whose defaults are the parameters
-    key_params: tuple[str, ...] = ()
+class _Citations(Mapping):
+    """Full references by key: the fixed steps' and those of every registered method."""
+
+    def _all(self) -> dict[str, str]:
+        return {**_CITATIONS, **registry.references()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
-#: Background-removal and inversion methods: text, citations, key parameters.
-METHODS: dict[str, _Method] = {
-    "sharp": _Method(
-        "SHARP", "sophisticated harmonic artifact reduction for phase data", ("sharp",),
-        "qsmprep.recon.background:sharp", ("radius", "threshold"),
-    ),
-    "vsharp": _Method(
-        "V-SHARP", "SHARP with variable spherical kernel radii", ("vsharp", "sharp"),
-        "qsmprep.recon.background:vsharp", ("radii", "threshold"),
-    ),
-    "resharp": _Method(
-        "RESHARP", "SHARP with Tikhonov regularization", ("resharp",),
-        "qsmprep.recon.background:resharp", ("radius", "alpha"),
-    ),
-    "pdf": _Method(
-        "PDF", "projection onto dipole fields", ("pdf",),
-        "qsmprep.recon.background:pdf", ("tol", "max_iter"),
-    ),
-    "lbv": _Method(
-        "LBV", "Laplacian boundary value background removal", ("lbv",),
-        "qsmprep.recon.background:lbv", ("tol", "peel"),
-    ),
-    "tkd": _Method(
-        "TKD", "truncated k-space division", ("tkd",),
-        "qsmprep.recon.inversion.direct:tkd", ("threshold", "correct"),
-    ),
-    "tsvd": _Method(
-        "TSVD", "k-space division with the ill-conditioned cone set to zero", ("tsvd",),
-        "qsmprep.recon.inversion.direct:tsvd", ("threshold",),
-    ),
-    "l2": _Method(
-        "closed-form L2", "Tikhonov-regularized inversion", ("l2",),
-        "qsmprep.recon.inversion.direct:l2", ("lam", "reg"),
-    ),
-    "tv": _Method(
-        "TV", "total-variation regularized inversion solved by ADMM", ("tv", "fansi"),
-        "qsmprep.recon.inversion.tv:tv", ("lam", "max_iter", "tol"),
-    ),
-    "medi": _Method(
-        "MEDI", "morphology enabled dipole inversion, nonlinear data term",
-        ("medi2011", "medi2012", "medi2013"),
-        "qsmprep.recon.inversion.medi:medi", ("lam", "percentage", "lambda_csf", "max_iter"),
-    ),
-    "unet": _Method(
-        "U-Net", "a 3D U-Net trained on synthetic data", ("qsmnet", "deepqsm"),
-        "qsmprep.dl.invert:dl_invert", ("model",),
-    ),
-    "adaptive": _Method(
-        "adaptive-convolution U-Net",
-        "first-layer filters generated from voxel size and B0 direction, transfer-learned",
-        ("adaptiveconv", "qsmnet"), "qsmprep.dl.invert:dl_invert", ("model",),
-    ),
-    "dsbn": _Method(
-        "QSMInvNet+", "a U-Net with domain-specific batch normalization and a data-consistency "
-        "loss on unlabelled scans", ("dsbn", "qsmnet"), "qsmprep.dl.invert:dl_invert",
-        ("model",),
-    ),
-    "dcfinetune": _Method(
-        "QSMInvNet", "a U-Net fine-tuned on scans with a data-consistency loss", ("qsmnet",),
-        "qsmprep.dl.invert:dl_invert", ("model",),
-    ),
-    "unsup": _Method(
-        "uQSM-style U-Net", "trained with a data-consistency loss only", ("qsmnet",),
-        "qsmprep.dl.invert:dl_invert", ("model",),
-    ),
-}  # fmt: skip
+CITATIONS: Mapping[str, str] = _Citations()
+"""Full references, by key (a live mapping: methods registered later are included)."""
 
-_UNITS = {"radius": "mm", "radii": "mm", "r_max": "mm"}
+METHODS = registry.view(("background", "inversion"))
+"""Background-removal and inversion methods (a live view of :mod:`qsmprep.methods`): label,
+description, citations and key parameters of each."""
+
 _SKIP = {"device", "info", "b0_dir", "pad"}
-
-
-def _defaults(function: str) -> dict:
-    """Default keyword values of ``module:function`` (``{}`` when it cannot be imported)."""
-    try:
-        from importlib import import_module
-
-        mod, _, name = function.partition(":")
-        sig = inspect.signature(getattr(import_module(mod), name))
-    except Exception:  # noqa: BLE001 - a missing optional method only loses its defaults
-        return {}
-    return {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
 
 
 def _fmt_value(value) -> str:
@@ -227,16 +107,16 @@ def _params(key: str, method_params: Mapping) -> str:
         if k not in _SKIP and isinstance(v, (int, float, str, bool, list, tuple)):
             shown[k] = v
     if spec is not None:
-        defaults = _defaults(spec.function)
-        for k in spec.key_params:
-            if k not in shown and defaults.get(k) is not None:
-                shown[k] = defaults[k]
+        for p in spec.parameters:
+            if p.key and p.name not in shown and p.default is not None:
+                shown[p.name] = p.default
     parts = []
     for k, v in shown.items():
         if k == "correct" and isinstance(v, bool):
             parts.append(f"scale correction {'on' if v else 'off'}")
             continue
-        unit = _UNITS.get(k)
+        p = spec.parameter(k) if spec is not None else None
+        unit = p.unit if p is not None else ""
         parts.append(f"{k} {_fmt_value(v)}" + (f" {unit}" if unit else ""))
     return ", ".join(parts)
 
@@ -377,9 +257,9 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
     bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
     spec = METHODS.get(bg)
     params = _params(bg, mp)
-    if spec is not None and bg in ("lbv", "pdf"):
+    if spec is not None and spec.keeps_mask:
         out.append(
-            f"Background fields were removed with {spec.name}{cite(*spec.cites)} "
+            f"Background fields were removed with {spec.label}{cite(*_keys(spec, mp))} "
             f"({_join(spec.description, params)}) on the brain mask less the unreliable voxels "
             "within 6 mm of its edge, which defined the local-field mask. Its local field was "
             f"checked against RESHARP's{cite('resharp')} inside the latter's mask, and RESHARP's "
@@ -388,7 +268,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         )
     elif spec is not None:
         out.append(
-            f"Background fields were removed with {spec.name}{cite(*spec.cites)} "
+            f"Background fields were removed with {spec.label}{cite(*_keys(spec, mp))} "
             f"({_join(spec.description, params)}), which also defined the local-field mask."
         )
     else:
@@ -396,18 +276,13 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             f"Background fields were removed with {bg}" + (f" ({params})." if params else ".")
         )
     clauses = []
-    for method in _get(s, "methods", ["tkd", "l2", "tv", "medi"]):
+    for method in _get(s, "methods", list(registry.defaults("inversion"))):
         spec = METHODS.get(method)
         params = _params(method, mp)
         if spec is None:
             clauses.append(f"{method}" + (f" ({params})" if params else ""))
             continue
-        cites = spec.cites
-        if method == "tkd" and (mp.get("tkd") or {}).get("correct"):
-            cites = (*cites, "tkd_correction")
-        if method == "medi" and (mp.get("medi") or {}).get("lambda_csf"):
-            cites = (*cites, "medi0")
-        clauses.append(f"{spec.name}{cite(*cites)} ({_join(spec.description, params)})")
+        clauses.append(f"{spec.label}{cite(*_keys(spec, mp))} ({_join(spec.description, params)})")
     if clauses:
         listed = (
             clauses[0] if len(clauses) == 1 else "; ".join(clauses[:-1]) + "; and " + clauses[-1]
@@ -418,7 +293,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             f"{listed}."
         )
     chosen = list(_get(s, "methods", []))
-    whole = [METHODS[m].name for m in chosen if m in ("tv", "medi")]
+    whole = [METHODS[m].label for m in chosen if m in METHODS and METHODS[m].whole_brain]
     if whole:
         out.append(
             f"{' and '.join(whole)} estimated susceptibility over the whole brain mask, with the "
@@ -426,7 +301,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             "local-field mask and in unreliable voxels, where the regularizer alone determined "
             "it; the other maps cover the local-field mask."
         )
-    if bg != "resharp" and any(m in DL_NAMES for m in chosen):
+    if bg != "resharp" and any(m in registry.names(kind="dl") for m in chosen):
         out.append(
             "The networks were given a local field made with RESHARP, as their training data were."
         )
@@ -435,10 +310,10 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         "its data consistency was reported as the residual "
         "100 ||M (D chi - f)|| / ||M f|| (%) in the mask M of reliable local-field voxels."
     )
-    r2m = [m for m in _get(s, "r2star_methods", []) or [] if m in _R2STAR]
+    r2m = [m for m in _get(s, "r2star_methods", []) or [] if m in registry.names("r2star")]
     if r2m:
-        how = " or ".join(_R2STAR[m] for m in r2m)
-        cites = cite("arlo") if "arlo" in r2m else ""
+        how = " or ".join(registry.get(m).description for m in r2m)
+        cites = cite(*[c.key for m in r2m for c in registry.get(m).citations])
         out.append(
             "R2* maps (1/s) were fitted to the magnitude of the echoes in the brain mask, "
             f"S = S0 exp(-R2* TE), {how}{cites}, and clipped to [0, 1000] 1/s; T2* maps are "
@@ -470,14 +345,6 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
     return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
 
 
-_R2STAR = {
-    "arlo": "by auto-regression on linear operations (ARLO), a closed form for equally spaced "
-    "echoes",
-    "nlls": "by nonlinear least squares (Levenberg-Marquardt from a log-linear start)",
-    "loglinear": "by a magnitude-weighted linear fit of the log signal",
-}
-
-
 def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """SWI, minIP and SMWI, when ``outputs`` selects ``swi`` (settings without it: all)."""
     from qsmprep.workflows.swi import SMWI_DEFAULTS, SWI_DEFAULTS, smwi_method_of
@@ -503,10 +370,10 @@ def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
         "head. Minimum intensity projections were computed over sliding slabs of "
         f"{_fmt_value(p['slab_mm'])} mm along the axis closest to the superior-inferior axis."
     ]
-    source = smwi_method_of(_get(s, "methods", ["tkd", "l2", "tv", "medi"]))
+    source = smwi_method_of(_get(s, "methods", list(registry.defaults("inversion"))))
     if "chi" in outputs and source is not None:
         q = {**SMWI_DEFAULTS, **dict(mp.get("smwi") or {})}
-        name = METHODS[source].name if source in METHODS else source
+        name = METHODS[source].label if source in METHODS else source
         out.append(
             "Susceptibility-map-weighted images (SMWI"
             f"{cite('smwi2014', 'smwi2017')}) were made from the {name} map: the combined "
@@ -515,6 +382,13 @@ def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
             f"its diamagnetic mirror, each to the power {_fmt_value(q['power'])}."
         )
     return out
+
+
+def _keys(spec, method_params: Mapping) -> list[str]:
+    """Citation keys of a method: its references, then those of parameters given as true."""
+    given = method_params.get(spec.name) or {}
+    extra = [c.key for p in spec.parameters if given.get(p.name) for c in p.citations]
+    return [c.key for c in spec.citations] + extra
 
 
 def _join(description: str, params: str) -> str:

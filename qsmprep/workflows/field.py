@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from qsmprep import methods as registry
 from qsmprep.interfaces import (
     BrainMask,
     FieldReliability,
@@ -17,7 +18,7 @@ from qsmprep.interfaces import (
     RemoveBackground,
     UnwrapPhase,
 )
-from qsmprep.recon.background import DEFAULT_METHOD, KEEPS_MASK
+from qsmprep.recon.background import DEFAULT_METHOD
 from qsmprep.workflows._util import check_choice, mem_gb, params_of
 
 __all__ = ["init_field_wf"]
@@ -37,13 +38,8 @@ _UNWRAP_DESC_ONE = {
     "quality": "unwrapped by quality-guided region growing (ROMEO; Dymerska et al., 2021)",
     "laplacian": "unwrapped with the Laplacian method (Schofield and Zhu, 2003)",
 }
-_BG_DESC = {
-    "resharp": "RESHARP (Sun and Wilman, 2014)",
-    "vsharp": "V-SHARP (Wu et al., 2012)",
-    "sharp": "SHARP (Schweser et al., 2011)",
-    "pdf": "projection onto dipole fields (PDF; Liu et al., 2011)",
-    "lbv": "the Laplacian boundary value method (LBV; Zhou et al., 2014)",
-}
+_BG = registry.view("background")
+"""Background removal methods (:mod:`qsmprep.methods`): ``summary`` is their boilerplate."""
 _CITES = {
     "mask": {"magnitude": ["otsu"], "phase": ["romeo", "qsmxt"]},
     "unwrap": {"quality": ["mcpc3ds", "romeo"], "laplacian": ["mcpc3ds", "laplacian_unwrap"]},
@@ -160,7 +156,8 @@ def init_field_wf(
     """
     check_choice(mask_method, _MASK_DESC, "mask method")
     check_choice(unwrap_method, _UNWRAP_DESC, "unwrapping method")
-    check_choice(bg_method, _BG_DESC, "background removal method")
+    check_choice(bg_method, _BG, "background removal method")
+    bg_text, keeps_mask = _BG[bg_method].summary, _BG[bg_method].keeps_mask
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(
@@ -297,7 +294,7 @@ def init_field_wf(
     if not provided_field:
         workflow.connect(fit_field, "fit_residual", field_reliability, "fit_residual")
     if dl_bg_method is not None and dl_bg_method != bg_method:
-        check_choice(dl_bg_method, _BG_DESC, "background removal method")
+        check_choice(dl_bg_method, _BG, "background removal method")
         remove_background_dl = background_node(dl_bg_method, "remove_background_dl")
         workflow.connect([
             (brain_mask, remove_background_dl, [("out_file", "mask")]),
@@ -306,7 +303,7 @@ def init_field_wf(
                 ("meta", "dl_bg_meta"),
             ]),
         ])  # fmt: skip
-    if bg_method in KEEPS_MASK:
+    if keeps_mask:
         workflow.connect([
             (field_reliability, remove_background, [("trimmed_mask", "mask")]),
             (brain_mask, remove_background, [("out_file", "brain_mask")]),
@@ -325,7 +322,7 @@ def init_field_wf(
             "neither unwrapped nor fitted over the echoes; the field was used as given inside "
             "the brain mask, with as its standard deviation that of a magnitude-weighted fit of "
             "these echoes (Kressler et al., 2010). With no fit residual, no voxel was marked "
-            f"unreliable. The background field was removed with {_BG_DESC[bg_method]}, giving "
+            f"unreliable. The background field was removed with {bg_text}, giving "
             "the local field and the mask where it is valid."
         )
         workflow.__citations__ = [*mask_cites, "kressler", bg_method]
@@ -339,7 +336,7 @@ def init_field_wf(
             "the phase noise (noise standard deviation over magnitude) divided by 2 pi TE "
             "(the one-echo case of the weighted fit; Kressler et al., 2010). With one echo "
             "there was no multi-echo fit residual, so no voxel was marked unreliable. The "
-            f"background field was removed with {_BG_DESC[bg_method]}, giving the local field "
+            f"background field was removed with {bg_text}, giving the local field "
             "and the mask where it is valid."
         )
         workflow.__citations__ = [
@@ -359,10 +356,10 @@ def init_field_wf(
         "than a robust z-score above that of the deep brain) were marked unreliable"
         + (
             ", and those near the mask's edge were trimmed from the mask before background removal"
-            if bg_method in KEEPS_MASK
+            if keeps_mask
             else ""
         )
-        + f". The background field was removed with {_BG_DESC[bg_method]}, giving the local "
+        + f". The background field was removed with {bg_text}, giving the local "
         "field and the mask where it is valid."
     )
     workflow.__citations__ = [

@@ -7,52 +7,19 @@ from collections.abc import Mapping, Sequence
 from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
-from qsmprep.interfaces import DL_METHODS, INVERSION_METHODS, DeepInversion, DipoleInversion
-from qsmprep.interfaces.inversion import WHOLE_BRAIN_METHODS
+from qsmprep import methods as registry
+from qsmprep.interfaces import DeepInversion, DipoleInversion
 from qsmprep.workflows._util import check_choice, mem_gb, params_of
 
 __all__ = ["init_inversion_wf"]
 
-_METHOD_DESC = {
-    "tkd": ("truncated k-space division (TKD; Shmueli et al., 2009)", ["tkd"]),
-    "tsvd": (
-        "k-space division with the ill-conditioned cone set to zero (TSVD; Wharton et al., 2010)",
-        ["tsvd"],
-    ),
-    "l2": ("closed-form L2-regularised inversion (Bilgic et al., 2014a)", ["l2"]),
-    "tv": (
-        "total-variation (TV) regularised inversion solved by ADMM (Bilgic et al., 2014b; Milovic "
-        "et al., 2018)",
-        ["tv", "fansi"],
-    ),
-    "medi": (
-        "morphology enabled dipole inversion with a nonlinear data term (MEDI; Liu et al., "
-        "2011, 2012, 2013)",
-        ["medi2011", "medi2012", "medi2013"],
-    ),
-    "unet": (
-        "a 3D U-Net trained on synthetic data (Yoon et al., 2018; Bollmann et al., 2019)",
-        ["qsmnet", "deepqsm"],
-    ),
-    "adaptive": (
-        "an adaptive-convolution U-Net whose first-layer filters are generated from the voxel "
-        "size and B0 direction (Kang et al., 2017), pre-trained on synthetic data and "
-        "transfer-learned",
-        ["adaptiveconv", "qsmnet"],
-    ),
-    "dsbn": (
-        "a U-Net with domain-specific batch normalization trained on synthetic data and "
-        "unlabelled scans with a data-consistency loss (QSMInvNet+; Chang et al., 2019)",
-        ["dsbn", "qsmnet"],
-    ),
-    "dcfinetune": (
-        "a U-Net trained on synthetic data and fine-tuned on scans with a data-consistency loss "
-        "(QSMInvNet)",
-        ["qsmnet"],
-    ),
-    "unsup": ("a U-Net trained with a data-consistency loss only (uQSM-style)", ["qsmnet"]),
-}
-ALL_METHODS = (*INVERSION_METHODS, *DL_METHODS)
+_NODE_INPUTS = {"noise_field": ("noise_std", "weight"), "magnitude": ("magnitude",),
+                "echo_times": ("delta_te",)}  # fmt: skip
+"""Fields of ``inputnode`` connected to an inversion node, by the extra inputs
+(:data:`qsmprep.methods.INPUTS`) the interface makes from them."""
+
+_SELECTABLE = ("classical", "dl")
+"""Kinds of inversion that ``methods`` may name (COSMOS runs by itself)."""
 
 
 def init_inversion_wf(
@@ -119,12 +86,14 @@ def init_inversion_wf(
         The same as lists in the order of ``methods``.
     """
     methods = list(methods)
+    selectable = registry.names("inversion", kind=_SELECTABLE)
     if not methods:
-        raise ValueError("no inversion method given; choose from " + ", ".join(ALL_METHODS))
+        raise ValueError("no inversion method given; choose from " + ", ".join(selectable))
     if len(set(methods)) != len(methods):
         raise ValueError(f"inversion methods repeat: {methods}")
     for m in methods:
-        check_choice(m, ALL_METHODS, "inversion method")
+        check_choice(m, selectable, "inversion method")
+    records = [registry.get(m) for m in methods]
 
     workflow = pe.Workflow(name=name)
     inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir",
@@ -138,8 +107,9 @@ def init_inversion_wf(
     merge_chimaps = pe.Node(Merge(len(methods)), name="merge_chimaps")
     merge_residuals = pe.Node(Merge(len(methods)), name="merge_residuals")
 
-    for i, method in enumerate(methods, start=1):
-        interface = DeepInversion if method in DL_METHODS else DipoleInversion
+    for i, record in enumerate(records, start=1):
+        method, deep = record.name, record.kind == "dl"
+        interface = DeepInversion if deep else DipoleInversion
         params = params_of(method_params, method)
         node = pe.Node(
             interface(
@@ -153,13 +123,13 @@ def init_inversion_wf(
             n_procs=1 if use_gpu else omp_nthreads,
             mem_gb=mem_gb("inversion", n_voxels),
         )
-        if method in DL_METHODS:  # new weights must not be answered from the cache
+        if deep:  # new weights must not be answered from the cache
             from qsmprep.dl.weights import weights_sha256
 
             sha = weights_sha256(method, model=params.get("model"), weights=params.get("weights"))
             if sha:
                 node.inputs.weights_sha256 = sha
-        src = "dl_" if dl_inputs and method in DL_METHODS else ""
+        src = "dl_" if dl_inputs and deep else ""
         workflow.connect([
             (inputnode, node, [
                 (f"{src}local_field", "local_field"), (f"{src}local_mask", "mask"),
@@ -172,29 +142,26 @@ def init_inversion_wf(
             (node, merge_chimaps, [("out_file", f"in{i}")]),
             (node, merge_residuals, [("dc_residual", f"in{i}")]),
         ])  # fmt: skip
-        if method not in DL_METHODS:
+        if not deep:
             workflow.connect([
                 (inputnode, node, [
                     ("brain_mask", "brain_mask"), ("reliable_mask", "reliable_mask"),
                 ]),
             ])  # fmt: skip
-        if method in ("tv", "medi"):
-            workflow.connect(inputnode, "noise_field", node, "noise_field")
-        if method == "medi":
-            workflow.connect([
-                (inputnode, node, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
-            ])  # fmt: skip
+        for field, made in _NODE_INPUTS.items():
+            if set(made) & set(record.inputs):
+                workflow.connect(inputnode, field, node, field)
 
     workflow.connect([
         (merge_chimaps, outputnode, [("out", "chimaps")]),
         (merge_residuals, outputnode, [("out", "dc_residuals")]),
     ])  # fmt: skip
 
-    described = [_METHOD_DESC[m][0] for m in methods]
+    described = [r.summary for r in records]
     listed = described[0] if len(described) == 1 else ", ".join(described[:-1])
     if len(described) > 1:
         listed += f" and {described[-1]}"
-    whole = [_METHOD_DESC[m][0] for m in methods if m in WHOLE_BRAIN_METHODS]
+    whole = [r.summary for r in records if r.whole_brain]
     covered = (
         f" {' and '.join(whole)} estimated susceptibility over the whole brain mask, with the "
         "data term weighted by the inverse field noise and set to zero outside the local-field "
@@ -210,5 +177,5 @@ def init_inversion_wf(
         "100 ||M (D chi - f)|| / ||M f|| (fields de-meaned over the mask M of reliable "
         "local-field voxels)."
     )
-    workflow.__citations__ = [c for m in methods for c in _METHOD_DESC[m][1]]
+    workflow.__citations__ = [c.key for r in records for c in r.citations]
     return workflow

@@ -10,8 +10,9 @@ import numpy as np
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
+from qsmprep import methods as registry
 from qsmprep.config import OUTPUTS
-from qsmprep.dl.weights import DL_METHODS, TRAINED_BACKGROUND
+from qsmprep.dl.weights import TRAINED_BACKGROUND
 from qsmprep.interfaces import R2StarMap
 from qsmprep.recon.background import DEFAULT_METHOD
 from qsmprep.space.plan import REFERENCE_REGIONS
@@ -31,13 +32,6 @@ _OUTPUTS = [
     "chimaps", "dc_residuals", "metrics_tsv", "metrics_json", "r2star", "t2star", "s0",
     "swi", "minip", "smwi_para", "smwi_dia",
 ]  # fmt: skip
-
-
-_R2STAR_DESC = {
-    "arlo": "by auto-regression on linear operations (ARLO; Pei et al., 2015)",
-    "nlls": "by nonlinear least squares (Levenberg-Marquardt), started from a log-linear fit",
-    "loglinear": "by a magnitude-weighted linear fit of the log signal",
-}
 
 
 UNWRAP_METHODS = ("auto", "quality", "laplacian")
@@ -61,7 +55,7 @@ def init_qsm_wf(
     *,
     acquisition,
     output_dir: str | Path | None,
-    methods: Sequence[str] = ("tkd", "l2", "tv", "medi"),
+    methods: Sequence[str] = registry.defaults("inversion"),
     bg_method: str = DEFAULT_METHOD,
     unwrap_method: str = "auto",
     mask_method: str = "magnitude",
@@ -207,7 +201,8 @@ def init_qsm_wf(
     provided_mask = getattr(a, "provided_mask", None)
     provided_field = getattr(a, "provided_field", None)
     # the networks get a local field made as their training data was
-    dl_separate = bg_method != TRAINED_BACKGROUND and any(m in DL_METHODS for m in methods)
+    deep = registry.names(kind="dl")
+    dl_separate = bg_method != TRAINED_BACKGROUND and any(m in deep for m in methods)
     field_wf = init_field_wf(
         mask_method=mask_method,
         unwrap_method=unwrap_method,
@@ -387,7 +382,7 @@ def init_qsm_wf(
             "chosen by the echoes: ARLO (Pei et al., 2015) for three or more equally spaced "
             "echoes, else a nonlinear or, for two echoes, a log-linear fit"
             if r2star_method == "auto"
-            else _R2STAR_DESC[r2star_method]
+            else registry.get(r2star_method, "r2star").summary
         )
         workflow.__desc__ += (
             f" R2* (1/s) was fitted to the magnitude of the echoes in the brain mask, {how}, "

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from qsmprep.config import CLASSICAL_METHODS
+from qsmprep import methods as registry
 from qsmprep.interfaces import ComputeSMWI, ComputeSWI
 from qsmprep.workflows._util import params_of
 
@@ -25,7 +25,7 @@ def smwi_method_of(methods: Sequence[str]) -> str | None:
     ``tsvd``, ``l2``, ``tv``, ``medi``), else the first method; None without methods."""
     methods = list(methods)
     for m in methods:
-        if m in CLASSICAL_METHODS:
+        if m in registry.names("inversion", kind="classical"):
             return m
     return methods[0] if methods else None
 

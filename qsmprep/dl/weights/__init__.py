@@ -5,17 +5,9 @@ architecture and model card). ``QSMPREP_WEIGHTS_DIR`` points qsmprep at another 
 the same layout (for example weights trained at a site with ``qsmprep-train``); nothing is ever
 downloaded. A file named in a registry is checked against its sha256 when it is loaded.
 
-Each deep-learning method of the BIDS App (``--methods``) maps to one model name:
-
-========== ============== =====================================================================
-method     default model  network
-========== ============== =====================================================================
-unet       unet           conventional 3D U-Net (Yoon et al., 2018), synthetic pre-training
-adaptive   adaptive       adaptive-convolution U-Net, pre-trained then transfer-learned
-dsbn       dsbn           U-Net with domain-specific batch norm (QSMInvNet+), target BN
-dcfinetune dcfinetune     U-Net pre-trained, then fine-tuned by data consistency (QSMInvNet)
-unsup      unsup          U-Net trained by data consistency only (uQSM-style)
-========== ============== =====================================================================
+Each deep-learning method of the BIDS App (``--methods``) runs one model by default: the
+``weights`` of its record in the method registry (:mod:`qsmprep.methods`, which also names its
+architecture ``arch``; the documentation's table of methods lists them all).
 
 A method's ``model`` parameter selects another registered model (for example
 ``adaptive-pretrained``) and its ``weights`` parameter any checkpoint file.
@@ -28,6 +20,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from qsmprep import methods as _registry
 
 __all__ = [
     "DL_METHODS",
@@ -53,14 +47,9 @@ local field made by it, whatever ``--bg-method``: on qsmdev (sub-01 / sub-02, NR
 scored 78.8 / 81.2 with RESHARP fields and 82.4 / 88.7 with LBV fields, QSMInvNet 71.6 / 75.6
 against 72.8 / 76.7 (``qsmprep-bench chain``)."""
 
-DL_METHODS = {
-    "unet": ("unet", "conventional U-Net"),
-    "adaptive": ("adaptive", "adaptive-convolution U-Net"),
-    "dsbn": ("dsbn", "QSMInvNet+ (domain-specific batch normalization)"),
-    "dcfinetune": ("dcfinetune", "QSMInvNet (data-consistency fine-tuning)"),
-    "unsup": ("unsup", "uQSM-style unsupervised U-Net"),
-}
-"""BIDS App method name -> (default model name, description)."""
+DL_METHODS = {m.name: (m.weights, m.label) for m in _registry.records(kind="dl")}
+"""BIDS App method name -> (default model name, label), from the method registry at import
+(:func:`resolve_model` reads the registry itself, so methods registered later work too)."""
 
 REGISTRY = "registry.json"
 
@@ -124,7 +113,7 @@ def resolve_model(method: str, *, model: str | None = None, weights=None) -> Mod
     Parameters
     ----------
     method : str
-        One of :data:`DL_METHODS`.
+        A deep-learning method of the registry (:data:`DL_METHODS`).
     model : str, optional
         A model name of the registry instead of the method's default.
     weights : path, optional
@@ -135,16 +124,15 @@ def resolve_model(method: str, *, model: str | None = None, weights=None) -> Mod
     ValueError
         Unknown method, or no such model / file, with what to do about it.
     """
-    if method not in DL_METHODS:
-        raise ValueError(
-            f"unknown deep-learning method {method!r}; choose from {', '.join(DL_METHODS)}"
-        )
+    deep = _registry.names(kind="dl")
+    if method not in deep:
+        raise ValueError(f"unknown deep-learning method {method!r}; choose from {', '.join(deep)}")
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ValueError(f"weights file {path} for {method!r} does not exist")
         return ModelEntry(name=path.stem, path=path, arch=None, sha256=None, card=None)
-    name = model or DL_METHODS[method][0]
+    name = model or _registry.get(method).weights
     directory = weights_dir()
     models = available_models(directory)
     if name not in models:
