@@ -20,8 +20,9 @@ Architectures (``config["arch"]``):
 from __future__ import annotations
 
 from qsmprep.dl.nets.adaptive import AdaptiveConv3d, FilterManifoldNetwork
+from qsmprep.dl.nets.blocks import ACTIVATIONS, NORMS
 from qsmprep.dl.nets.dsbn import DOMAINS, DomainBatchNorm3d
-from qsmprep.dl.nets.unet import ACTIVATIONS, NORMS, UNet3d
+from qsmprep.dl.nets.unet import UNet3d
 
 __all__ = [
     "ACTIVATIONS",

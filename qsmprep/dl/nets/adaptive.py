@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsmprep.dl.nets.blocks import make_activation
+
 __all__ = ["AdaptiveConv3d", "FilterManifoldNetwork", "check_side", "side_features"]
 
 N_SIDE = 6
@@ -66,12 +68,6 @@ def side_features(side: torch.Tensor) -> torch.Tensor:
         rest = rest * sign
         rest = rest / rest.norm(dim=1, keepdim=True).clamp_min(1e-8)
     return torch.cat([vs, rest], dim=1)
-
-
-def _activation(name: str) -> nn.Module:
-    from qsmprep.dl.nets.unet import make_activation
-
-    return make_activation(name)
 
 
 class FilterManifoldNetwork(nn.Module):
@@ -127,7 +123,7 @@ class FilterManifoldNetwork(nn.Module):
         widths = (self.n_side, *hidden)
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(a, b), _activation(activation)]
+            layers += [nn.Linear(a, b), make_activation(activation)]
         self.hidden = nn.Sequential(*layers)
         self.head = nn.Linear(hidden[-1], self.n_weight + self.out_channels)
         he_std = math.sqrt(2.0 / (self.in_channels * k3))

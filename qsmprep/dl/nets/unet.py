@@ -25,43 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsmprep.dl.nets.adaptive import AdaptiveConv3d
-from qsmprep.dl.nets.dsbn import DOMAINS, DomainBatchNorm3d
+from qsmprep.dl.nets.adaptive import AdaptiveConv3d, check_side
+from qsmprep.dl.nets.blocks import apply_norm, make_activation, make_norm
+from qsmprep.dl.nets.dsbn import DOMAINS
 
-__all__ = ["ACTIVATIONS", "NORMS", "ConvBlock", "UNet3d", "make_activation", "make_norm"]
-
-ACTIVATIONS = ("elu", "relu", "leaky_relu")
-NORMS = ("batch", "dsbn", "instance", "none")
-
-
-def make_activation(name: str) -> nn.Module:
-    """Activation layer by name: ``"elu"``, ``"relu"`` or ``"leaky_relu"`` (slope 0.1)."""
-    if name == "elu":
-        return nn.ELU(inplace=True)
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.1, inplace=True)
-    raise ValueError(f"unknown activation {name!r}; use one of {ACTIVATIONS}")
-
-
-def make_norm(name: str, channels: int) -> nn.Module:
-    """Normalisation layer by name (see :data:`NORMS`)."""
-    if name == "batch":
-        return nn.BatchNorm3d(channels)
-    if name == "dsbn":
-        return DomainBatchNorm3d(channels, DOMAINS)
-    if name == "instance":
-        return nn.InstanceNorm3d(channels, affine=True)
-    if name == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {name!r}; use one of {NORMS}")
-
-
-def _norm(layer: nn.Module, x: torch.Tensor, domain: str | None) -> torch.Tensor:
-    if isinstance(layer, DomainBatchNorm3d):
-        return layer(x, domain)
-    return layer(x)
+__all__ = ["ConvBlock", "UNet3d"]
 
 
 class ConvBlock(nn.Module):
@@ -90,8 +58,8 @@ class ConvBlock(nn.Module):
             x = self.conv1(x, side)
         else:
             x = self.conv1(x)
-        x = self.act1(_norm(self.norm1, x, domain))
-        return self.act2(_norm(self.norm2, self.conv2(x), domain))
+        x = self.act1(apply_norm(self.norm1, x, domain))
+        return self.act2(apply_norm(self.norm2, self.conv2(x), domain))
 
 
 class UpBlock(nn.Module):
@@ -105,7 +73,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x, domain=None):
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.act(_norm(self.norm, self.conv(x), domain))
+        return self.act(apply_norm(self.norm, self.conv(x), domain))
 
 
 class UNet3d(nn.Module):
@@ -200,8 +168,6 @@ class UNet3d(nn.Module):
     def forward(self, x: torch.Tensor, side=None, domain: str | None = None) -> torch.Tensor:
         self.check_input(x)
         if self.needs_side:
-            from qsmprep.dl.nets.adaptive import check_side
-
             side = check_side(side, x.shape[0], int(self.config["n_side"]))
         if domain is None:
             domain = self.default_domain
