@@ -90,13 +90,13 @@ class _FigureOutputSpec(TraitedSpec):
 
 
 class RegistrationFigure(SimpleInterface):
-    """The report's registration figure (:func:`qsmprep.space.report.registration_figure`)."""
+    """The report's registration figure (:func:`qsmprep.reports.space.registration_figure`)."""
 
     input_spec = _FigureInputSpec
     output_spec = _FigureOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.space.report import registration_figure
+        from qsmprep.reports.space import registration_figure
 
         path = os.path.abspath("registration_overlay.png")
         registration_figure(

@@ -2,7 +2,8 @@
 
 - :func:`build_subject_report` (``output_dir/sub-<label>.html``; never raises),
 - :func:`build_group_report` (``output_dir/group_metrics.tsv`` and ``group.html``),
-- :func:`methods_paragraph` (methods text with citations from the effective settings).
+- :func:`methods_paragraph` (methods text with citations from the effective settings),
+- :mod:`qsmprep.reports.space`: their template-space parts (registration figure, ROI tables).
 
 Both reports read only the derivative files on disk, so they can be rebuilt from an output
 directory at any time.

@@ -149,7 +149,7 @@ def find_subject_files(output_dir, subject: str) -> SubjectFiles:
         name = path.name
         entities, suffix = parse_name(name)
         if entities.get("sub") != label or "space" in entities:
-            continue  # another subject, or a template-space map (qsmprep.space.report)
+            continue  # another subject, or a template-space map (qsmprep.reports.space)
         desc = entities.get("desc")
         is_nifti = name.endswith(_NIFTI)
         if is_nifti and suffix == "Chimap" and desc == "cosmos":

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from qsmprep.__about__ import __version__
 from qsmprep.reports.collect import parse_name, read_tsv, to_float
-from qsmprep.reports.html import _CSS, METRIC_UNITS, _method_order, write_text_atomic
+from qsmprep.reports.html import CSS, METRIC_UNITS, method_order, write_text_atomic
+from qsmprep.reports.space import group_roistats_section
 
 __all__ = ["GROUP_METRICS", "build_group_report", "collect_metrics"]
 
@@ -121,7 +122,7 @@ def build_group_report(output_dir) -> tuple[Path, Path]:
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>qsmprep: group</title><style>{_CSS}</style></head><body>"
+        f"<title>qsmprep: group</title><style>{CSS}</style></head><body>"
         f"<header><h1>Group report</h1><p>qsmprep {_esc(__version__)}, generated {now}</p>"
         "</header><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
     )
@@ -142,7 +143,7 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
 
     body = []
     subjects = sorted({r["subject"] for r in rows})
-    methods = _method_order({r.get("method", "n/a") for r in rows})
+    methods = method_order({r.get("method", "n/a") for r in rows})
     pages = sorted(output_dir.glob("sub-*.html"))
     body.append('<section id="summary"><h2>Summary</h2>')
     if not rows:
@@ -218,8 +219,6 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
         body.append("</div></section>")
     elif rows:
         body.append('<p class="note">No numeric metric values to plot.</p>')
-
-    from qsmprep.space.report import group_roistats_section
 
     body += group_roistats_section(output_dir, problems, tracebacks)
     if rows:

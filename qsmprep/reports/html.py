@@ -45,6 +45,7 @@ from qsmprep.reports.collect import (
     to_float,
 )
 from qsmprep.reports.methods import methods_text as _methods_text
+from qsmprep.reports.space import space_section
 
 __all__ = ["build_subject_report", "load_settings", "write_text_atomic"]
 
@@ -56,7 +57,7 @@ _METHOD_ORDER = registry.view("inversion", kind="classical")
 #: Units of metric columns, shown in the table header.
 METRIC_UNITS = {"nrmse": "%", "hfen": "%", "psnr": "dB", "dc_residual": "%"}
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;
 background:#fafafa;line-height:1.45}
 header{background:#233;color:#fff;padding:14px 24px}
@@ -132,7 +133,8 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _method_order(methods, preferred=()) -> list[str]:
+def method_order(methods, preferred=()) -> list[str]:
+    """``methods`` in page order: ``preferred`` first, then the usual order, then A to Z."""
     order = [m for m in preferred if m in methods]
     order += [m for m in _METHOD_ORDER if m in methods and m not in order]
     order += sorted(m for m in methods if m not in order)
@@ -309,7 +311,7 @@ def _inputs_table(acq, sidecars, grid_img, raw_files) -> str:
         )
         rows.append(("Inputs found for display", "yes" if raw_files else "no"))
     if acq.chimaps:
-        rows.append(("Susceptibility maps", _esc(", ".join(_method_order(acq.chimaps)))))
+        rows.append(("Susceptibility maps", _esc(", ".join(method_order(acq.chimaps)))))
     return _table(rows) if rows else '<p class="note">No sidecar information found.</p>'
 
 
@@ -498,7 +500,7 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
 
     # susceptibility maps
     chis = {}
-    for method in _method_order(acq.chimaps, preferred):
+    for method in method_order(acq.chimaps, preferred):
         loaded = rep.attempt(
             f"{acq.prefix}: read {method} Chimap", load_volume, acq.chimaps[method]
         )
@@ -683,8 +685,6 @@ def _acquisition_section(rep: _Report, acq, files, settings, preferred) -> tuple
         )
     else:
         out.append('<p class="note">No metrics table (<code>_metrics.tsv</code>) was found.</p>')
-    from qsmprep.space.report import space_section
-
     out.append(
         rep.attempt(
             f"{acq.prefix}: template space", space_section, rep.output_dir, acq.prefix, rep.rel
@@ -876,7 +876,7 @@ def _page(label: str, body: list[str], nav: list[tuple[str, str]]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>qsmprep: sub-{_esc(label)}</title><style>{_CSS}</style></head><body>"
+        f"<title>qsmprep: sub-{_esc(label)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>sub-{_esc(label)}</h1><p>qsmprep {_esc(__version__)} report, "
         f"generated {now}</p></header><nav>{links}</nav><main>\n"
         + "\n".join(body)

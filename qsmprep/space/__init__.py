@@ -4,8 +4,10 @@
 - :mod:`qsmprep.space.plan`: what a run does in template space, checked at start-up;
 - :mod:`qsmprep.space.registration`: rigid + affine + SyN registration (antspyx);
 - :mod:`qsmprep.space.atlas`: canonical deep grey nuclei, ROI statistics, CSF referencing;
-- :mod:`qsmprep.space.install`: filling a TemplateFlow home from PyPI packages;
-- :mod:`qsmprep.space.report`: registration figure, ROI tables and group summaries.
+- :mod:`qsmprep.space.install`: filling a TemplateFlow home from PyPI packages.
+
+The report's template-space parts (registration figure, ROI tables, group summary) are in
+:mod:`qsmprep.reports.space`.
 """
 
 from qsmprep.space.atlas import (

@@ -1,6 +1,6 @@
 """Template-space parts of the reports: registration figure, ROI tables, group ROI summary.
 
-Everything here reads the derivatives on disk (like :mod:`qsmprep.reports`)::
+Everything here reads the derivatives on disk, like the rest of :mod:`qsmprep.reports`::
 
     sub-<label>/figures/<prefix>_space-<tpl>_desc-registration_overlay.png
     sub-<label>[/ses-<label>]/anat/<prefix>_from-<native>_to-<tpl>_mode-image_xfm.json   (Dice)
@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from qsmprep._atomic import write_text
 from qsmprep.reports.collect import parse_name, read_sidecar, read_tsv, to_float
 
 __all__ = [
@@ -238,14 +239,13 @@ def collect_roistats(output_dir) -> tuple[list[str], list[dict[str, str]]]:
 def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list[str]:
     """Write ``group_roistats.tsv`` and return the group page's ROI section (``[]`` if none)."""
     from qsmprep.reports.figures import metric_strip_figure
-    from qsmprep.reports.html import write_text_atomic
 
     output_dir = Path(output_dir)
     columns, rows = collect_roistats(output_dir)
     if not rows:
         return []
     lines = ["\t".join(columns)] + ["\t".join(str(r.get(c, "n/a")) for c in columns) for r in rows]
-    write_text_atomic(output_dir / "group_roistats.tsv", "\n".join(lines) + "\n")
+    write_text(output_dir / "group_roistats.tsv", "\n".join(lines) + "\n")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     rois = list(dict.fromkeys(r["roi"] for r in rows))
     values = {
