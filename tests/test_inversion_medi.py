@@ -14,7 +14,7 @@ import pytest
 
 from qsmprep import metrics
 from qsmprep.recon._backend import count_ffts
-from qsmprep.recon.background import _Grid
+from qsmprep.recon.grid import Grid
 from qsmprep.recon.inversion.medi import gradient_mask, medi, rad_per_ppm
 from qsmprep.recon.kernels import GAMMA_BAR, dipole_kernel
 from qsmprep.recon.operators import div, grad
@@ -134,7 +134,7 @@ def _toolbox_medi(
 
 def _on_grid(mask, *arrays):
     """Embed full-size arrays in MEDI's grid (box of ``mask``, no padding) as float64."""
-    grid = _Grid.around(mask, 0, "cpu")
+    grid = Grid.around(mask, 0, "cpu")
     return grid, [grid.embed(np.asarray(a, np.float64), dtype=np.float64) for a in arrays]
 
 

@@ -15,6 +15,7 @@ from qsmprep.recon._backend import is_torch, to_numpy
 __all__ = [
     "check_b0_dir",
     "check_echo_times",
+    "check_field",
     "check_finite",
     "check_mask",
     "check_same_shape",
@@ -127,3 +128,19 @@ def check_echo_times(echo_times: Sequence[float], n_echoes: int | None = None) -
             f"echo_times look like milliseconds ({te.tolist()}); give them in seconds"
         )
     return te
+
+
+def check_field(field, mask, voxel_size, name: str = "field", unit: str = "Hz or ppm"):
+    """Validate a field map (a real array), its mask and the voxel size.
+
+    Returns the field as float32 NumPy (0 outside the mask), the mask as bool NumPy and the
+    voxel size. The field must be finite inside the mask; ``unit`` goes into the message.
+    """
+    check_volume(field, name)
+    m = to_numpy(check_mask(mask, "mask", shape=field.shape)).astype(bool)
+    vs = check_voxel_size(voxel_size)
+    f = to_numpy(field)
+    if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
+        raise ValueError(f"{name} must be a real array ({unit}), got dtype {f.dtype}")
+    check_finite(f, name, where=m)
+    return np.where(m, f, 0.0).astype(np.float32), m, vs

@@ -10,9 +10,10 @@ LBV (:func:`lbv`) solves a sparse Poisson problem on the mask with SciPy on the 
 the ``device``. The other methods are FFT-only and written once for NumPy (``device="cpu"``)
 and torch (``device="torch"`` or ``"cuda"``) through :mod:`qsmprep.recon._backend`. To keep
 the FFTs small, the data are cropped to the bounding box of the mask and zero-padded by the
-reach of the kernel before any transform (see :class:`_Grid`); the spherical-mean-value
-convolutions are then linear, not circular, inside the box. Work is in float32, except the PDF
-iterations (float64, see :func:`pdf`). Outputs are float32 NumPy arrays on the input grid.
+reach of the kernel before any transform (:class:`qsmprep.recon.grid.Grid`); the
+spherical-mean-value convolutions are then linear, not circular, inside the box. Work is in
+float32, except the PDF iterations (float64, see :func:`pdf`). Outputs are float32 NumPy arrays
+on the input grid.
 
 Notation (shared docs, algorithms section 5): ``f`` total field, ``M`` mask, ``s_r`` the
 normalised binary ball of radius ``r`` mm, ``S_r = F{s_r}``, ``C = (delta - s_r) *`` the SMV
@@ -24,23 +25,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import cg as sparse_cg
 
 from qsmprep import methods as _registry
-from qsmprep.recon._backend import asarray, irfftn, namespace, rfftn, to_numpy
+from qsmprep.recon._backend import irfftn, namespace, rfftn, to_numpy
 from qsmprep.recon._checks import (
     check_b0_dir,
+    check_field,
     check_finite,
     check_mask,
     check_same_shape,
     check_volume,
     check_voxel_size,
 )
-from qsmprep.recon.kernels import dipole_kernel, padded_shape, smv_kernel, sphere_mask
+from qsmprep.recon.grid import Grid
+from qsmprep.recon.kernels import dipole_kernel, smv_kernel, sphere_mask
 from qsmprep.recon.operators import cg
 
 __all__ = [
@@ -85,46 +87,6 @@ the brain mask less its unreliable rim (:func:`qsmprep.recon.mask.field_reliabil
 # grid handling
 
 
-@dataclass
-class _Grid:
-    """Bounding box of the mask (``box``, slices into the full volume) inside an FFT grid.
-
-    The cropped data sit at the start of a grid of shape ``grid`` (``>= box + pad`` on every
-    axis, a fast FFT length); the rest is zero. A kernel that reaches ``pad`` voxels or less
-    therefore never wraps around onto the box.
-    """
-
-    full: tuple[int, int, int]
-    box: tuple[slice, slice, slice]
-    grid: tuple[int, int, int]
-    device: str | None
-
-    @classmethod
-    def around(cls, mask: np.ndarray, pad, device) -> _Grid:
-        idx = np.nonzero(mask)
-        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-        n = tuple(s.stop - s.start for s in box)
-        return cls(tuple(mask.shape), box, padded_shape(n, pad), device)
-
-    @property
-    def n(self) -> tuple[int, int, int]:
-        return tuple(s.stop - s.start for s in self.box)
-
-    def embed(self, x: np.ndarray, dtype=np.float32):
-        """Crop a full-size NumPy volume to the box and zero-pad it to the grid (on device)."""
-        out = np.zeros(self.grid, dtype=dtype)
-        n = self.n
-        out[: n[0], : n[1], : n[2]] = x[self.box]
-        return asarray(out, device=self.device, dtype=dtype)
-
-    def extract(self, x, dtype=np.float32) -> np.ndarray:
-        """A grid volume (any backend) back to a full-size NumPy volume, zero outside the box."""
-        out = np.zeros(self.full, dtype=dtype)
-        n = self.n
-        out[self.box] = to_numpy(x[: n[0], : n[1], : n[2]])
-        return out
-
-
 def _reach(radius: float, voxel_size) -> tuple[int, int, int]:
     """Voxels per axis covered by a ball of ``radius`` mm, plus one (the crop margin)."""
     return tuple(int(math.floor(radius / d + 1e-9)) + 1 for d in voxel_size)
@@ -146,20 +108,7 @@ def _check_radius(radius, voxel_size, name="radius") -> float:
     return r
 
 
-def _inputs(field, mask, voxel_size):
-    """Validate the common arguments; return NumPy ``field`` (zero outside), bool mask, vs."""
-    check_volume(field, "field")
-    m = to_numpy(check_mask(mask, "mask", shape=field.shape)).astype(bool)
-    vs = check_voxel_size(voxel_size)
-    f = to_numpy(field)
-    if not np.issubdtype(f.dtype, np.floating) and not np.issubdtype(f.dtype, np.integer):
-        raise ValueError(f"field must be a real array (Hz or ppm), got dtype {f.dtype}")
-    check_finite(f, "field", where=m)
-    f = np.where(m, f, 0.0).astype(np.float32)
-    return f, m, vs
-
-
-def _eroded(fm, smv, grid: _Grid, radius: float, vs, xp):
+def _eroded(fm, smv, grid: Grid, radius: float, vs, xp):
     """``M_r = SMV(M, r) > 1 - 1/(2 n_ball)`` from ``fm = rfftn(M)``: ball inside the mask.
 
     The threshold sits half a ball voxel below 1: a voxel is kept exactly when the whole ball
@@ -218,7 +167,7 @@ def erode_mask_smv(mask, voxel_size, radius: float, *, device: str | None = "cpu
     m = to_numpy(check_mask(mask, "mask")).astype(bool)
     vs = check_voxel_size(voxel_size)
     r = _check_radius(radius, vs)
-    grid = _Grid.around(m, _reach(r, vs), device)
+    grid = Grid.around(m, _reach(r, vs), device)
     mm = grid.embed(m)
     xp = namespace(mm)
     smv = smv_kernel(grid.grid, vs, r, device=device)
@@ -288,10 +237,10 @@ def sharp(
     tissue properties using MRI signal phase: an approach to in vivo brain iron metabolism?
     NeuroImage 2011;54:2789-2807.
     """
-    f, m, vs = _inputs(field, mask, voxel_size)
+    f, m, vs = check_field(field, mask, voxel_size)
     r = _check_radius(radius, vs)
     threshold = _check_threshold(threshold)
-    grid = _Grid.around(m, _reach(r, vs), device)
+    grid = Grid.around(m, _reach(r, vs), device)
     x = grid.embed(f)
     xp = namespace(x)
     s = smv_kernel(grid.grid, vs, r, device=device)
@@ -364,13 +313,13 @@ def vsharp(
     Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial
     variation in tissue composition. NeuroImage 2011;55:1645-1656.
     """
-    f, m, vs = _inputs(field, mask, voxel_size)
+    f, m, vs = check_field(field, mask, voxel_size)
     rs = vsharp_radii(vs) if radii is None else tuple(float(r) for r in radii)
     if not rs:
         raise ValueError("radii is empty: give at least one kernel radius (mm)")
     rs = tuple(sorted((_check_radius(r, vs, "radii") for r in rs), reverse=True))
     threshold = _check_threshold(threshold)
-    grid = _Grid.around(m, _reach(rs[0], vs), device)
+    grid = Grid.around(m, _reach(rs[0], vs), device)
     x = grid.embed(f)
     xp = namespace(x)
     fx = rfftn(x)
@@ -455,7 +404,7 @@ def resharp(
     Sun H, Wilman AH. Background field removal using spherical mean value filtering and
     Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.
     """
-    f, m, vs = _inputs(field, mask, voxel_size)
+    f, m, vs = check_field(field, mask, voxel_size)
     r = _check_radius(radius, vs)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be positive (unitless Tikhonov weight), got {alpha!r}")
@@ -463,7 +412,7 @@ def resharp(
         raise ValueError(f"tol must be positive (relative residual), got {tol!r}")
     if int(max_iter) < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter!r}")
-    grid = _Grid.around(m, _reach(r, vs), device)
+    grid = Grid.around(m, _reach(r, vs), device)
     x = grid.embed(f)
     xp = namespace(x)
     s = smv_kernel(grid.grid, vs, r, device=device)
@@ -564,7 +513,7 @@ def pdf(
     background field removal method for MRI using projection onto dipole fields (PDF). NMR
     Biomed 2011;24:1129-1136.
     """
-    f, m, vs = _inputs(field, mask, voxel_size)
+    f, m, vs = check_field(field, mask, voxel_size)
     b0 = check_b0_dir(b0_dir)
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be positive (relative residual), got {tol!r}")
@@ -591,7 +540,7 @@ def pdf(
     if pad is None:
         pad = tuple(int(math.ceil(15.0 / d)) for d in vs)
     f64 = np.float64
-    grid = _Grid.around(m, pad, device)
+    grid = Grid.around(m, pad, device)
     w_dev = grid.embed(w, f64)
     xp = namespace(w_dev)
     mm = grid.embed(m, f64)
@@ -692,7 +641,7 @@ def lbv(
     boundary value problem. NMR Biomed 2014;27:312-319.
     """
     del device  # sparse solve on the CPU whatever the device
-    f, m, vs = _inputs(field, mask, voxel_size)
+    f, m, vs = check_field(field, mask, voxel_size)
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be positive (relative residual), got {tol!r}")
     if int(max_iter) < 1:

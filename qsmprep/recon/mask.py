@@ -29,6 +29,7 @@ from qsmprep.recon._checks import (
 
 __all__ = [
     "combine_magnitude",
+    "edge_weights",
     "field_reliability",
     "largest_component",
     "mask_from_magnitude",
@@ -361,7 +362,7 @@ def mask_from_magnitude(
     return refine_mask(fg, voxel_size, open_mm=open_mm, erode_mm=erode_mm, fill_holes=fill_holes)
 
 
-def _edge_weights(phase, magnitude=None, phase2=None, te_ratio=None, mask=None):
+def edge_weights(phase, magnitude=None, phase2=None, te_ratio=None, mask=None):
     """ROMEO edge weights in [0, 1] for the +x, +y, +z neighbour of every voxel.
 
     Returns a list of three arrays; the one for axis ``a`` has length ``N_a - 1`` on that
@@ -450,7 +451,7 @@ def phase_quality(phase, magnitude=None, *, echo_times=None) -> np.ndarray:
         p = p[..., 0]
     if mag is not None and mag.ndim == 4:
         mag = mag[..., 0]
-    ws = _edge_weights(p, mag, phase2, te_ratio)
+    ws = edge_weights(p, mag, phase2, te_ratio)
     q = np.zeros(p.shape, dtype=np.float32)
     for ax, w in enumerate(ws):
         hi = [slice(None)] * 3

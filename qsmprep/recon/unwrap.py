@@ -30,7 +30,7 @@ from qsmprep.recon._checks import (
     check_voxel_size,
 )
 from qsmprep.recon.kernels import crop, laplace_kernel, padded_shape
-from qsmprep.recon.mask import _edge_weights, largest_component, robust_threshold
+from qsmprep.recon.mask import edge_weights, largest_component, robust_threshold
 
 __all__ = [
     "remove_phase_offset",
@@ -239,9 +239,10 @@ def _unwrap_mst(
 ) -> np.ndarray:
     """ROMEO-type unwrapping along the maximum-quality spanning tree of the mask graph.
 
-    Edges between face neighbours carry the ROMEO weight of ``_edge_weights``; the spanning
-    tree maximising the total weight (equal to ROMEO's region growing, which is Prim's
-    algorithm on the same weights, up to ties) is found with ``scipy.sparse.csgraph``.
+    Edges between face neighbours carry the ROMEO weight of
+    :func:`~qsmprep.recon.mask.edge_weights`; the spanning tree maximising the total weight
+    (equal to ROMEO's region growing, which is Prim's algorithm on the same weights, up to
+    ties) is found with ``scipy.sparse.csgraph``.
     Each tree component is rooted at its highest-quality voxel and unwrapped by summing
     wrapped differences along the tree (pointer jumping, vectorised).
     """
@@ -253,7 +254,7 @@ def _unwrap_mst(
     n_vox = int(mask.sum())
     index = np.full(shape, -1, dtype=np.int64)
     index[mask] = np.arange(n_vox)
-    ws = _edge_weights(phase, magnitude, phase2, te_ratio, mask)
+    ws = edge_weights(phase, magnitude, phase2, te_ratio, mask)
     rows, cols, cost = [], [], []
     qual = np.zeros(n_vox)
     for ax, w in enumerate(ws):

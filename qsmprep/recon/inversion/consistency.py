@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmprep.recon._backend import irfftn, rfftn, to_numpy
-from qsmprep.recon._checks import check_b0_dir, check_finite, check_volume
-from qsmprep.recon.inversion.direct import _grid, _inputs
+from qsmprep.recon._checks import check_b0_dir, check_field, check_finite, check_volume
+from qsmprep.recon.grid import Grid, pad_voxels
+from qsmprep.recon.inversion.direct import DEFAULT_PAD_MM
 from qsmprep.recon.kernels import dipole_kernel
 
 __all__ = ["data_consistency"]
@@ -71,7 +72,7 @@ def data_consistency(
     inhomogeneity due to an arbitrary distribution of bulk susceptibility. Concepts Magn Reson
     B 2003;19B:26-34 (the dipole convolution).
     """
-    f, m, vs = _inputs(local_field, mask, voxel_size)
+    f, m, vs = check_field(local_field, mask, voxel_size, "local_field", "ppm")
     check_volume(chi, "chi")
     c = np.asarray(to_numpy(chi), dtype=np.float32)
     if c.shape != f.shape:
@@ -83,7 +84,7 @@ def data_consistency(
     if pad is None:
         idx = np.nonzero(m)
         pad = tuple(int(i.max() - i.min() + 1) for i in idx)
-    grid = _grid(m, pad, vs, device)
+    grid = Grid.around(m, pad_voxels(pad, vs, DEFAULT_PAD_MM), device)
     d = dipole_kernel(grid.grid, vs, b, device=device)
 
     def field_of(x):  # D * x inside the mask, de-meaned there (float64)

@@ -20,8 +20,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmprep.recon._backend import irfftn, namespace, rfftn, to_numpy
-from qsmprep.recon._checks import check_b0_dir, check_mask, check_same_shape, check_volume
-from qsmprep.recon.inversion.direct import _fill_info, _grid, _inputs, _spectrum_mean
+from qsmprep.recon._checks import (
+    check_b0_dir,
+    check_field,
+    check_mask,
+    check_same_shape,
+    check_volume,
+)
+from qsmprep.recon.grid import Grid, pad_voxels, spectrum_mean
+from qsmprep.recon.inversion.direct import DEFAULT_PAD_MM
 from qsmprep.recon.kernels import dipole_kernel
 from qsmprep.recon.operators import cg
 
@@ -192,7 +199,7 @@ def cosmos(
     data = []
     vs = None
     for i, f in enumerate(fields):
-        x, _, vs = _inputs(f, common, voxel_size, name=f"local_fields[{i}]")
+        x, _, vs = check_field(f, common, voxel_size, f"local_fields[{i}]", "ppm")
         data.append(x)
     bs = [check_b0_dir(v) for v in b]
     spread = orientation_spread(bs)
@@ -211,7 +218,7 @@ def cosmos(
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be positive (relative residual), got {tol!r}")
 
-    grid = _grid(common, pad, vs, device)
+    grid = Grid.around(common, pad_voxels(pad, vs, DEFAULT_PAD_MM), device)
     mm = grid.embed(common)
     xp = namespace(mm)
     n_in = float(common.sum())
@@ -228,7 +235,7 @@ def cosmos(
     ok = den >= eps
     inv = xp.where(ok, 1.0 / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(den))
     chi = mm * irfftn(inv * num, s=grid.grid)
-    zeroed = 1.0 - _spectrum_mean(xp.astype(ok, xp.float32), grid.grid)
+    zeroed = 1.0 - spectrum_mean(xp.astype(ok, xp.float32), grid.grid)
     cg_info = {"iterations": 0, "residual": float("nan"), "converged": False}
     if int(max_iter) > 0:
 
@@ -239,14 +246,14 @@ def cosmos(
 
         rhs = mm * irfftn(num, s=grid.grid)
         chi, cg_info = cg(normal, rhs, chi, tol=tol, max_iter=int(max_iter))
-    _fill_info(
-        info,
-        grid=grid.grid,
-        n_orientations=n,
-        spread_deg=spread,
-        zeroed=zeroed,
-        iterations=cg_info["iterations"],
-        residual=cg_info["residual"],
-        converged=bool(cg_info["converged"]),
-    )
+    if info is not None:
+        info.update(
+            grid=grid.grid,
+            n_orientations=n,
+            spread_deg=spread,
+            zeroed=zeroed,
+            iterations=cg_info["iterations"],
+            residual=cg_info["residual"],
+            converged=bool(cg_info["converged"]),
+        )
     return grid.extract(chi) * common

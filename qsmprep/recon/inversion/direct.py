@@ -30,17 +30,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
-from qsmprep.recon._backend import irfftn, namespace, rfftn, to_numpy
-from qsmprep.recon._checks import (
-    check_b0_dir,
-    check_finite,
-    check_mask,
-    check_volume,
-    check_voxel_size,
-)
-from qsmprep.recon.background import _Grid
+from qsmprep.recon._backend import irfftn, namespace, rfftn
+from qsmprep.recon._checks import check_b0_dir, check_field
+from qsmprep.recon.grid import Grid, pad_voxels, spectrum_mean
 from qsmprep.recon.kernels import dipole_kernel, laplace_kernel
 
 __all__ = ["DEFAULT_LAMBDA", "DEFAULT_PAD_MM", "l2", "tkd", "tsvd"]
@@ -50,47 +42,6 @@ DEFAULT_PAD_MM = 20.0
 
 DEFAULT_LAMBDA = {"gradient": 4e-2, "identity": 1.5e-2, "laplacian": 1e-1}
 """Default L2 weights per regulariser (units: mm^2, 1, mm^4; see :func:`l2`)."""
-
-
-# --------------------------------------------------------------------------------------------
-# shared helpers (also used by the COSMOS module)
-
-
-def _inputs(field, mask, voxel_size, name: str = "local_field"):
-    """Validate field, mask and voxel size; return float32 field (0 outside), bool mask, vs."""
-    check_volume(field, name)
-    m = to_numpy(check_mask(mask, "mask", shape=field.shape)).astype(bool)
-    vs = check_voxel_size(voxel_size)
-    f = to_numpy(field)
-    if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
-        raise ValueError(f"{name} must be a real array (ppm), got dtype {f.dtype}")
-    check_finite(f, name, where=m)
-    return np.where(m, f, 0.0).astype(np.float32), m, vs
-
-
-def _pad_voxels(pad, voxel_size) -> tuple[int, int, int]:
-    """``pad`` as voxels per axis; ``None`` gives :data:`DEFAULT_PAD_MM` rounded up."""
-    if pad is None:
-        return tuple(int(math.ceil(DEFAULT_PAD_MM / d)) for d in voxel_size)
-    p = np.broadcast_to(np.asarray(pad), (3,))
-    if not np.all(np.isfinite(p.astype(float))) or np.any(p < 0) or np.any(p != np.round(p)):
-        raise ValueError(f"pad must be a non-negative number of voxels (one or 3), got {pad!r}")
-    return tuple(int(v) for v in p)
-
-
-def _grid(mask: np.ndarray, pad, voxel_size, device) -> _Grid:
-    return _Grid.around(mask, _pad_voxels(pad, voxel_size), device)
-
-
-def _spectrum_mean(p, shape: Sequence[int]) -> float:
-    """Mean over the full spectrum of a real, even function given on the rfft half spectrum."""
-    a = np.asarray(to_numpy(p), dtype=np.float64)
-    nz = int(shape[-1])
-    w = np.full(a.shape[-1], 2.0)
-    w[0] = 1.0
-    if nz % 2 == 0:
-        w[-1] = 1.0  # the Nyquist plane is its own mirror
-    return float((a * w).sum() / math.prod(int(n) for n in shape))
 
 
 def _fill_info(info, **values) -> None:
@@ -131,15 +82,15 @@ def _truncated_inverse(d, threshold: float, zero_cone: bool, xp):
 def _truncated(
     local_field, mask, voxel_size, b0_dir, threshold, correct, pad, device, info, zero_cone
 ):
-    f, m, vs = _inputs(local_field, mask, voxel_size)
+    f, m, vs = check_field(local_field, mask, voxel_size, "local_field", "ppm")
     b = check_b0_dir(b0_dir)
     thr = _check_threshold(threshold)
-    grid = _grid(m, pad, vs, device)
+    grid = Grid.around(m, pad_voxels(pad, vs, DEFAULT_PAD_MM), device)
     x = grid.embed(f)
     xp = namespace(x)
     d = dipole_kernel(grid.grid, vs, b, device=device)
     inv = _truncated_inverse(d, thr, zero_cone, xp)
-    psf0 = _spectrum_mean(d * inv, grid.grid)
+    psf0 = spectrum_mean(d * inv, grid.grid)
     if correct:
         inv = inv / psf0
     chi = irfftn(inv * rfftn(x), s=grid.grid)
@@ -334,7 +285,7 @@ def l2(
     Bilgic B, Chatnuntawech I, Fan AP, Setsompop K, Cauley SF, Wald LL, Adalsteinsson E. Fast
     image reconstruction with L2-regularization. J Magn Reson Imaging 2014;40:181-191.
     """
-    f, m, vs = _inputs(local_field, mask, voxel_size)
+    f, m, vs = check_field(local_field, mask, voxel_size, "local_field", "ppm")
     b = check_b0_dir(b0_dir)
     key = str(reg).lower()
     if key not in REGULARISERS:
@@ -342,7 +293,7 @@ def l2(
     lam = DEFAULT_LAMBDA[key] if lam is None else float(lam)
     if not (math.isfinite(lam) and lam >= 0.0):
         raise ValueError(f"lam must be a non-negative finite weight, got {lam!r}")
-    grid = _grid(m, pad, vs, device)
+    grid = Grid.around(m, pad_voxels(pad, vs, DEFAULT_PAD_MM), device)
     x = grid.embed(f)
     xp = namespace(x)
     d = dipole_kernel(grid.grid, vs, b, device=device)

@@ -51,7 +51,7 @@ with ``P = M_csf (I - mean_csf)`` (a projection, so MEDI's ``P^T P = P``). It st
 residual of ``cg_tol`` or after ``cg_max_iter`` iterations.
 
 Grid. The data are cropped to the mask's bounding box and zero-padded by ``pad`` voxels, then
-up to a fast FFT length (:class:`qsmprep.recon.background._Grid`); ``chi`` lives on that whole
+up to a fast FFT length (:class:`qsmprep.recon.grid.Grid`); ``chi`` lives on that whole
 grid and is returned in the mask. Outside the mask it is free (no data, TV only), as on the
 toolbox's full matrix, and there it acts as a background source that absorbs part of the local
 field: the larger the free region, the more of the true susceptibility is lost to it. On our
@@ -98,7 +98,7 @@ from qsmprep.recon._checks import (
     check_volume,
     check_voxel_size,
 )
-from qsmprep.recon.background import _Grid
+from qsmprep.recon.grid import Grid
 from qsmprep.recon.kernels import GAMMA_BAR, dipole_kernel
 from qsmprep.recon.operators import cg, grad
 
@@ -484,7 +484,7 @@ def medi(
         w_grad |= (w_data == 0)[None] & m[None]
 
     # ---- grid (radians inside, as in the toolbox)
-    grid = _Grid.around(m, pads, device)
+    grid = Grid.around(m, pads, device)
     shape = grid.grid
     f_rad = grid.embed(np.where(m, f, 0.0).astype(np.float64) * c)
     xp = namespace(f_rad)

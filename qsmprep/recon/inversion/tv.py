@@ -47,7 +47,7 @@ from qsmprep.recon._checks import (
     check_volume,
     check_voxel_size,
 )
-from qsmprep.recon.background import _Grid
+from qsmprep.recon.grid import Grid
 from qsmprep.recon.kernels import dipole_kernel, laplace_kernel
 
 __all__ = ["DEFAULT_LAMBDA", "DEFAULT_PAD_MM", "tv"]
@@ -281,7 +281,7 @@ def tv(
     if pad is None:
         pad = tuple(int(math.ceil(DEFAULT_PAD_MM / d)) for d in vs)
 
-    grid = _Grid.around(m, pad, device)
+    grid = Grid.around(m, pad, device)
     shape = grid.grid
     x = grid.embed(f)
     xp = namespace(x)
