@@ -176,17 +176,11 @@ class Settings:
 
     @property
     def use_gpu(self) -> bool:
-        """Whether inversion nodes are GPU work for the scheduler."""
-        if self.device == "cuda":
-            return True
-        if self.device == "auto":
-            try:
-                import torch
+        """Whether inversion nodes are GPU work for the scheduler
+        (:func:`qsmprep.devices.gpu_work`)."""
+        from qsmprep.devices import gpu_work
 
-                return bool(torch.cuda.is_available())
-            except Exception:  # noqa: BLE001 - no torch, no GPU
-                return False
-        return False
+        return gpu_work(self.device)
 
     @property
     def compute_device(self) -> str:

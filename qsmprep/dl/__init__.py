@@ -24,7 +24,7 @@ _LAZY = {
     "dipole_kernel_torch": "qsmprep.dl.losses",
     "dc_weight": "qsmprep.dl.losses",
     "predict": "qsmprep.dl.inference",
-    "resolve_device": "qsmprep.dl.inference",
+    "resolve_device": "qsmprep.devices",
     "save_checkpoint": "qsmprep.dl.checkpoint",
     "load_checkpoint": "qsmprep.dl.checkpoint",
     "write_model_card": "qsmprep.dl.checkpoint",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from qsmprep.devices import resolve_device
 from qsmprep.recon._checks import (
     check_b0_dir,
     check_finite,
@@ -28,33 +29,6 @@ from qsmprep.recon._checks import (
 __all__ = ["predict", "resolve_device", "tile_starts", "tile_window"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device for ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
-
-    ``"torch"`` is an alias of ``"cpu"``; ``"cuda:N"`` selects a GPU. Asking for CUDA on a
-    machine without one raises a ValueError that suggests ``"cpu"`` or ``"auto"``.
-    """
-    if isinstance(device, torch.device):
-        dev = device
-    elif device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif device in ("cpu", "torch"):
-        return torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')"
-            ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} requested but CUDA is not available here; use device='cpu' "
-            "or device='auto'"
-        )
-    return dev
 
 
 def tile_starts(n: int, tile: int, step: int) -> list[int]:
@@ -174,7 +148,7 @@ def predict(
     b0_dir : 3 floats
         B0 direction in voxel axes (see :func:`qsmprep.recon.kernels.b0_dir_from_affine`).
     device : {"cpu", "cuda", "auto"} or torch.device
-        See :func:`resolve_device`.
+        See :func:`qsmprep.devices.resolve_device`.
     tile_shape : int or 3 ints, optional
         None: the whole volume in one pass. Otherwise tiles of this size (rounded up to the
         multiple), overlapping by ``overlap`` voxels and blended with :func:`tile_window`.
@@ -216,7 +190,7 @@ def predict(
     field_scale = float(config.get("field_scale", 10.0))
     chi_scale = float(config.get("chi_scale", 10.0))
     overlap = _ceil_to(max(int(overlap), 0), multiple)
-    dev = resolve_device(device)
+    dev = resolve_device(device, cpu="torch")
 
     f = np.asarray(field_ppm.cpu().numpy() if torch.is_tensor(field_ppm) else field_ppm)
     f = np.where(m, f, 0.0).astype(np.float32) * np.float32(field_scale)

@@ -9,6 +9,10 @@ Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
     torch tensors on that device.
+``"auto"``
+    ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+
+(:func:`qsmprep.devices.resolve_device` with ``cpu="numpy"``.)
 
 Inside a function, write the algorithm once against ``xp = namespace(x)`` (the Python array
 API, through :mod:`array_api_compat`) and the FFT helpers below; convert inputs with
@@ -29,6 +33,8 @@ import numpy as np
 import scipy.fft as sfft
 from array_api_compat import array_namespace
 
+from qsmprep.devices import resolve_device
+
 __all__ = [
     "FFTCounter",
     "asarray",
@@ -44,7 +50,6 @@ __all__ = [
     "rfftn",
     "set_fft_workers",
     "to_numpy",
-    "torch_device",
 ]
 
 _AXES = (-3, -2, -1)
@@ -60,22 +65,9 @@ def namespace(*arrays):
     return array_namespace(*arrays)
 
 
-def torch_device(device: str | None):
-    """The ``torch.device`` for a qsmprep device string, or None for the NumPy backend."""
-    if device in (None, "cpu", "numpy"):
-        return None
-    import torch
-
-    if device == "torch":
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
-
-
 def asarray(x, device: str | None = "cpu", dtype=np.float32):
     """``x`` as an array of the backend chosen by ``device`` (see the module docstring)."""
-    tdev = torch_device(device)
+    tdev = resolve_device(device, cpu="numpy")
     if tdev is None:
         return np.asarray(to_numpy(x), dtype=dtype)
     import torch

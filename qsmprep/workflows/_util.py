@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from qsmprep.devices import gpu_work
+
 __all__ = ["check_choice", "gpu_work", "mem_gb", "node_label", "params_of"]
 
 # Peak memory of a node above its worker's baseline, bytes per voxel (per voxel and echo for the
@@ -50,24 +52,6 @@ def check_choice(value, choices: Iterable, what: str):
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(map(str, choices))}")
     return value
-
-
-def gpu_work(device: str) -> bool:
-    """Whether nodes running on ``device`` are GPU work for Nipype's MultiProc scheduler.
-
-    ``"cuda"`` always; ``"auto"`` when torch sees a CUDA device now (the same test the
-    numerics make at run time). MultiProc refuses to start a graph with GPU nodes when it
-    counts no GPU slot (``n_gpu_procs``, by default the GPUs that ``nvidia-smi`` lists).
-    """
-    if str(device).startswith("cuda"):
-        return True
-    if device == "auto":
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency
-            return False
-        return bool(torch.cuda.is_available())
-    return False
 
 
 def node_label(text: str) -> str:
