@@ -30,10 +30,10 @@ import json
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from qsmprep.methods import get
+from qsmprep.nifti import load_data
 
 __all__ = ["ROWS_ADAPTIVE", "ROWS_DSBN", "ROWS_EXTERNAL", "run_accuracy"]
 
@@ -119,10 +119,6 @@ def _run_app(bids: Path, out: Path, work: Path, variants: dict, nprocs: int, dev
     return outs
 
 
-def _load(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
-
-
 def _score(recon, ref, mask) -> dict:
     from qsmprep.metrics import evaluate
 
@@ -193,14 +189,14 @@ def _collect(outs, bids: Path, rows, *, acq: str | None, with_cosmos: bool):
     subjects = sorted(p.name for p in bids.glob("sub-*") if p.is_dir())
     gt_root = bids / "derivatives" / "groundtruth"
     for sub, prefix, out, desc_map in _scans(outs, subjects, acq):
-        truth = _load(gt_root / sub / "anat" / f"{sub}_Chimap.nii.gz")
+        truth = load_data(gt_root / sub / "anat" / f"{sub}_Chimap.nii.gz")
         anat = out / sub / "anat"
         mask_file = anat / f"{prefix}_desc-local_mask.nii.gz"
-        mask = _load(mask_file) > 0
+        mask = load_data(mask_file) > 0
         cosmos = None
         if with_cosmos:
             cfile = anat / f"{sub}_desc-cosmos_Chimap.nii.gz"
-            cosmos = _load(cfile) if cfile.is_file() else None
+            cosmos = load_data(cfile) if cfile.is_file() else None
         for label, *_ in rows:
             desc = labels_of[label]
             if desc not in desc_map:
@@ -208,7 +204,7 @@ def _collect(outs, bids: Path, rows, *, acq: str | None, with_cosmos: bool):
             f = anat / f"{prefix}_desc-{desc_map[desc]}_Chimap.nii.gz"
             if not f.is_file():
                 continue
-            chi = _load(f)
+            chi = load_data(f)
             scores[label]["truth"].append(_score(chi, truth, mask))
             if cosmos is not None:
                 scores[label]["cosmos"].append(_score(chi, cosmos, mask))

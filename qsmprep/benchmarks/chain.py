@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from qsmprep.methods import get, names, resolve
+from qsmprep.nifti import load_data
 
 __all__ = ["ChainScore", "format_chain_table", "run_chain", "score_acquisition"]
 
@@ -54,10 +55,6 @@ class ChainScore:
 
     def to_dict(self) -> dict:
         return dict(vars(self))
-
-
-def _load(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
 
 
 def _demeaned_fit(est: np.ndarray, ref: np.ndarray, m: np.ndarray) -> tuple[float, float]:
@@ -88,7 +85,7 @@ def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
     mags = [bids / s for s in sources if "part-mag" in s]
     if not mags:
         return None
-    return combine_magnitude(np.stack([_load(p) for p in mags], axis=-1))
+    return combine_magnitude(np.stack([load_data(p) for p in mags], axis=-1))
 
 
 def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz):
@@ -127,16 +124,16 @@ def score_acquisition(
     sub = prefix.split("_")[0]
     anat = deriv / sub / "anat"
     gt = bids / "derivatives" / "groundtruth" / sub / "anat"
-    t_mask = _load(_truth_file(gt, prefix, sub, "desc-brain_mask.nii.gz")) > 0
-    t_chi = _load(_truth_file(gt, prefix, sub, "Chimap.nii.gz"))
-    t_local = _load(_truth_file(gt, prefix, sub, "desc-local_fieldmap.nii.gz"))
-    t_total = _load(_truth_file(gt, prefix, sub, "desc-total_fieldmap.nii.gz"))
-    brain = _load(anat / f"{prefix}_desc-brain_mask.nii.gz") > 0
-    local_mask = _load(anat / f"{prefix}_desc-local_mask.nii.gz") > 0
+    t_mask = load_data(_truth_file(gt, prefix, sub, "desc-brain_mask.nii.gz")) > 0
+    t_chi = load_data(_truth_file(gt, prefix, sub, "Chimap.nii.gz"))
+    t_local = load_data(_truth_file(gt, prefix, sub, "desc-local_fieldmap.nii.gz"))
+    t_total = load_data(_truth_file(gt, prefix, sub, "desc-total_fieldmap.nii.gz"))
+    brain = load_data(anat / f"{prefix}_desc-brain_mask.nii.gz") > 0
+    local_mask = load_data(anat / f"{prefix}_desc-local_mask.nii.gz") > 0
     local_img = nib.load(anat / f"{prefix}_desc-local_fieldmap.nii.gz")
     local = np.asarray(local_img.dataobj, dtype=np.float32)
-    total = _load(anat / f"{prefix}_desc-total_fieldmap.nii.gz")
-    noise = _load(anat / f"{prefix}_desc-noise_fieldmap.nii.gz")
+    total = load_data(anat / f"{prefix}_desc-total_fieldmap.nii.gz")
+    noise = load_data(anat / f"{prefix}_desc-noise_fieldmap.nii.gz")
     if t_mask.shape != brain.shape:
         raise ValueError(
             f"ground truth of {prefix} is on a {t_mask.shape} grid, the output on {brain.shape}"
@@ -163,7 +160,7 @@ def score_acquisition(
         if not f.is_file():
             continue
         meta = json.loads(f.with_name(f.name.replace(".nii.gz", ".json")).read_text())
-        chi = _load(f)
+        chi = load_data(f)
         row = {"covered": float((t_mask & (chi != 0)).sum()) / n_true}
         row["end_to_end"] = _metrics(evaluate(chi, t_chi, t_mask))
         if method in names("inversion", kind="classical"):

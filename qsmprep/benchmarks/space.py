@@ -27,8 +27,9 @@ import json
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from qsmprep.nifti import load_data
 
 __all__ = ["run_space_benchmark"]
 
@@ -53,10 +54,6 @@ def _subjects(bids: Path) -> list[str]:
     return sorted(p.name[4:] for p in bids.glob("sub-*") if p.is_dir())
 
 
-def _load(path, dtype=np.float64):
-    return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)
-
-
 def evaluate_subject(bids: Path, out: Path, sub: str, method: str, reference: str) -> dict:
     """ROI means of one subject (see the module doc) from the files on disk."""
     from qsmprep.space.atlas import CSF_LABEL, ROIS
@@ -64,11 +61,11 @@ def evaluate_subject(bids: Path, out: Path, sub: str, method: str, reference: st
 
     anat = out / f"sub-{sub}" / "anat"
     gt = bids / "derivatives" / "groundtruth" / f"sub-{sub}" / "anat"
-    local = _load(anat / f"sub-{sub}_desc-local_mask.nii.gz") > 0
-    atlas = _load(anat / f"sub-{sub}_desc-atlas_dseg.nii.gz", np.int16)
-    pipe = _load(anat / f"sub-{sub}_desc-{method}_Chimap.nii.gz")
-    true = _load(gt / f"sub-{sub}_Chimap.nii.gz")
-    dseg = _load(gt / f"sub-{sub}_dseg.nii.gz", np.int16)
+    local = load_data(anat / f"sub-{sub}_desc-local_mask.nii.gz", np.float64) > 0
+    atlas = load_data(anat / f"sub-{sub}_desc-atlas_dseg.nii.gz", np.int16)
+    pipe = load_data(anat / f"sub-{sub}_desc-{method}_Chimap.nii.gz", np.float64)
+    true = load_data(gt / f"sub-{sub}_Chimap.nii.gz", np.float64)
+    dseg = load_data(gt / f"sub-{sub}_dseg.nii.gz", np.int16)
     if reference == "csf":
         true = true - true[(atlas == CSF_LABEL) & local].mean()
     else:

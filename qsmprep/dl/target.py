@@ -35,6 +35,7 @@ import torch
 
 from qsmprep.dl.inference import resolve_device
 from qsmprep.dl.synth import phase_scale
+from qsmprep.nifti import load
 from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
 
 __all__ = ["TargetScan", "TargetScans", "detect_source", "find_target_scans"]
@@ -152,18 +153,6 @@ def _sidecar(nii: Path) -> dict:
     return {}
 
 
-def _load(path: Path) -> tuple[np.ndarray, object]:
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{path} has shape {data.shape}; a 3D map was expected")
-    return data, img
-
-
 def _reference_candidates(reference, root: Path) -> tuple[str, object]:
     """How to look up the reference: ("file", Path) | ("glob", [paths]) | ("desc", label)."""
     if reference is None:
@@ -211,7 +200,7 @@ def _attach_reference(scan: TargetScan, path: Path | None) -> str | None:
     """Load a reference chi onto ``scan`` (restricting its mask); the reason if unusable."""
     if path is None:
         return "no reference map found"
-    chi, _ = _load(path)
+    chi, _ = load(path, ndim=3)
     if chi.shape != scan.shape:
         return f"reference {path} has shape {chi.shape}, the scan {scan.shape}"
     valid = np.isfinite(chi) & (chi != 0)
@@ -256,8 +245,8 @@ def _from_derivatives(root: Path, *, reference, b0, te, skipped: list) -> list[T
         if field_b0 is None:
             skipped.append(f"{f}: its sidecar has no B0 (T); pass b0= (--b0) to set it")
             continue
-        data, img = _load(f)
-        mask = _load(mask_file)[0] > 0
+        data, img = load(f, ndim=3)
+        mask = load(mask_file, ndim=3)[0] > 0
         if data.shape != mask.shape:
             skipped.append(f"{f}: mask shape {mask.shape} differs from field {data.shape}")
             continue
@@ -277,7 +266,7 @@ def _from_derivatives(root: Path, *, reference, b0, te, skipped: list) -> list[T
         noise = None
         nf = f.parent / (name + NOISE_FIELD)
         if nf.is_file():
-            n = _load(nf)[0]
+            n = load(nf, ndim=3)[0]
             if n.shape == data.shape:
                 noise = np.where(np.isfinite(n) & (n > 0), n, np.inf).astype(np.float32)
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])

@@ -1,4 +1,4 @@
-"""NIfTI loading and saving shared by the interfaces (no numerics here).
+"""NIfTI saving shared by the interfaces, and the loader of :mod:`qsmprep.nifti` (no numerics).
 
 Outputs are written into the node's working directory (the current directory while an
 interface runs) under names derived from an input file with
@@ -17,18 +17,9 @@ import nibabel as nib
 import numpy as np
 from nipype.utils.filemanip import fname_presuffix
 
+from qsmprep.nifti import load, voxel_size
+
 __all__ = ["effective_params", "load", "out_path", "save", "voxel_size"]
-
-
-def load(path, dtype=np.float32) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Data (scaled, as ``dtype``) and image of a NIfTI file."""
-    img = nib.load(os.fspath(path))
-    return np.asarray(img.dataobj, dtype=dtype), img
-
-
-def voxel_size(img) -> tuple[float, float, float]:
-    """Voxel size (mm) of the first three axes."""
-    return tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def out_path(in_file, suffix: str) -> str:
