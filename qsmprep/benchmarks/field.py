@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from qsmprep.__about__ import __version__
 from qsmprep.benchmarks.timing import fft_pair_seconds, sync
 from qsmprep.config import BG_METHODS, DEFAULT_BG_METHOD
 from qsmprep.methods import get
 
 __all__ = ["bench_field"]
-
-
-def _nrmse(est, truth, m) -> float:
-    e = est[m] - est[m].mean()
-    t = truth[m] - truth[m].mean()
-    return float(100 * np.linalg.norm(e - t) / np.linalg.norm(t))
 
 
 def bench_field(
@@ -71,6 +63,7 @@ def bench_field(
         ``rows`` (stage, seconds, FFT-equivalents, ratio to the FFT time), the local-field
         NRMSE (%) of each background method, the FFT pair time and the settings.
     """
+    from qsmprep.metrics import nrmse
     from qsmprep.recon import background
     from qsmprep.recon.chain import compute_local_field, stage
     from qsmprep.recon.kernels import b0_dir_from_affine
@@ -110,7 +103,7 @@ def bench_field(
     for name, rec in profile.items():
         rows.append((name, rec["seconds"], rec["ffts"].equivalents(shape)))
     rows.append((f"chain total (with {DEFAULT_BG_METHOD})", chain_total, sum(r[2] for r in rows)))
-    errors = {DEFAULT_BG_METHOD: _nrmse(maps.local_hz, gre.local_field_hz, maps.local_mask)}
+    errors = {DEFAULT_BG_METHOD: nrmse(maps.local_hz, gre.local_field_hz, maps.local_mask)}
 
     methods = [m for m in bg_methods if m != DEFAULT_BG_METHOD]
     for m in methods:
@@ -125,7 +118,7 @@ def bench_field(
             )
             sync(device)
         rows.append((f"background_{m}", prof[m]["seconds"], prof[m]["ffts"].equivalents(shape)))
-        errors[m] = _nrmse(local, gre.local_field_hz, lmask)
+        errors[m] = nrmse(local, gre.local_field_hz, lmask)
 
     print()
     print("| stage | wall (s) | FFT-equivalents | time / (FFT pairs x pair time) |")
