@@ -1,4 +1,8 @@
-"""Interfaces of the field chain: echoes -> brain mask -> unwrapped phase -> field maps (Hz)."""
+"""Interfaces of the field chain: echoes -> brain mask -> unwrapped phase -> field maps (Hz).
+
+Each interface reads its inputs, calls one stage function of :mod:`qsmprep.recon.chain` (the
+numerics of the chain are written there once) and saves the result.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from nipype.interfaces.base import (
 from qsmprep import bids, provided
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
-from qsmprep.recon import background, echo, mask, unwrap
+from qsmprep.recon import background, chain, mask
 from qsmprep.recon._checks import check_echo_times
 
 __all__ = [
@@ -107,7 +111,8 @@ class _MaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(ThreadedInterface):
-    """Brain mask by :func:`~qsmprep.recon.mask.mask_from_magnitude` or phase quality."""
+    """Brain mask from the magnitude or the phase quality
+    (:func:`qsmprep.recon.chain.compute_brain_mask`)."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _MaskOutputSpec
@@ -115,15 +120,20 @@ class BrainMask(ThreadedInterface):
     def _run_interface(self, runtime):
         mag, img = load(self.inputs.magnitude)
         vs = voxel_size(img)
-        params = dict(self.inputs.params)
-        if self.inputs.method == "magnitude":
-            brain = mask.mask_from_magnitude(mag, vs, **params)
-        else:
+        phase = te = None
+        if self.inputs.method == "phase":
             if not isdefined(self.inputs.phase):
                 raise ValueError("mask method 'phase' needs the phase input")
             phase, _ = load(self.inputs.phase)
             te = self.inputs.echo_times if isdefined(self.inputs.echo_times) else None
-            brain = mask.mask_from_phase_quality(phase, mag, vs, echo_times=te, **params)
+        brain = chain.compute_brain_mask(
+            mag,
+            vs,
+            method=self.inputs.method,
+            phase=phase,
+            echo_times=te,
+            **dict(self.inputs.params),
+        )
         like = img.slicer[..., 0] if mag.ndim == 4 else img
         self._results["out_file"] = save(
             brain, like, out_path(self.inputs.magnitude, "_brainmask"), np.uint8
@@ -174,8 +184,7 @@ class ProvidedField(SimpleInterface):
     The field (:func:`qsmprep.provided.load_provided_field`: Hz, on the grid, finite in the
     mask) is kept as given inside the brain mask and set to 0 outside; its noise map is the
     std the weighted echo fit would have had on this magnitude
-    (:func:`qsmprep.recon.echo.field_std`, scaled by
-    :func:`~qsmprep.recon.echo.estimate_noise_std`).
+    (:func:`qsmprep.recon.chain.provided_field_std`).
     """
 
     input_spec = _ProvidedFieldInputSpec
@@ -187,13 +196,7 @@ class ProvidedField(SimpleInterface):
         total = provided.load_provided_field(
             self.inputs.in_file, provided.Grid.of_image(self.inputs.mask), brain
         )
-        sigma = echo.estimate_noise_std(mag, brain)
-        std = echo.field_std(
-            mag,
-            self.inputs.echo_times,
-            mask=brain,
-            noise_std=sigma if np.isfinite(sigma) else None,
-        )
+        std, sigma = chain.provided_field_std(mag, self.inputs.echo_times, brain)
         base = self.inputs.mask
         self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
         # outside the brain the fit has no signal (std infinite where the magnitude is 0):
@@ -223,7 +226,7 @@ class _UnwrapOutputSpec(TraitedSpec):
 
 
 class UnwrapPhase(ThreadedInterface):
-    """Multi-echo unwrapping by :func:`qsmprep.recon.unwrap.unwrap_multi_echo`."""
+    """Multi-echo unwrapping (:func:`qsmprep.recon.chain.unwrap_phase`)."""
 
     input_spec = _UnwrapInputSpec
     output_spec = _UnwrapOutputSpec
@@ -232,13 +235,13 @@ class UnwrapPhase(ThreadedInterface):
         phase, img = load(self.inputs.phase)
         mag, _ = load(self.inputs.magnitude)
         brain, _ = load(self.inputs.mask, bool)
-        out = unwrap.unwrap_multi_echo(
+        out = chain.unwrap_phase(
             phase,
             mag,
             self.inputs.echo_times,
-            mask=brain,
+            brain,
+            voxel_size(img),
             method=self.inputs.method,
-            voxel_size=voxel_size(img),
             **dict(self.inputs.params),
         )
         self._results["out_file"] = save(out, img, out_path(self.inputs.phase, "_unwrapped"))
@@ -260,7 +263,8 @@ class _FitFieldOutputSpec(TraitedSpec):
 
 
 class FitField(ThreadedInterface):
-    """Weighted linear multi-echo fit (:func:`qsmprep.recon.echo.fit_field_linear`)."""
+    """Weighted linear multi-echo fit, its noise map and residual
+    (:func:`qsmprep.recon.chain.fit_total_field`)."""
 
     input_spec = _FitFieldInputSpec
     output_spec = _FitFieldOutputSpec
@@ -269,24 +273,16 @@ class FitField(ThreadedInterface):
         phase, img = load(self.inputs.phase)
         mag, _ = load(self.inputs.magnitude)
         brain, mimg = load(self.inputs.mask, bool)
-        sigma = echo.estimate_noise_std(mag, brain)
-        total, std, offset = echo.fit_field_linear(
-            phase,
-            mag,
-            self.inputs.echo_times,
-            mask=brain,
-            noise_std=sigma if np.isfinite(sigma) else None,
-        )
-        residual = echo.fit_residual(phase, mag, self.inputs.echo_times, total, offset, mask=brain)
+        fitted = chain.fit_total_field(phase, mag, self.inputs.echo_times, brain)
         base = self.inputs.mask
-        self._results["fit_residual"] = save(residual, mimg, out_path(base, "_fitresidual"))
-        self._results["total_field"] = save(total, mimg, out_path(base, "_totalfield"))
+        self._results["fit_residual"] = save(fitted.residual, mimg, out_path(base, "_fitresidual"))
+        self._results["total_field"] = save(fitted.total_hz, mimg, out_path(base, "_totalfield"))
         # outside the brain the fit has no signal (std infinite where the magnitude is 0):
         # 0 there, so that viewers scale the map by the brain
         self._results["noise_field"] = save(
-            np.where(brain, std, 0.0), mimg, out_path(base, "_noisefield")
+            np.where(brain, fitted.std_hz, 0.0), mimg, out_path(base, "_noisefield")
         )
-        self._results["noise_std"] = float(sigma)
+        self._results["noise_std"] = fitted.noise_std
         return runtime
 
 
@@ -375,7 +371,7 @@ class _BackgroundOutputSpec(TraitedSpec):
 
 
 class RemoveBackground(ThreadedInterface):
-    """Background field removal (:func:`qsmprep.recon.background.remove_background`)."""
+    """Background field removal, cross-checked (:func:`qsmprep.recon.chain.remove_background`)."""
 
     input_spec = _BackgroundInputSpec
     output_spec = _BackgroundOutputSpec
@@ -384,18 +380,17 @@ class RemoveBackground(ThreadedInterface):
         total, img = load(self.inputs.total_field)
         brain, _ = load(self.inputs.mask, bool)
         params = dict(self.inputs.params)
-        if self.inputs.method == "pdf":
-            params.setdefault("b0_dir", tuple(self.inputs.b0_dir))
         ref = load(self.inputs.brain_mask, bool)[0] if isdefined(self.inputs.brain_mask) else None
-        local, local_mask, check = background.remove_background_checked(
+        local, local_mask, check = chain.remove_background(
             total,
             brain,
             voxel_size(img),
             method=self.inputs.method,
+            params=params,
+            b0_dir=self.inputs.b0_dir,
             brain_mask=ref,
-            max_disagreement=background.MAX_DISAGREEMENT if self.inputs.cross_check else None,
+            cross_check=self.inputs.cross_check,
             device=self.inputs.device,
-            **params,
         )
         func = getattr(background, check["method"])
         used = effective_params(

@@ -2,8 +2,13 @@
 
 ``mask -> phase-offset removal + unwrapping -> multi-echo fit (Hz) -> field reliability ->
 background removal``.
-Each stage is a function of its own module; this one only wires them in the default order so
-that the demo, the benchmark and the Nipype workflows share one definition of "the chain".
+Each stage is a function of its own module; the stage functions here
+(:func:`compute_brain_mask`, :func:`unwrap_phase`, :func:`fit_total_field`,
+:func:`provided_field_std`, :func:`remove_background`) call them with the chain's choices and
+are the only place the chain's numerics are written: :func:`compute_local_field` runs them in
+the default order for the demo's training targets and the benchmarks, and the Nipype
+interfaces of the App (:mod:`qsmprep.interfaces.field`) run each of them in a node of its own.
+The field reliability stage is :func:`qsmprep.recon.mask.field_reliability` itself.
 """
 
 from __future__ import annotations
@@ -19,7 +24,25 @@ from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._backend import count_ffts
 from qsmprep.recon._checks import check_echo_times, check_volume, check_voxel_size
 
-__all__ = ["FieldMaps", "compute_local_field", "stage"]
+__all__ = [
+    "FITS",
+    "MASK_METHODS",
+    "FieldMaps",
+    "TotalField",
+    "compute_brain_mask",
+    "compute_local_field",
+    "fit_total_field",
+    "provided_field_std",
+    "remove_background",
+    "stage",
+    "unwrap_phase",
+]
+
+MASK_METHODS = ("magnitude", "phase")
+"""Brain mask methods of :func:`compute_brain_mask`."""
+
+FITS = ("linear", "complex")
+"""Multi-echo fits of :func:`fit_total_field`."""
 
 
 @dataclass
@@ -52,6 +75,203 @@ def stage(profile: dict | None, name: str) -> Iterator[None]:
     with count_ffts() as counter:
         yield
     profile[name] = {"seconds": time.perf_counter() - t0, "ffts": counter}
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def compute_brain_mask(
+    magnitude, voxel_size, *, method: str = "magnitude", phase=None, echo_times=None, **params
+) -> np.ndarray:
+    """Brain mask of one acquisition (stage ``mask``).
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z, E) or (X, Y, Z) array
+        Magnitude of the echoes.
+    voxel_size : 3 floats
+        mm.
+    method : {"magnitude", "phase"}
+        :func:`~qsmprep.recon.mask.mask_from_magnitude` or
+        :func:`~qsmprep.recon.mask.mask_from_phase_quality` (which needs ``phase``, and
+        ``echo_times`` for more than one echo).
+    phase : (X, Y, Z, E) array, optional
+        Wrapped phase (rad).
+    echo_times : E floats, optional
+        Seconds.
+    **params
+        Keyword arguments of the mask function.
+
+    Returns
+    -------
+    (X, Y, Z) bool array.
+    """
+    if method == "magnitude":
+        return mask.mask_from_magnitude(magnitude, voxel_size, **params)
+    if method == "phase":
+        if phase is None:
+            raise ValueError("mask method 'phase' needs the phase input")
+        return mask.mask_from_phase_quality(
+            phase, magnitude, voxel_size, echo_times=echo_times, **params
+        )
+    raise ValueError(f"mask_method must be 'magnitude' or 'phase', got {method!r}")
+
+
+def unwrap_phase(
+    phase, magnitude, echo_times, brain_mask, voxel_size, *, method: str = "quality", **params
+) -> np.ndarray:
+    """Phase-offset removal and unwrapping of all echoes (stage ``unwrap``):
+    :func:`qsmprep.recon.unwrap.unwrap_multi_echo` with ``method`` and ``params``."""
+    return unwrap.unwrap_multi_echo(
+        phase,
+        magnitude,
+        echo_times,
+        mask=brain_mask,
+        method=method,
+        voxel_size=voxel_size,
+        **params,
+    )
+
+
+@dataclass
+class TotalField:
+    """Outputs of :func:`fit_total_field` (all ``(X, Y, Z)`` float32).
+
+    ``total_hz``: the field; ``std_hz``: its std (infinite where the magnitude is zero);
+    ``phase_offset`` (rad); ``residual``: RMS phase residual of the linear fit (rad);
+    ``noise_std``: complex noise std of the magnitude (NaN when none was found; the std is
+    then for ``sigma = 1``).
+    """
+
+    total_hz: np.ndarray
+    std_hz: np.ndarray
+    phase_offset: np.ndarray
+    residual: np.ndarray
+    noise_std: float
+
+
+def fit_total_field(
+    unwrapped, magnitude, echo_times, brain_mask, *, fit: str = "linear", phase=None
+) -> TotalField:
+    """Multi-echo fit of the total field (Hz), its std and its residual (stage ``echo_fit``).
+
+    The weighted linear fit (:func:`~qsmprep.recon.echo.fit_field_linear`, weights ``M^2``)
+    with the noise std of the magnitude (:func:`~qsmprep.recon.echo.estimate_noise_std`) and
+    its residual (:func:`~qsmprep.recon.echo.fit_residual`); with ``fit="complex"`` the field,
+    std and offset then come from the nonlinear complex fit started from it
+    (:func:`~qsmprep.recon.echo.fit_field_complex`, which needs the wrapped ``phase``). The
+    residual is always the linear fit's.
+
+    Parameters
+    ----------
+    unwrapped : (X, Y, Z, E) array
+        Unwrapped phase (rad), from :func:`unwrap_phase`.
+    magnitude : (X, Y, Z, E) array
+        Magnitude (fit weights ``M^2``).
+    echo_times : E floats
+        Seconds.
+    brain_mask : (X, Y, Z) bool array
+        Voxels to fit; the outputs are 0 outside (the std infinite).
+    fit : {"linear", "complex"}
+        See above.
+    phase : (X, Y, Z, E) array, optional
+        Wrapped phase (rad), for ``fit="complex"``.
+    """
+    if fit not in FITS:
+        raise ValueError(f"fit must be 'linear' or 'complex', got {fit!r}")
+    if fit == "complex" and phase is None:
+        raise ValueError("fit 'complex' needs the wrapped phase")
+    sigma = echo.estimate_noise_std(magnitude, brain_mask)
+    noise = sigma if np.isfinite(sigma) else None
+    total, std, offset = echo.fit_field_linear(
+        unwrapped, magnitude, echo_times, mask=brain_mask, noise_std=noise
+    )
+    residual = echo.fit_residual(unwrapped, magnitude, echo_times, total, offset, mask=brain_mask)
+    if fit == "complex":
+        total, std, offset, _ = echo.fit_field_complex(
+            magnitude, phase, echo_times, mask=brain_mask, init=(total, offset)
+        )
+        if noise is not None:
+            std = std * noise
+    return TotalField(total, std, offset, residual, float(sigma))
+
+
+def provided_field_std(magnitude, echo_times, brain_mask) -> tuple[np.ndarray, float]:
+    """The noise map of a total field given in place of :func:`fit_total_field`.
+
+    The std the weighted fit would have had on this magnitude
+    (:func:`~qsmprep.recon.echo.field_std`, scaled by
+    :func:`~qsmprep.recon.echo.estimate_noise_std`). Returns ``(std_hz, noise_std)``.
+    """
+    sigma = echo.estimate_noise_std(magnitude, brain_mask)
+    std = echo.field_std(
+        magnitude,
+        echo_times,
+        mask=brain_mask,
+        noise_std=sigma if np.isfinite(sigma) else None,
+    )
+    return std, float(sigma)
+
+
+def remove_background(
+    total,
+    mask,
+    voxel_size,
+    *,
+    method: str = background.DEFAULT_METHOD,
+    params: dict | None = None,
+    b0_dir=(0.0, 0.0, 1.0),
+    brain_mask=None,
+    cross_check: bool = True,
+    device: str | None = "cpu",
+):
+    """Background removal of the chain (stage ``background_<method>``).
+
+    :func:`~qsmprep.recon.background.remove_background_checked`: a method of
+    :data:`~qsmprep.recon.background.KEEPS_MASK` (given the brain mask less its unreliable
+    rim) is cross-checked against RESHARP on ``brain_mask`` and falls back to it when they
+    disagree by more than :data:`~qsmprep.recon.background.MAX_DISAGREEMENT` %.
+
+    Parameters
+    ----------
+    total : (X, Y, Z) array
+        Total field (Hz).
+    mask : (X, Y, Z) bool array
+        The method's mask.
+    voxel_size : 3 floats
+        mm.
+    method : str
+        Background method (:data:`~qsmprep.recon.background.METHODS`).
+    params : dict, optional
+        Keyword arguments of the method.
+    b0_dir : 3 floats
+        B0 direction in voxel coordinates (PDF's, unless ``params`` gives one).
+    brain_mask : (X, Y, Z) bool array, optional
+        Mask of the cross-check (default ``mask``).
+    cross_check : bool
+        False runs the method unchecked.
+    device : str
+        ``"cpu"``, ``"torch"``, ``"cuda"`` or ``"auto"``.
+
+    Returns
+    -------
+    local_field, local_mask, check
+        As :func:`~qsmprep.recon.background.remove_background_checked`.
+    """
+    params = dict(params or {})
+    if method == "pdf":
+        params.setdefault("b0_dir", tuple(b0_dir))
+    return background.remove_background_checked(
+        total,
+        mask,
+        voxel_size,
+        method=method,
+        brain_mask=brain_mask,
+        max_disagreement=background.MAX_DISAGREEMENT if cross_check else None,
+        device=device,
+        **params,
+    )
 
 
 def compute_local_field(
@@ -119,42 +339,34 @@ def compute_local_field(
     with stage(profile, "mask"):
         if brain_mask is not None:
             brain = np.asarray(brain_mask) != 0
-        elif mask_method == "magnitude":
-            brain = mask.mask_from_magnitude(magnitude, vs)
-        elif mask_method == "phase":
-            brain = mask.mask_from_phase_quality(phase, magnitude, vs)
         else:
-            raise ValueError(f"mask_method must be 'magnitude' or 'phase', got {mask_method!r}")
+            brain = compute_brain_mask(
+                magnitude, vs, method=mask_method, phase=phase, echo_times=te
+            )
 
     with stage(profile, "unwrap"):
-        unwrapped = unwrap.unwrap_multi_echo(
-            phase, magnitude, te, mask=brain, method=unwrap_method, voxel_size=vs
-        )
+        unwrapped = unwrap_phase(phase, magnitude, te, brain, vs, method=unwrap_method)
 
     with stage(profile, "echo_fit"):
-        total, std, offset = echo.fit_field_linear(unwrapped, magnitude, te, mask=brain)
-        residual = echo.fit_residual(unwrapped, magnitude, te, total, offset, mask=brain)
-        if fit == "complex":
-            total, std, offset, _ = echo.fit_field_complex(
-                magnitude, phase, te, mask=brain, init=(total, offset)
-            )
-        elif fit != "linear":
-            raise ValueError(f"fit must be 'linear' or 'complex', got {fit!r}")
-        noise = echo.estimate_noise_std(magnitude, brain)
-        if np.isfinite(noise):
-            std = std * noise
+        fitted = fit_total_field(unwrapped, magnitude, te, brain, fit=fit, phase=phase)
+        total, std, offset = fitted.total_hz, fitted.std_hz, fitted.phase_offset
 
     with stage(profile, "reliability"):
         trimmed, reliable, _ = mask.field_reliability(
-            brain, residual, vs, **dict(reliability_params or {})
+            brain, fitted.residual, vs, **dict(reliability_params or {})
         )
 
     with stage(profile, f"background_{bg_method}"):
-        if bg_method == "pdf":
-            bg_params.setdefault("b0_dir", b0_dir)
         bg_mask = trimmed if bg_method in background.KEEPS_MASK else brain
-        local, local_mask, check = background.remove_background_checked(
-            total, bg_mask, vs, method=bg_method, brain_mask=brain, device=device, **bg_params
+        local, local_mask, check = remove_background(
+            total,
+            bg_mask,
+            vs,
+            method=bg_method,
+            params=bg_params,
+            b0_dir=b0_dir,
+            brain_mask=brain,
+            device=device,
         )
 
     return FieldMaps(
