@@ -20,10 +20,11 @@ blobs; calcifications: diamagnetic blobs) and Gaussian noise of spatially varyin
 field. For the adaptive model each sample draws its voxel size (anisotropic slices allowed)
 and B0 direction (tilted up to ``max_tilt_deg``).
 
-Every chi is referenced (mean 0 over the mask, zero outside; ``algorithms.md`` section 10.7)
-and the local field is its dipole convolution on the 2x zero-padded grid, with the sample's
-own kernel (:func:`qsmprep.recon.kernels.dipole_kernel`): ``f = F^-1{D F{chi}}`` cropped, plus
-noise, times the mask. So the pairs agree with :func:`qsmprep.sim.forward.forward_field`.
+Every chi is referenced (mean 0 over the mask, zero outside; ``docs/deep-learning.md``, the
+synthetic data) and the local field is its dipole convolution on the 2x zero-padded grid, with
+the sample's own kernel (:func:`qsmprep.recon.kernels.dipole_kernel`): ``f = F^-1{D F{chi}}``
+cropped, plus noise, times the mask. So the pairs agree with
+:func:`qsmprep.sim.forward.forward_field`.
 
 Reproducibility: every random number is drawn on the CPU from a ``torch.Generator`` seeded by
 ``(seed, batch index)``, so the same seed gives the same batches on any device, and

@@ -15,7 +15,7 @@ spherical-mean-value convolutions are then linear, not circular, inside the box.
 float32, except the PDF iterations (float64, see :func:`pdf`). Outputs are float32 NumPy arrays
 on the input grid.
 
-Notation (shared docs, algorithms section 5): ``f`` total field, ``M`` mask, ``s_r`` the
+Notation: ``f`` total field, ``M`` mask, ``s_r`` the
 normalised binary ball of radius ``r`` mm, ``S_r = F{s_r}``, ``C = (delta - s_r) *`` the SMV
 high-pass with symbol ``H = 1 - S_r``, ``M_r`` the mask eroded by the ball
 (``M_r = {x : ball(x, r) inside M}``), ``D`` the unit dipole kernel.
@@ -112,7 +112,8 @@ def _eroded(fm, smv, grid: Grid, radius: float, vs, xp):
     """``M_r = SMV(M, r) > 1 - 1/(2 n_ball)`` from ``fm = rfftn(M)``: ball inside the mask.
 
     The threshold sits half a ball voxel below 1: a voxel is kept exactly when the whole ball
-    around it lies inside the mask (algorithms section 4.3; H. Sun's ``> 1 - 1/nPoints``), with
+    around it lies inside the mask (as ``> 1 - 1/nPoints`` in H. Sun's RESHARP code; Sun H,
+    Wilman AH. Magn Reson Med 2014;71:1151-1157), with
     room for the float32 round-off of the FFT (about 1e-6 of ``n_ball`` voxels).
     """
     thr = 1.0 - 0.5 / _ball_size(radius, vs)
@@ -148,8 +149,9 @@ def _fill_info(info, **values) -> None:
 def erode_mask_smv(mask, voxel_size, radius: float, *, device: str | None = "cpu") -> np.ndarray:
     """Erode a mask by a ball of ``radius`` mm with one FFT convolution.
 
-    ``M_r = (s_r * M) > 1 - eps``: the voxels whose whole ball lies inside the mask (shared docs,
-    algorithms section 4.3), with ``eps`` half a ball voxel (see :func:`_eroded`).
+    ``M_r = (s_r * M) > 1 - eps``: the voxels whose whole ball lies inside the mask (the erosion
+    of SHARP: Schweser F et al. NeuroImage 2011;54:2789-2807), with ``eps`` half a ball voxel
+    (see :func:`_eroded`).
 
     Parameters
     ----------

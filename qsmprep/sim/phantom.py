@@ -15,7 +15,7 @@ field.
 Units: chi in ppm (SI) relative to water (CSF = 0; air +9.4 ppm, bone -2 ppm); R2* in 1/s;
 M0 in arbitrary units (CSF = 1); lengths in mm.
 
-Typical values: ``algorithms.md`` section 11 (susceptibility: Deistung A et al. NeuroImage
+Typical values from the literature (susceptibility: Deistung A et al. NeuroImage
 2013;65:299-314 and Marques JP et al. MRM 2021;86:526-542; R2*: Peran P et al. Brain
 2010;133:3423; Li W et al. NeuroImage 2014;105:229).
 """

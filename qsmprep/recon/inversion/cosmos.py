@@ -2,8 +2,8 @@
 
 Each orientation ``n`` sees the same susceptibility through its own dipole kernel ``D_n``
 (B0 direction ``b_n`` in the common voxel frame). The cones where the ``D_n`` vanish differ,
-so together the kernels are invertible almost everywhere in k-space (Liu et al. 2009, shared
-docs algorithms section 7). :func:`cosmos` starts from the pointwise k-space least-squares
+so together the kernels are invertible almost everywhere in k-space (Liu T et al. Magn Reson
+Med 2009;61:196-204). :func:`cosmos` starts from the pointwise k-space least-squares
 solution and refines it by conjugate gradients on the least-squares problem restricted to the
 mask, where the fields are actually known.
 

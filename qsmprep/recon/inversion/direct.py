@@ -16,7 +16,8 @@ onto the other. The gradient- and Laplacian-regularised L2 gained 1 to 3 % NRMSE
 larger pads (100 mm, two to three times the FFT size), which :func:`l2` leaves to the caller.
 
 k = 0: ``D(0) = 0``, so the field mean carries no information about the susceptibility
-(shared docs, algorithms section 1.2); every inverse here sets ``K(0) = 0``, which makes the
+(the convention of the MEDI toolbox and QSM.jl; ``docs/field-chain.md``, Conventions); every
+inverse here sets ``K(0) = 0``, which makes the
 mean of chi over the padded grid 0 and its mean over the mask arbitrary. Reference the result
 (:mod:`qsmprep.recon.inversion.reference`) before reporting values.
 

@@ -2,7 +2,8 @@
 
 A port of the Gauss-Newton solver of the MEDI toolbox (``MEDI_L1.m``, version 2017-11, with
 ``gradient_mask.m``, ``dataterm_mask.m``, ``fgrad.m``, ``bdiv.m``, ``cgsolve.m``) to our ppm
-conventions; shared docs, algorithms sections 6.6, 3.2 and 3.3.
+conventions (Liu T et al. 2011, Liu J et al. 2012, Liu T et al. 2013, Liu Z et al. 2018; see
+References).
 
 Objective (field ``f`` and ``chi`` in ppm; ``c`` rad per ppm, see below)::
 

@@ -2,8 +2,9 @@
 
 Single-orientation QSM cannot measure the mean of chi (the dipole kernel is 0 at k = 0), so a
 map is only defined up to a constant and must be referenced before values are reported or
-compared (shared docs, algorithms section 8). Both functions subtract a constant inside the
-mask and leave 0 outside it.
+compared, to the mean over the brain or over a region such as the ventricular CSF (as MEDI+0
+does: Liu Z et al. Magn Reson Med 2018;79:2795-2803). Both functions subtract a constant
+inside the mask and leave 0 outside it.
 """
 
 from __future__ import annotations
@@ -64,8 +65,7 @@ def reference_roi(
 
     ``chi_ref = M (chi - s)`` with ``s`` the mean (or median) of chi over ``roi & mask``, so
     the ROI reads 0 ppm on average. The median resists outliers in the ROI (choroid plexus or
-    calcifications in a ventricle mask; shared docs, algorithms section 8, also suggests
-    eroding a ventricle mask by one voxel).
+    calcifications in a ventricle mask; eroding a ventricle mask by one voxel helps too).
 
     Parameters
     ----------

@@ -10,7 +10,8 @@ weight times the mask), ``G`` an optional per-voxel TV weight (weighted TV, e.g.
 of the magnitude image) and ``h`` the geometric-mean voxel size in mm (see :func:`tv` on why
 ``lam`` is scaled by it).
 
-Solver (shared docs, algorithms sections 1.4 and 6.4; Bilgic et al. 2014, QSM.jl ``tv``):
+Solver (Bilgic B et al. Magn Reson Med 2014;72:1444-1459; Milovic C et al. Magn Reson Med
+2018;80:814-821; QSM.jl ``tv``):
 ADMM with the split ``z = grad x`` (penalty ``rho``, scaled dual ``u``) and, when the data term
 is weighted, a second split ``y = D x`` (penalty ``mu``, dual ``u_y``)::
 
