@@ -23,6 +23,8 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
+	# the layers of the package ([tool.importlinter] in pyproject.toml)
+	$(VENV)/bin/lint-imports
 
 # the documentation site (docs/_build/html); warnings are errors
 docs: install

@@ -162,7 +162,7 @@ class Settings:
         self.outputs = [o for o in OUTPUTS if o in self.outputs]
         if self.phase_sign not in (1, -1):
             raise ValueError(f"phase_sign must be 1 or -1, got {self.phase_sign!r}")
-        from qsmprep.space.templates import parse_output_spaces
+        from qsmprep.output_spaces import parse_output_spaces
 
         self.output_spaces = [s.spec for s in parse_output_spaces(self.output_spaces)]
         if self.reference_region not in ("mask", "csf"):

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from qsmprep.app.recipe import STAGES, run_recipe  # noqa: E402
 from qsmprep.dl.checkpoint import file_sha256, load_checkpoint  # noqa: E402
 from qsmprep.dl.invert import DL_ARCH, dl_invert  # noqa: E402
-from qsmprep.dl.recipe import STAGES, run_recipe  # noqa: E402
 from qsmprep.dl.weights import DL_METHODS, WEIGHTS_ENV, available_models  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+from qsmprep.app.recipe import STAGES  # noqa: E402
 from qsmprep.dl.checkpoint import file_sha256, load_checkpoint  # noqa: E402
 from qsmprep.dl.invert import dl_invert  # noqa: E402
-from qsmprep.dl.recipe import STAGES  # noqa: E402
 from qsmprep.dl.weights import DL_METHODS, WEIGHTS_ENV, available_models, weights_dir  # noqa: E402
 from qsmprep.metrics import evaluate  # noqa: E402
 from qsmprep.recon.inversion.direct import tkd  # noqa: E402

@@ -3,7 +3,7 @@
 Two simulated test sets, never seen in training (phantom seeds from ``--seed``, 5000 and up by
 default; the shipped networks were trained on target heads of seeds below 100 and on
 synthetic brain patches of phantom seeds ``1000 (seed + 1) + i``, i small: see
-:mod:`qsmprep.dl.recipe` and :class:`qsmprep.dl.synth.SyntheticQSMData`):
+:mod:`qsmprep.app.recipe` and :class:`qsmprep.dl.synth.SyntheticQSMData`):
 
 ``multi``
     ``--datasets`` heads, each at 5 head orientations on one 2 mm isotropic grid (axial first,

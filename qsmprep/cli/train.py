@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "recipe",
         help="train and register every shipped model (target data, pre-training, adaptation, "
-        "transfer learning; see qsmprep.dl.recipe)",
+        "transfer learning; see qsmprep.app.recipe)",
     )
     r.add_argument("out", help="working folder; the models land in OUT/weights")
     r.add_argument("--profile", choices=["tiny", "cpu", "gpu"], default="cpu")
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                     json.dump(result, fh, indent=2)
             return 0
         if args.command == "recipe":
-            from qsmprep.dl.recipe import run_recipe
+            from qsmprep.app.recipe import run_recipe
 
             weights = run_recipe(
                 args.out, profile=args.profile, seed=args.seed, device=args.device,

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from qsmprep import methods as registry
 from qsmprep.recon._checks import (
     check_echo_times,
     check_finite,
@@ -55,6 +56,9 @@ from qsmprep.recon._checks import (
 from qsmprep.recon.mask import combine_magnitude
 
 __all__ = [
+    "SMWI_DEFAULTS",
+    "SWI_DEFAULTS",
+    "smwi_method_of",
     "COMBINATIONS",
     "combine_swi_magnitude",
     "high_pass_field",
@@ -65,6 +69,23 @@ __all__ = [
     "smwi_mask",
     "swi",
 ]
+
+SWI_DEFAULTS = {"sigma_mm": 4.0, "power": 4.0, "slab_mm": 16.0, "combine": "rss"}
+"""Defaults of the ``swi`` parameter section (see :func:`swi`)."""
+
+SMWI_DEFAULTS = {"threshold": 1.0, "power": 4.0}
+"""Defaults of the ``smwi`` parameter section."""
+
+
+def smwi_method_of(methods: Sequence[str]) -> str | None:
+    """The Chimap an SMWI is made from: the first classical method in ``methods`` (``tkd``,
+    ``tsvd``, ``l2``, ``tv``, ``medi``), else the first method; None without methods."""
+    methods = list(methods)
+    for m in methods:
+        if m in registry.names("inversion", kind="classical"):
+            return m
+    return methods[0] if methods else None
+
 
 COMBINATIONS = ("rss", "te")
 """Echo combinations of the SWI magnitude: root-sum-of-squares, echo-time weighted mean."""

@@ -347,7 +347,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
 
 def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """SWI, minIP and SMWI, when ``outputs`` selects ``swi`` (settings without it: all)."""
-    from qsmprep.workflows.swi import SMWI_DEFAULTS, SWI_DEFAULTS, smwi_method_of
+    from qsmprep.recon.swi import SMWI_DEFAULTS, SWI_DEFAULTS, smwi_method_of
 
     outputs = _get(s, "outputs", ("chi", "r2star", "swi"))
     if "swi" not in outputs:

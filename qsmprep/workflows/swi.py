@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from nipype.interfaces.utility import IdentityInterface
 from nipype.pipeline import engine as pe
 
-from qsmprep import methods as registry
 from qsmprep.interfaces import ComputeSMWI, ComputeSWI
+from qsmprep.recon.swi import SMWI_DEFAULTS, SWI_DEFAULTS, smwi_method_of
 from qsmprep.workflows._util import params_of
 
-__all__ = ["SWI_DEFAULTS", "init_swi_wf", "smwi_method_of"]
-
-SWI_DEFAULTS = {"sigma_mm": 4.0, "power": 4.0, "slab_mm": 16.0, "combine": "rss"}
-"""Defaults of the ``swi`` parameter section (see :mod:`qsmprep.recon.swi`)."""
-
-SMWI_DEFAULTS = {"threshold": 1.0, "power": 4.0}
-"""Defaults of the ``smwi`` parameter section."""
-
-
-def smwi_method_of(methods: Sequence[str]) -> str | None:
-    """The Chimap an SMWI is made from: the first classical method in ``methods`` (``tkd``,
-    ``tsvd``, ``l2``, ``tv``, ``medi``), else the first method; None without methods."""
-    methods = list(methods)
-    for m in methods:
-        if m in registry.names("inversion", kind="classical"):
-            return m
-    return methods[0] if methods else None
+__all__ = ["SMWI_DEFAULTS", "SWI_DEFAULTS", "init_swi_wf", "smwi_method_of"]
 
 
 def init_swi_wf(

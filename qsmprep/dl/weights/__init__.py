@@ -42,7 +42,7 @@ WEIGHTS_ENV = "QSMPREP_WEIGHTS_DIR"
 
 TRAINED_BACKGROUND = "resharp"
 """Background removal of the local fields the shipped networks were trained and adapted on
-(their target domain, ``qsmprep.dl.recipe.make_target_data``). The App feeds the networks a
+(their target domain, ``qsmprep.app.recipe.make_target_data``). The App feeds the networks a
 local field made by it, whatever ``--bg-method``: on qsmdev (sub-01 / sub-02, NRMSE %) QSMInvNet+
 scored 78.8 / 81.2 with RESHARP fields and 82.4 / 88.7 with LBV fields, QSMInvNet 71.6 / 75.6
 against 72.8 / 76.7 (``qsmprep-bench chain``)."""
