@@ -19,7 +19,7 @@ import pytest
 
 from qsmprep.cli.run import build_parser, settings_from_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 DESCRIPTOR = ROOT / "qsmprep" / "data" / "boutiques.json"
 

@@ -25,7 +25,7 @@ from qsmprep.config import Settings
 from qsmprep.interfaces import WriteDerivative
 from qsmprep.sim.bids import simulate_bids_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAPS = ("brain_mask", "local_mask", "reliable_mask", "total_fieldmap", "noise_fieldmap",
         "local_fieldmap")  # fmt: skip
 

@@ -9,7 +9,7 @@ from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon._backend import get_fft_workers
 from qsmprep.threads import limit_threads
 from qsmprep.workflows import init_qsm_wf
-from tests.test_workflows import _acq, _nodes
+from tests.workflows.test_workflows import _acq, _nodes
 
 
 def test_limit_threads_sets_every_pool_and_restores_it():

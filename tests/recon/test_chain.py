@@ -9,7 +9,7 @@ import pytest
 from qsmprep.recon.chain import compute_local_field
 from qsmprep.recon.kernels import b0_dir_from_affine
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def _nrmse(est, truth, m):
