@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qsmprep import methods as registry
 from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._backend import count_ffts
 from qsmprep.recon._checks import check_echo_times, check_volume, check_voxel_size
@@ -260,7 +261,7 @@ def remove_background(
         As :func:`~qsmprep.recon.background.remove_background_checked`.
     """
     params = dict(params or {})
-    if method == "pdf":
+    if "b0_dir" in registry.get(method, "background").inputs:  # PDF fits dipoles along B0
         params.setdefault("b0_dir", tuple(b0_dir))
     return background.remove_background_checked(
         total,
