@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ __all__ = [
     "parse_name",
     "read_sidecar",
     "read_tsv",
+    "sidecar_key",
     "sidecar_value",
     "subject_label",
 ]
@@ -191,6 +193,14 @@ def read_sidecar(path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def sidecar_key(d: Mapping, name: str):
+    """``d[name]`` with a case-insensitive key (``None`` when absent); top level only."""
+    for k, v in d.items():
+        if k.lower() == name.lower():
+            return v
+    return None
 
 
 def sidecar_value(sidecars, *names):

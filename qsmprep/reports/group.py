@@ -11,16 +11,15 @@ in them) are fine: a metric is plotted only where it has values.
 
 from __future__ import annotations
 
-import datetime as _dt
-import html
 import logging
 import math
 import traceback
 from pathlib import Path
 
 from qsmprep.__about__ import __version__
+from qsmprep._atomic import write_text
 from qsmprep.reports.collect import parse_name, read_tsv, to_float
-from qsmprep.reports.html import CSS, METRIC_UNITS, method_order, write_text_atomic
+from qsmprep.reports.markup import METRIC_UNITS, esc, method_order, page
 from qsmprep.reports.space import group_roistats_section
 
 __all__ = ["GROUP_METRICS", "build_group_report", "collect_metrics"]
@@ -75,7 +74,7 @@ def collect_metrics(output_dir) -> tuple[list[str], list[dict[str, str]]]:
 def _write_tsv(path: Path, columns: list[str], rows: list[dict[str, str]]) -> Path:
     lines = ["\t".join(columns)]
     lines += ["\t".join(str(row.get(c, "n/a")) for c in columns) for row in rows]
-    return write_text_atomic(path, "\n".join(lines) + "\n")
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -83,10 +82,6 @@ def _stats(values: list[float]) -> tuple[float, float, int]:
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
     return mean, sd, n
-
-
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def build_group_report(output_dir) -> tuple[Path, Path]:
@@ -116,20 +111,13 @@ def build_group_report(output_dir) -> tuple[Path, Path]:
         tracebacks.append(traceback.format_exc())
     if problems:
         body.append('<section id="errors"><h2>Errors</h2><ul>')
-        body += [f"<li>{_esc(p)}</li>" for p in problems]
+        body += [f"<li>{esc(p)}</li>" for p in problems]
         body.append(f"</ul><p>Tracebacks: <code>logs/{log_path.name}</code></p></section>")
-    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>qsmprep: group</title><style>{CSS}</style></head><body>"
-        f"<header><h1>Group report</h1><p>qsmprep {_esc(__version__)}, generated {now}</p>"
-        "</header><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
-    )
-    write_text_atomic(html_path, page)
+    html = page("group", "Group report", f"qsmprep {esc(__version__)}", body)
+    write_text(html_path, html)
     try:
         if tracebacks:
-            write_text_atomic(log_path, "\n".join(tracebacks))
+            write_text(log_path, "\n".join(tracebacks))
             LOGGER.warning("group report is incomplete; see %s", log_path)
         elif log_path.exists():
             log_path.unlink()
@@ -153,10 +141,10 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
         )
     body.append(
         f"<p>{len(rows)} rows from {len(subjects)} subject(s); methods: "
-        f"{_esc(', '.join(methods)) or 'none'}. Table: <code>group_metrics.tsv</code>.</p>"
+        f"{esc(', '.join(methods)) or 'none'}. Table: <code>group_metrics.tsv</code>.</p>"
     )
     if pages:
-        links = " ".join(f'<a href="{_esc(p.name)}">{_esc(p.stem)}</a>' for p in pages)
+        links = " ".join(f'<a href="{esc(p.name)}">{esc(p.stem)}</a>' for p in pages)
         body.append(f"<p>Subject reports: {links}</p>")
     body.append("</section>")
 
@@ -175,7 +163,7 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
     plotted = [m for m in metrics if any(values[m].values())]
     if plotted:
         head = "".join(
-            f"<th>{_esc(m)}{' (' + METRIC_UNITS[m] + ')' if m in METRIC_UNITS else ''}</th>"
+            f"<th>{esc(m)}{' (' + METRIC_UNITS[m] + ')' if m in METRIC_UNITS else ''}</th>"
             for m in plotted
         )
         lines = [f'<div class="scroll"><table><tr><th>method</th>{head}</tr>']
@@ -189,7 +177,7 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
                     cells.append(f'<td class="num">{mean:.4g}{sd_txt} (n={n})</td>')
                 else:
                     cells.append("<td>n/a</td>")
-            lines.append(f"<tr><th>{_esc(meth)}</th>{''.join(cells)}</tr>")
+            lines.append(f"<tr><th>{esc(meth)}</th>{''.join(cells)}</tr>")
         lines.append("</table></div>")
         body.append(
             '<section id="stats"><h2>Metrics per method</h2>'
@@ -212,8 +200,8 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
                 tracebacks.append(traceback.format_exc())
                 continue
             body.append(
-                f'<figure><img src="figures/{_esc(path.name)}" alt="{_esc(m)} per method">'
-                f"<figcaption>{_esc(m)} per method: box (quartiles, median) and every "
+                f'<figure><img src="figures/{esc(path.name)}" alt="{esc(m)} per method">'
+                f"<figcaption>{esc(m)} per method: box (quartiles, median) and every "
                 "acquisition.</figcaption></figure>"
             )
         body.append("</div></section>")
@@ -222,13 +210,13 @@ def _group_body(output_dir: Path, columns, rows, problems, tracebacks) -> list[s
 
     body += group_roistats_section(output_dir, problems, tracebacks)
     if rows:
-        head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+        head = "".join(f"<th>{esc(c)}</th>" for c in columns)
         lines = [f'<div class="scroll"><table><tr>{head}</tr>']
         for r in rows:
             cells = []
             for c in columns:
                 v = to_float(r.get(c)) if c not in ID_COLUMNS else None
-                txt = f"{v:.4g}" if v is not None else _esc(r.get(c, "n/a"))
+                txt = f"{v:.4g}" if v is not None else esc(r.get(c, "n/a"))
                 cells.append(f'<td class="num">{txt}</td>' if v is not None else f"<td>{txt}</td>")
             lines.append("<tr>" + "".join(cells) + "</tr>")
         lines.append("</table></div>")

@@ -206,6 +206,28 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         f"Susceptibility maps were computed with qsmprep {_get(s, 'version', __version__)}, "
         f"a BIDS App built on Nipype{cite('nipype')} and PyBIDS{cite('pybids')}."
     )
+    out.extend(_mask_sentences(s, cite))
+    pre = _input_sentences(s)
+    if pre:
+        out.append("Before processing, " + " and ".join(pre) + ".")
+    out.extend(_field_sentences(s, cite))
+    bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
+    out.extend(_background_sentences(s, mp, cite, bg))
+    out.extend(_inversion_sentences(s, mp, cite, bg))
+    out.append(
+        "Each susceptibility map was referenced to its mean within the mask it covers, and "
+        "its data consistency was reported as the residual "
+        "100 ||M (D chi - f)|| / ||M f|| (%) in the mask M of reliable local-field voxels."
+    )
+    out.extend(_r2star_sentences(s, cite))
+    out.extend(_swi_sentences(s, mp, cite))
+    out.extend(_comparison_sentences(s, cite, cosmos))
+    return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
+
+
+def _mask_sentences(s: Mapping, cite: _Cite) -> list[str]:
+    """How the brain mask was made."""
+    out = []
     if s.get("mask_dir"):
         out.append(
             "For each acquisition, the brain mask was provided by the user (from "
@@ -223,17 +245,26 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             f"root-sum-of-squares magnitude over echoes (Otsu's method{cite('otsu')}), "
             "followed by morphological opening, hole filling and brain-scalp separation."
         )
-    pre = []
+    return out
+
+
+def _input_sentences(s: Mapping) -> list[str]:
+    """Corrections of the inputs before processing."""
+    out = []
     units = _get(s, "phase_units", [])
     units = [units] if isinstance(units, str) else list(units)
     if any(str(u).lower().startswith("int") for u in units):
-        pre.append("phase images stored as scanner integers were rescaled to radians")
+        out.append("phase images stored as scanner integers were rescaled to radians")
     if int(_get(s, "phase_sign", 1)) < 0:
-        pre.append("the phase sign was inverted")
+        out.append("the phase sign was inverted")
     if s.get("b0") is not None:
-        pre.append(f"the field strength was set to {_fmt_value(float(s['b0']))} T")
-    if pre:
-        out.append("Before processing, " + " and ".join(pre) + ".")
+        out.append(f"the field strength was set to {_fmt_value(float(s['b0']))} T")
+    return out
+
+
+def _field_sentences(s: Mapping, cite: _Cite) -> list[str]:
+    """Unwrapping and the total field: provided, single-echo or multi-echo."""
+    out = []
     counts = {int(n) for n in _get(s, "echo_counts", []) or []}
     if s.get("field_dir"):
         out.append(
@@ -254,7 +285,12 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
                 "deviation the phase noise divided by 2 pi TE), and no voxel was marked "
                 "unreliable, there being no fit residual."
             )
-    bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
+    return out
+
+
+def _background_sentences(s: Mapping, mp: Mapping, cite: _Cite, bg: str) -> list[str]:
+    """Background field removal with ``bg``."""
+    out = []
     spec = METHODS.get(bg)
     params = _params(bg, mp)
     if spec is not None and spec.keeps_mask:
@@ -275,6 +311,12 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         out.append(
             f"Background fields were removed with {bg}" + (f" ({params})." if params else ".")
         )
+    return out
+
+
+def _inversion_sentences(s: Mapping, mp: Mapping, cite: _Cite, bg: str) -> list[str]:
+    """The dipole inversions, the whole-brain ones and the networks' local field."""
+    out = []
     clauses = []
     for method in _get(s, "methods", list(registry.defaults("inversion"))):
         spec = METHODS.get(method)
@@ -305,11 +347,12 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         out.append(
             "The networks were given a local field made with RESHARP, as their training data were."
         )
-    out.append(
-        "Each susceptibility map was referenced to its mean within the mask it covers, and "
-        "its data consistency was reported as the residual "
-        "100 ||M (D chi - f)|| / ||M f|| (%) in the mask M of reliable local-field voxels."
-    )
+    return out
+
+
+def _r2star_sentences(s: Mapping, cite: _Cite) -> list[str]:
+    """The R2* (and T2*) maps."""
+    out = []
     r2m = [m for m in _get(s, "r2star_methods", []) or [] if m in registry.names("r2star")]
     if r2m:
         how = " or ".join(registry.get(m).description for m in r2m)
@@ -319,7 +362,12 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
             f"S = S0 exp(-R2* TE), {how}{cites}, and clipped to [0, 1000] 1/s; T2* maps are "
             "1/R2* (at most 1 s)."
         )
-    out.extend(_swi_sentences(s, mp, cite))
+    return out
+
+
+def _comparison_sentences(s: Mapping, cite: _Cite, cosmos: bool) -> list[str]:
+    """The comparison with the reference and the COSMOS map."""
+    out = []
     ref = s.get("reference")
     if ref:
         out.append(
@@ -342,7 +390,7 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
                 f"similarity{cite('ssim')}, XSIM{cite('xsim')}, the peak signal-to-noise "
                 "ratio and the regression slope."
             )
-    return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
+    return out
 
 
 def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:

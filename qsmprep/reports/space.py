@@ -13,7 +13,6 @@ nuclei) show a good registration.
 
 from __future__ import annotations
 
-import html
 import math
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from qsmprep._atomic import write_text
 from qsmprep.reports.collect import parse_name, read_sidecar, read_tsv, to_float
+from qsmprep.reports.markup import esc
 
 __all__ = [
     "collect_roistats",
@@ -33,10 +33,6 @@ __all__ = [
 
 _ID_COLUMNS = ("subject", "session", "acq", "rec", "run")
 _ENTITY_OF = {"subject": "sub", "session": "ses", "acq": "acq", "rec": "rec", "run": "run"}
-
-
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def _canonical(path):
@@ -138,7 +134,7 @@ def _roi_table(roi_files) -> tuple[str, str]:
         if side.get("Atlases"):
             atlases.add(f"{', '.join(map(str, side['Atlases']))} in {side.get('Template')}")
     rois = list(dict.fromkeys(r for m in by_method.values() for r in m))
-    head = "".join(f"<th>{_esc(m)}</th>" for m in by_method)
+    head = "".join(f"<th>{esc(m)}</th>" for m in by_method)
     lines = [f'<div class="scroll"><table><tr><th>ROI</th>{head}</tr>']
     for roi in rois:
         cells = []
@@ -149,8 +145,8 @@ def _roi_table(roi_files) -> tuple[str, str]:
                 cells.append("<td>n/a</td>")
             else:
                 sd_txt = f" &plusmn; {sd:.4f}" if sd is not None else ""
-                cells.append(f'<td class="num">{mean:.4f}{sd_txt} ({_esc(r.get("voxels"))})</td>')
-        lines.append(f"<tr><th>{_esc(roi)}</th>{''.join(cells)}</tr>")
+                cells.append(f'<td class="num">{mean:.4f}{sd_txt} ({esc(r.get("voxels"))})</td>')
+        lines.append(f"<tr><th>{esc(roi)}</th>{''.join(cells)}</tr>")
     lines.append("</table></div>")
     note = "Reference: " + ("; ".join(sorted(reference)) or "n/a") + "."
     if atlases:
@@ -176,9 +172,9 @@ def space_section(output_dir, prefix: str, rel=None) -> str:
         ents, _ = parse_name(side_path.name)
         if "Dice" in side and side.get("To", ents.get("to")) == side.get("Template"):
             rows.append(
-                f"<tr><th>{_esc(ents.get('to', '?'))}</th>"
+                f"<tr><th>{esc(ents.get('to', '?'))}</th>"
                 f'<td class="num">{float(side["Dice"]):.3f}</td>'
-                f"<td>{_esc(side.get('Transforms', ''))}</td></tr>"
+                f"<td>{esc(side.get('Transforms', ''))}</td></tr>"
             )
     if rows:
         out.append(
@@ -189,19 +185,19 @@ def space_section(output_dir, prefix: str, rel=None) -> str:
     for fig in figs:
         ents, _ = parse_name(fig.name)
         out.append(
-            f'<figure><img src="{_esc(rel(fig))}" alt="registration to {_esc(ents.get("space"))}">'
-            f"<figcaption>Registration to {_esc(ents.get('space'))}: template edges (red) over "
+            f'<figure><img src="{esc(rel(fig))}" alt="registration to {esc(ents.get("space"))}">'
+            f"<figcaption>Registration to {esc(ents.get('space'))}: template edges (red) over "
             "the magnitude resampled into the template, slices 15 mm apart.</figcaption></figure>"
         )
     if spaces:
-        names = ", ".join(f"<code>{_esc(p.name)}</code>" for p in spaces)
+        names = ", ".join(f"<code>{esc(p.name)}</code>" for p in spaces)
         out.append(f"<p>Susceptibility maps in template space: {names}.</p>")
     if roi:
         table, note = _roi_table(roi)
         out.append(
             "<p>Atlas regions warped to this acquisition (ANTs, generic-label interpolation), "
             "intersected with the local-field mask: mean &plusmn; standard deviation of chi "
-            f"(ppm) and voxel count per method. {_esc(note)}</p>"
+            f"(ppm) and voxel count per method. {esc(note)}</p>"
         )
         out.append(table)
     return "\n".join(out)
@@ -260,7 +256,7 @@ def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list
         }
         for roi in rois
     }
-    head = "".join(f"<th>{_esc(m)}</th>" for m in methods)
+    head = "".join(f"<th>{esc(m)}</th>" for m in methods)
     table = [f'<div class="scroll"><table><tr><th>ROI</th>{head}</tr>']
     for roi in rois:
         cells = []
@@ -277,7 +273,7 @@ def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list
             )
             sd_txt = f" &plusmn; {sd:.4f}" if sd is not None else ""
             cells.append(f'<td class="num">{mean:.4f}{sd_txt} (n={len(vals)})</td>')
-        table.append(f"<tr><th>{_esc(roi)}</th>{''.join(cells)}</tr>")
+        table.append(f"<tr><th>{esc(roi)}</th>{''.join(cells)}</tr>")
     table.append("</table></div>")
     body = [
         '<section id="roistats"><h2>Atlas regions</h2>'
@@ -297,8 +293,8 @@ def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list
             tracebacks.append(traceback.format_exc())
             continue
         body.append(
-            f'<figure><img src="figures/{_esc(path.name)}" alt="{_esc(roi)} per method">'
-            f"<figcaption>{_esc(roi)}: mean chi per acquisition and method.</figcaption></figure>"
+            f'<figure><img src="figures/{esc(path.name)}" alt="{esc(roi)} per method">'
+            f"<figcaption>{esc(roi)}: mean chi per acquisition and method.</figcaption></figure>"
         )
     body.append("</div></section>")
     return body
