@@ -1,0 +1,213 @@
+"""Settings of a training run: :class:`TrainConfig`, the methods, synthetic-data defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qsmprep.dl.nets import ARCHS
+
+METHODS = ("supervised", "dsbn", "dc-finetune", "unsupervised", "transfer")
+"""Training methods of :func:`~qsmprep.dl.train.train`."""
+
+_NEEDS_TARGET = ("dsbn", "dc-finetune", "unsupervised", "transfer")
+_NEEDS_INIT = ("dc-finetune", "transfer")
+ADAPTIVE_SYNTH = {
+    "voxel_size": ((0.5, 2.5), (0.5, 2.5), (0.5, 3.5)),
+    "b0_dir": "random",
+    "max_tilt_deg": 45.0,
+}
+"""Synthetic-data defaults for the adaptive model: random voxel sizes and B0 directions."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`~qsmprep.dl.train.train` needs (saved in every checkpoint).
+
+    Attributes
+    ----------
+    method : str
+        One of :data:`METHODS`.
+    arch : str or None
+        ``"unet"``, ``"dsbn"`` or ``"adaptive"``; None takes the ``init`` checkpoint's (else
+        ``"dsbn"`` for method dsbn, ``"unet"`` otherwise).
+    model : dict
+        Overrides of :func:`qsmprep.dl.nets.default_config` (``base_channels``, ``depth``...)
+        for a model built from scratch.
+    init : str or None
+        Checkpoint to start from (required by dc-finetune and transfer).
+    steps, batch_size, target_batch_size : int
+        Optimiser steps; synthetic (or target, for target-only methods) patches per step;
+        target patches per step of dsbn (default ``batch_size``).
+    patch_size : 3 ints
+        Patch shape (voxels), multiples of the model's ``2**(depth-1)``.
+    lr, weight_decay : float
+        AdamW learning rate and decoupled weight decay.
+    restart_steps, restart_mult, lr_min_ratio : int, int, float
+        Cosine annealing with warm restarts: first period (0: ``steps``, one cosine), period
+        multiplier, floor as a fraction of ``lr``.
+    loss, grad_weight : str, float
+        Supervised loss (``"l1"``/``"l2"``) and the weight of the gradient-difference term.
+    lambda_max, ramp, ramp_steps : float, str, int
+        dsbn: weight of ``L_T``, ramp ``"sigmoid"``/``"linear"``/``"none"`` and its length
+        (0: half of ``steps``).
+    tv_weight : float
+        unsupervised: weight of the total-variation term.
+    transfer_lr_decoder, transfer_lr_other : float
+        transfer: learning rates of the decoder and of the rest (the FMN is frozen).
+    fmn_lr_scale : float
+        Other methods: the filter-manifold network of an adaptive model learns at ``lr`` times
+        this (default 1). Each generated kernel weight is a bias plus a sum over the 64 hidden
+        units of the FMN's last layer, and Adam moves every one of those parameters by about
+        ``lr`` a step, so at the full rate the first-layer kernel moves some 30 times as far
+        per step as an ordinary convolution's; 0.03 brings it back to about ``lr``. That made
+        fixed-geometry training faster but random-geometry pre-training worse (see
+        ``docs/deep-learning.md``), hence the default.
+    clip_grad : float
+        Gradient-norm clipping (0: off).
+    synth : dict
+        Keyword arguments of :class:`~qsmprep.dl.synth.SyntheticQSMData` (the adaptive model
+        gets :data:`ADAPTIVE_SYNTH` unless given).
+    target, reference : str or None
+        Target scans (qsmprep output directory or BIDS dataset) and reference chi (transfer;
+        default ``"cosmos"``), see :class:`~qsmprep.dl.target.TargetScans`.
+    target_options : dict
+        More keyword arguments of :class:`~qsmprep.dl.target.TargetScans` (``b0``, ``te``,
+        ``participant_label``, ``bg_method``, ``min_mask_fraction``).
+    seed : int
+        Seed of the model initialisation and of all data.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    amp : bool
+        bfloat16 autocast of the network on CUDA (losses stay float32).
+    out, name : str
+        Output directory and the final checkpoint's stem (default ``<method>-<arch>``).
+    log_every, val_every, ckpt_every, val_batches : int
+        Intervals (steps) of the CSV log, validation and resumable checkpoints (0: only at the
+        end), and the number of held-out batches.
+    quiet : bool
+        No progress bar.
+    resume : bool
+        Continue from ``out/last.pt`` (its saved configuration wins over this one, except
+        ``quiet``, ``device`` and ``stop_at``).
+    stop_at : int
+        Stop after this step with only the resumable ``last.pt`` written (0: run to the end),
+        for time-limited jobs: resume later with ``resume=True``.
+    half : bool
+        Store the final checkpoint's weights as float16.
+    command : str or None
+        The command line, for the model card.
+    """
+
+    method: str = "supervised"
+    arch: str | None = None
+    model: dict = field(default_factory=dict)
+    init: str | None = None
+    steps: int = 1000
+    batch_size: int = 2
+    target_batch_size: int | None = None
+    patch_size: tuple = (64, 64, 64)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    restart_steps: int = 0
+    restart_mult: int = 1
+    lr_min_ratio: float = 0.01
+    loss: str = "l1"
+    grad_weight: float = 0.0
+    lambda_max: float = 1.0
+    ramp: str = "sigmoid"
+    ramp_steps: int = 0
+    tv_weight: float = 0.0
+    transfer_lr_decoder: float = 1e-3
+    transfer_lr_other: float = 1e-5
+    fmn_lr_scale: float = 1.0
+    clip_grad: float = 1.0
+    synth: dict = field(default_factory=dict)
+    target: str | None = None
+    reference: str | None = None
+    target_options: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    out: str = "qsmprep-train"
+    name: str | None = None
+    log_every: int = 10
+    val_every: int = 100
+    ckpt_every: int = 100
+    val_batches: int = 4
+    quiet: bool = False
+    resume: bool = False
+    stop_at: int = 0
+    half: bool = False
+    command: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-able copy."""
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (unknown keys raise ValueError)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise ValueError with the fix for inconsistent settings."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.arch is not None and self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.method == "dsbn" and self.arch not in (None, "dsbn"):
+            raise ValueError(
+                f"method 'dsbn' needs the 'dsbn' architecture (domain-specific batch norm), "
+                f"got arch {self.arch!r}; use --arch dsbn"
+            )
+        if self.method in _NEEDS_INIT and not self.init:
+            raise ValueError(
+                f"method {self.method!r} starts from a pretrained model: give its checkpoint "
+                "with --init (train one with `qsmprep-train pretrain`)"
+            )
+        if self.method in _NEEDS_TARGET and not self.target:
+            raise ValueError(
+                f"method {self.method!r} needs target scans: give --target (a qsmprep output "
+                "directory or a BIDS dataset)"
+            )
+        for key in ("steps", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.target_batch_size is not None and int(self.target_batch_size) < 1:
+            raise ValueError(f"target_batch_size must be >= 1, got {self.target_batch_size!r}")
+        ps = np.atleast_1d(np.asarray(self.patch_size, int))
+        if ps.size not in (1, 3) or ps.min() < 1:
+            raise ValueError(f"patch_size must be 1 or 3 positive ints, got {self.patch_size!r}")
+        if not self.fmn_lr_scale > 0:
+            raise ValueError(f"fmn_lr_scale must be positive, got {self.fmn_lr_scale!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.loss not in ("l1", "l2"):
+            raise ValueError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
+        if self.ramp not in ("sigmoid", "linear", "none"):
+            raise ValueError(f"ramp must be 'sigmoid', 'linear' or 'none', got {self.ramp!r}")
+        for key in ("log_every", "val_every", "ckpt_every", "val_batches", "stop_at"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        ps = tuple(int(n) for n in np.atleast_1d(np.asarray(self.patch_size, int)))
+        return ps * 3 if len(ps) == 1 else ps
+
+
+def _synth_kwargs(cfg: TrainConfig, arch: str) -> dict:
+    kw = dict(cfg.synth)
+    if arch == "adaptive":
+        for k, v in ADAPTIVE_SYNTH.items():
+            kw.setdefault(k, v)
+    return kw
