@@ -27,7 +27,7 @@ def unet_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from test_dl_target import write_qsmprep_output
+    from tests.dl.test_dl_target import write_qsmprep_output
 
     root = tmp_path_factory.mktemp("cli_target")
     write_qsmprep_output(root / "derivatives" / "qsmprep")

@@ -56,7 +56,7 @@ def _log(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from test_dl_target import write_qsmprep_output
+    from tests.dl.test_dl_target import write_qsmprep_output
 
     root = tmp_path_factory.mktemp("train_target") / "derivatives" / "qsmprep"
     write_qsmprep_output(root)
