@@ -63,25 +63,6 @@ def source_paths(sources, output_dir: Path, settings: Mapping) -> list[Path]:
     return out
 
 
-def _first_echo(paths: list[Path]) -> tuple[Path | None, Path | None]:
-    """The first-echo magnitude and phase among raw input files."""
-    best: dict[str, tuple[int, Path]] = {}
-    for p in paths:
-        if not p.name.endswith((".nii", ".nii.gz")):
-            continue
-        ents, suffix = parse_name(p.name)
-        part = ents.get("part") or {"phase": "phase", "magnitude": "mag"}.get(suffix)
-        if part not in ("mag", "phase"):
-            continue
-        try:
-            echo = int(ents.get("echo", 1))
-        except ValueError:
-            echo = 1
-        if part not in best or echo < best[part][0]:
-            best[part] = (echo, p)
-    return (best.get("mag", (0, None))[1], best.get("phase", (0, None))[1])
-
-
 def first_echo(paths: list[Path]) -> tuple[Path | None, Path | None]:
     """The first-echo magnitude and phase among raw input files."""
     best: dict[str, tuple[int, Path]] = {}
