@@ -19,7 +19,10 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-__all__ = ["cuda_available", "gpu_work", "resolve_device"]
+__all__ = ["DEVICES", "cuda_available", "gpu_work", "resolve_device"]
+
+DEVICES = ("cpu", "auto", "cuda", "torch")
+"""The device names a step accepts (``--device``; see :func:`resolve_device`)."""
 
 _CPU = ("numpy", "torch")
 

@@ -22,6 +22,7 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep import bids, provided
+from qsmprep.devices import DEVICES
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import background, chain, mask
@@ -38,7 +39,6 @@ __all__ = [
     "UnwrapPhase",
 ]
 
-_DEVICES = ("cpu", "auto", "cuda", "torch")
 LOGGER = logging.getLogger("qsmprep")
 
 
@@ -348,7 +348,7 @@ class _BackgroundInputSpec(ThreadsInputSpec):
         usedefault=True,
         desc="B0 direction in voxel coordinates (used by PDF)",
     )
-    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto, cuda or torch")
+    device = traits.Enum(*DEVICES, usedefault=True, desc="cpu, auto, cuda or torch")
     use_gpu = traits.Bool(
         False, usedefault=True, nohash=True, desc="schedule as GPU work (Nipype MultiProc)"
     )

@@ -12,6 +12,7 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep import methods as registry
+from qsmprep.devices import DEVICES
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon.inversion.consistency import data_consistency
@@ -63,7 +64,6 @@ class _MethodName(traits.BaseStr):
         return "one of " + ", ".join(map(repr, registry.names("inversion", kind=self._kind)))
 
 
-_DEVICES = ("cpu", "auto", "cuda", "torch")
 _B0_DIR = {"minlen": 3, "maxlen": 3, "value": [0.0, 0.0, 1.0], "usedefault": True}
 _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_gpu set"
 
@@ -86,7 +86,7 @@ class _InversionInputSpec(ThreadsInputSpec):
         exists=True, desc="brain voxels with a reliable field (0: zero data weight)"
     )
     bg_meta = traits.Dict(desc="sidecar entries of the background removal (its Method)")
-    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    device = traits.Enum(*DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
 
 
@@ -186,7 +186,7 @@ class _DeepInputSpec(ThreadsInputSpec):
     )
     b0 = traits.Float(mandatory=True, desc="field strength (T)")
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
-    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    device = traits.Enum(*DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
     bg_meta = traits.Dict(desc="sidecar entries of the background removal (its Method)")
     weights_sha256 = traits.Str(
@@ -259,7 +259,7 @@ class _CosmosInputSpec(ThreadsInputSpec):
     )
     b0 = traits.List(traits.Float, mandatory=True, desc="field strength (T) of each orientation")
     params = traits.Dict(usedefault=True, desc="keyword arguments of recon.inversion.cosmos")
-    device = traits.Enum(*_DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
+    device = traits.Enum(*DEVICES, usedefault=True, desc="cpu, auto (GPU if any), cuda, torch")
     use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc=_USE_GPU_DESC)
 
 
