@@ -224,7 +224,7 @@ class ReferenceToRegion(SimpleInterface):
 
 
 class _ROIInputSpec(BaseInterfaceInputSpec):
-    chimap = File(exists=True, mandatory=True, desc="chi (ppm)")
+    chimap = File(exists=True, mandatory=True, desc="the map: chi (ppm) or R2* (1/s)")
     labels = File(exists=True, mandatory=True, desc="canonical ROI labels (native grid)")
     mask = File(exists=True, mandatory=True, desc="local-field mask")
     rois = traits.Dict(mandatory=True, desc="{label: name} of the regions to report")
@@ -236,7 +236,7 @@ class _ROIOutputSpec(TraitedSpec):
 
 
 class ROIStatistics(SimpleInterface):
-    """ROI table of one chi map (:func:`qsmprep.space.atlas.roi_statistics`)."""
+    """ROI table of one map, chi or R2* (:func:`qsmprep.space.atlas.roi_statistics`)."""
 
     input_spec = _ROIInputSpec
     output_spec = _ROIOutputSpec

@@ -5,6 +5,7 @@ Everything here reads the derivatives on disk, like the rest of :mod:`qsmprep.re
     sub-<label>/figures/<prefix>_space-<tpl>_desc-registration_overlay.png
     sub-<label>[/ses-<label>]/anat/<prefix>_from-<native>_to-<tpl>_mode-image_xfm.json   (Dice)
     sub-<label>[/ses-<label>]/anat/<prefix>_desc-<method>_roistats.tsv (+ .json)
+    sub-<label>[/ses-<label>]/anat/<prefix>_desc-r2star_roistats.tsv (+ .json)      (R2*, 1/s)
 
 The registration figure shows the template's edges (Canny, red) over the magnitude resampled
 into the template: edges that follow the warped anatomy (brain outline, ventricles, deep grey
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 _ID_COLUMNS = ("subject", "session", "acq", "rec", "run")
+R2STAR_DESC = "r2star"
+"""``desc`` of the R2* ROI table (the others are named after their inversion method)."""
 _ENTITY_OF = {"subject": "sub", "session": "ses", "acq": "acq", "rec": "rec", "run": "run"}
 
 
@@ -118,7 +121,7 @@ def _acq_files(output_dir: Path, prefix: str):
     return figs, xfm, roi, spaces
 
 
-def _roi_table(roi_files) -> tuple[str, str]:
+def _roi_table(roi_files, digits: int = 4) -> tuple[str, str]:
     """HTML table (ROI rows, method columns: mean +- std, n) and the provenance note."""
     by_method: dict[str, dict[str, dict]] = {}
     reference = set()
@@ -144,8 +147,10 @@ def _roi_table(roi_files) -> tuple[str, str]:
             if mean is None:
                 cells.append("<td>n/a</td>")
             else:
-                sd_txt = f" &plusmn; {sd:.4f}" if sd is not None else ""
-                cells.append(f'<td class="num">{mean:.4f}{sd_txt} ({esc(r.get("voxels"))})</td>')
+                sd_txt = f" &plusmn; {sd:.{digits}f}" if sd is not None else ""
+                cells.append(
+                    f'<td class="num">{mean:.{digits}f}{sd_txt} ({esc(r.get("voxels"))})</td>'
+                )
         lines.append(f"<tr><th>{esc(roi)}</th>{''.join(cells)}</tr>")
     lines.append("</table></div>")
     note = "Reference: " + ("; ".join(sorted(reference)) or "n/a") + "."
@@ -192,12 +197,21 @@ def space_section(output_dir, prefix: str, rel=None) -> str:
     if spaces:
         names = ", ".join(f"<code>{esc(p.name)}</code>" for p in spaces)
         out.append(f"<p>Susceptibility maps in template space: {names}.</p>")
+    r2star = [p for p in roi if parse_name(p.name)[0].get("desc") == R2STAR_DESC]
+    roi = [p for p in roi if p not in r2star]
     if roi:
         table, note = _roi_table(roi)
         out.append(
             "<p>Atlas regions warped to this acquisition (ANTs, generic-label interpolation), "
             "intersected with the local-field mask: mean &plusmn; standard deviation of chi "
             f"(ppm) and voxel count per method. {esc(note)}</p>"
+        )
+        out.append(table)
+    if r2star:
+        table, _ = _roi_table(r2star, digits=1)
+        out.append(
+            "<p>R2* per atlas region, intersected with the brain mask: mean &plusmn; standard "
+            "deviation (1/s) and voxel count.</p>"
         )
         out.append(table)
     return "\n".join(out)
@@ -208,10 +222,11 @@ def space_section(output_dir, prefix: str, rel=None) -> str:
 
 
 def collect_roistats(output_dir) -> tuple[list[str], list[dict[str, str]]]:
-    """All ``*_roistats.tsv`` under ``output_dir/sub-*`` as rows with entity and method columns."""
+    """All ``*_roistats.tsv`` under ``output_dir/sub-*`` as rows with entity, method and units
+    columns (``method`` is the file's ``desc``: an inversion, or ``r2star`` for R2* in 1/s)."""
     output_dir = Path(output_dir)
     rows = []
-    columns = [*_ID_COLUMNS, "method"]
+    columns = [*_ID_COLUMNS, "method", "units"]
     for sub in sorted(output_dir.glob("sub-*")):
         if not sub.is_dir():
             continue
@@ -221,29 +236,20 @@ def collect_roistats(output_dir) -> tuple[list[str], list[dict[str, str]]]:
             ents, _ = parse_name(path.name)
             ids = {c: ents.get(_ENTITY_OF[c], "n/a") for c in _ID_COLUMNS}
             cols, file_rows = read_tsv(path)
+            units = str(read_sidecar(path).get("Units", "n/a"))
             for c in cols:
                 if c not in columns:
                     columns.append(c)
             for r in file_rows:
-                rows.append({**ids, "method": ents.get("desc", "n/a"), **r})
+                rows.append({**ids, "method": ents.get("desc", "n/a"), "units": units, **r})
     for r in rows:
         for c in columns:
             r.setdefault(c, "n/a")
     return columns, rows
 
 
-def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list[str]:
-    """Write ``group_roistats.tsv`` and return the group page's ROI section (``[]`` if none)."""
-    from qsmprep.reports.figures import metric_strip_figure
-
-    output_dir = Path(output_dir)
-    columns, rows = collect_roistats(output_dir)
-    if not rows:
-        return []
-    lines = ["\t".join(columns)] + ["\t".join(str(r.get(c, "n/a")) for c in columns) for r in rows]
-    write_text(output_dir / "group_roistats.tsv", "\n".join(lines) + "\n")
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    rois = list(dict.fromkeys(r["roi"] for r in rows))
+def _summary_table(rows, methods, rois, digits: int) -> tuple[str, dict]:
+    """HTML table (ROI rows, method columns: mean +- sd over acquisitions, n) and the values."""
     values = {
         roi: {
             m: [
@@ -271,22 +277,49 @@ def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list
                 if len(vals) > 1
                 else None
             )
-            sd_txt = f" &plusmn; {sd:.4f}" if sd is not None else ""
-            cells.append(f'<td class="num">{mean:.4f}{sd_txt} (n={len(vals)})</td>')
+            sd_txt = f" &plusmn; {sd:.{digits}f}" if sd is not None else ""
+            cells.append(f'<td class="num">{mean:.{digits}f}{sd_txt} (n={len(vals)})</td>')
         table.append(f"<tr><th>{esc(roi)}</th>{''.join(cells)}</tr>")
     table.append("</table></div>")
-    body = [
-        '<section id="roistats"><h2>Atlas regions</h2>'
-        "<p>Mean susceptibility (ppm) per atlas region and method: mean &plusmn; standard "
-        "deviation over acquisitions (n). Table: <code>group_roistats.tsv</code>.</p>"
-        + "".join(table)
-        + '<div class="plots">'
-    ]
-    for roi in rois:
+    return "".join(table), values
+
+
+def group_roistats_section(output_dir, problems: list, tracebacks: list) -> list[str]:
+    """Write ``group_roistats.tsv`` and return the group page's ROI section (``[]`` if none)."""
+    from qsmprep.reports.figures import metric_strip_figure
+
+    output_dir = Path(output_dir)
+    columns, rows = collect_roistats(output_dir)
+    if not rows:
+        return []
+    lines = ["\t".join(columns)] + ["\t".join(str(r.get(c, "n/a")) for c in columns) for r in rows]
+    write_text(output_dir / "group_roistats.tsv", "\n".join(lines) + "\n")
+    r2_rows = [r for r in rows if r["method"] == R2STAR_DESC]
+    rows = [r for r in rows if r["method"] != R2STAR_DESC]
+    body = ['<section id="roistats"><h2>Atlas regions</h2>']
+    values = {}
+    if rows:
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        rois = list(dict.fromkeys(r["roi"] for r in rows))
+        table, values = _summary_table(rows, methods, rois, 4)
+        body.append(
+            "<p>Mean susceptibility (ppm) per atlas region and method: mean &plusmn; standard "
+            "deviation over acquisitions (n). Table: <code>group_roistats.tsv</code>.</p>" + table
+        )
+    if r2_rows:
+        rois = list(dict.fromkeys(r["roi"] for r in r2_rows))
+        table, _ = _summary_table(r2_rows, [R2STAR_DESC], rois, 1)
+        body.append(
+            "<p>Mean R2* (1/s) per atlas region (brain mask): mean &plusmn; standard deviation "
+            "over acquisitions (n); rows with <code>method</code> r2star and "
+            "<code>units</code> 1/s in <code>group_roistats.tsv</code>.</p>" + table
+        )
+    body.append('<div class="plots">')
+    for roi, by_method in values.items():
         path = output_dir / "figures" / f"group_desc-{roi}_roistats.png"
         try:
             metric_strip_figure(
-                {k: v for k, v in values[roi].items() if v}, path, metric=roi, unit="ppm"
+                {k: v for k, v in by_method.items() if v}, path, metric=roi, unit="ppm"
             )
         except Exception as exc:  # noqa: BLE001 - the page is best effort
             problems.append(f"{roi} ROI plot: {type(exc).__name__}: {exc}")

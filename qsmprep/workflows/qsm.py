@@ -23,7 +23,7 @@ from qsmprep.workflows.metrics import init_metrics_wf
 from qsmprep.workflows.outputs import init_qsm_derivatives_wf, init_swi_derivatives_wf
 from qsmprep.workflows.swi import init_swi_wf, smwi_method_of
 
-__all__ = ["UNWRAP_METHODS", "init_qsm_wf", "resolve_unwrap"]
+__all__ = ["UNWRAP_METHODS", "init_qsm_wf", "makes_r2star", "resolve_unwrap"]
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -36,6 +36,12 @@ _OUTPUTS = [
 
 UNWRAP_METHODS = ("auto", "quality", "laplacian")
 """Choices of ``--unwrap``; ``"auto"`` picks per acquisition (:func:`resolve_unwrap`)."""
+
+
+def makes_r2star(outputs, n_echoes: int) -> bool:
+    """Whether an acquisition of ``n_echoes`` gets R2*/T2*/S0 maps under ``outputs``
+    (``None``: every output): asked for, and a decay to fit (two or more echoes)."""
+    return "r2star" in (outputs or OUTPUTS) and int(n_echoes) >= 2
 
 
 def resolve_unwrap(method: str, n_echoes: int) -> str:
@@ -175,7 +181,7 @@ def init_qsm_wf(
         raise ValueError(
             f"reference_region must be one of {list(REFERENCE_REGIONS)}, got {reference_region!r}"
         )
-    make_r2star = "r2star" in outputs and n_echoes >= 2
+    make_r2star = makes_r2star(outputs, n_echoes)
     swi = "swi" in outputs
     smwi = swi and "chi" in outputs
     if "r2star" in outputs and not make_r2star:

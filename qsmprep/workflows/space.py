@@ -46,6 +46,7 @@ from qsmprep.space.atlas import CSF_LABEL
 from qsmprep.space.plan import space_params
 from qsmprep.workflows._util import node_label
 from qsmprep.workflows.outputs import CHIMAP_REFERENCE, GENERATED_BY, acquisition_sources
+from qsmprep.workflows.qsm import makes_r2star
 
 __all__ = ["add_space_wf", "init_space_wf", "space_path"]
 
@@ -74,6 +75,7 @@ def init_space_wf(
     bg_method: str = DEFAULT_METHOD,
     registration_params: dict | None = None,
     omp_nthreads: int = 1,
+    r2star: bool = False,
     name: str = "space_wf",
 ) -> pe.Workflow:
     """Registration to the templates of ``plan``, atlas ROI statistics and template-space maps.
@@ -94,6 +96,9 @@ def init_space_wf(
         Keyword arguments of :func:`qsmprep.space.registration.register_to_template`.
     omp_nthreads : int
         ITK threads of the registration nodes.
+    r2star : bool
+        The acquisition has an R2* map (input ``r2star``): with atlases, its ROI table too
+        (``<prefix>_desc-r2star_roistats.tsv``, 1/s, regions in the brain mask).
     name : str
         Workflow name.
 
@@ -103,6 +108,8 @@ def init_space_wf(
         4D magnitude and masks from the field workflow.
     chimaps
         Chi maps (ppm, mean-referenced) in the order of ``methods``.
+    r2star
+        R2* map (1/s), with ``r2star``.
     meta_<method>
         Inversion sidecar entries (used when the native Chimaps are written here).
 
@@ -121,6 +128,8 @@ def init_space_wf(
     params = dict(registration_params or {})
     workflow = pe.Workflow(name=name)
     fields = ["magnitude", "brain_mask", "local_mask", "chimaps", *[f"meta_{m}" for m in methods]]
+    if r2star:
+        fields.append("r2star")
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(
         IdentityInterface(
@@ -310,6 +319,36 @@ def init_space_wf(
                 )
                 workflow.connect([(stats, ds, [("out_file", "in_file")])])
 
+    if atlas is not None and r2star:
+        stats = pe.Node(ROIStatistics(), name="roistats_r2star")
+        workflow.connect([
+            (inputnode, stats, [("r2star", "chimap"), ("brain_mask", "mask")]),
+            (atlas, stats, [("out_file", "labels"), ("rois", "rois")]),
+        ])  # fmt: skip
+        if output_dir is not None:
+            ds = _sink(
+                "ds_roistats_r2star",
+                space_path(output_dir, a, "desc-r2star_roistats.tsv"),
+                {
+                    "Description": "R2* per atlas region (native space, regions intersected "
+                    "with the brain mask, where the R2* map is defined)",
+                    "Units": "1/s",
+                    "Map": "R2starmap",
+                    "Template": plan.atlas_template,
+                    "Atlases": [x["spec"] for x in plan.atlases],
+                    "Columns": {
+                        "roi": "region name",
+                        "label": "value in <prefix>_desc-atlas_dseg.nii.gz",
+                        "mean": "mean R2* (1/s)",
+                        "median": "median R2* (1/s)",
+                        "std": "standard deviation of R2* (1/s)",
+                        "voxels": "voxels of the region in the brain mask",
+                    },
+                    **base,
+                },
+            )
+            workflow.connect([(stats, ds, [("out_file", "in_file")])])
+
     for space in plan.spaces:
         key = space.name if space.cohort is None else f"{space.name}:cohort-{space.cohort}"
         reg = regs[key]
@@ -393,6 +432,7 @@ def add_space_wf(workflow: pe.Workflow, qsm_wf: pe.Workflow, acquisition, settin
     (``space_<prefix>_wf``).
     """
     methods = list(settings.methods)
+    r2star = makes_r2star(getattr(settings, "outputs", None), len(acquisition.echo_times))
     space_wf = init_space_wf(
         acquisition=acquisition,
         plan=plan,
@@ -401,6 +441,7 @@ def add_space_wf(workflow: pe.Workflow, qsm_wf: pe.Workflow, acquisition, settin
         bg_method=settings.bg_method,
         registration_params=space_params(settings)[1],
         omp_nthreads=settings.omp_nthreads,
+        r2star=r2star,
         name=f"space_{node_label(acquisition.prefix)}_wf",
     )
     workflow.connect([
@@ -411,6 +452,8 @@ def add_space_wf(workflow: pe.Workflow, qsm_wf: pe.Workflow, acquisition, settin
             ("outputnode.chimaps", "inputnode.chimaps"),
         ]),
     ])  # fmt: skip
+    if r2star:
+        workflow.connect([(qsm_wf, space_wf, [("outputnode.r2star", "inputnode.r2star")])])
     if plan.reference_region == "csf":
         workflow.connect([
             (qsm_wf, space_wf, [(f"outputnode.meta_{m}", f"inputnode.meta_{m}") for m in methods]),
