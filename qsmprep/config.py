@@ -36,8 +36,13 @@ __all__ = [
     "param_sections",
 ]
 
-STAGE_SECTIONS = ("mask", "unwrap", "reliability", "cosmos", "space", "r2star", "swi", "smwi")
-"""``--config`` sections of stages (those of the methods are their names)."""
+STAGE_SECTIONS = (
+    *_methods.SECTIONS.values(),
+    *("reliability", "cosmos", "space", "r2star", "swi", "smwi"),
+)
+"""``--config`` sections of stages: those of the mask and unwrapping methods
+(:data:`qsmprep.methods.SECTIONS`) and of the other stages; the sections of the background and
+inversion methods are their names."""
 
 
 def param_sections() -> tuple[str, ...]:
@@ -113,7 +118,7 @@ class Settings:
     methods: list[str] = field(default_factory=lambda: list(_methods.defaults("inversion")))
     bg_method: str = field(default_factory=lambda: _methods.defaults("background")[0])
     unwrap: str = "auto"
-    mask_method: str = "magnitude"
+    mask_method: str = field(default_factory=lambda: _methods.defaults("mask")[0])
     reference: Path | None = None
     b0: float | None = None
     phase_sign: int = 1

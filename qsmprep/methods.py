@@ -1,14 +1,15 @@
 """The method registry: the one place where a processing method is declared.
 
-Every background removal, dipole inversion (classical, multi-orientation and deep-learning) and
-R2* estimator of qsmprep is one :class:`Method` record here: its stage, the function that
-implements it (a ``"module:function"`` string, imported only when the method runs), its
-display label, the phrases that describe it in the methods paragraph and the workflow
-boilerplate, its references, its parameters (defaults and units), the extra inputs its
-function takes, and for a network its architecture and default weights. The command line
-(``--methods``, ``--bg-method``, ``--config`` sections), the settings, the interfaces, the
-workflow builders, the reports, the benchmarks and the documentation's method tables all read
-these records, so adding a method is one algorithm file and one :func:`register` call::
+Every brain mask, phase unwrapping, background removal, dipole inversion (classical,
+multi-orientation and deep-learning) and R2* estimator of qsmprep is one :class:`Method` record
+here: its stage, the function that implements it (a ``"module:function"`` string, imported
+only when the method runs), its display label, the phrases that describe it in the methods
+paragraph and the workflow boilerplate, its references, its parameters (defaults and units),
+the extra inputs its function takes, and for a network its architecture and default weights.
+The command line (``--methods``, ``--bg-method``, ``--unwrap``, ``--mask-method``, ``--config``
+sections), the settings, the interfaces, the workflow builders, the reports, the benchmarks and
+the documentation's method tables all read these records, so adding a method is one algorithm
+file and one :func:`register` call::
 
     from qsmprep.methods import Method, Parameter, Reference, register
 
@@ -36,7 +37,9 @@ from typing import Any
 __all__ = [
     "INPUTS",
     "KINDS",
+    "SECTIONS",
     "STAGES",
+    "STAGE_INPUTS",
     "Method",
     "Parameter",
     "Reference",
@@ -54,11 +57,18 @@ __all__ = [
 ]
 
 STAGES = {
+    "mask": "Brain mask",
+    "unwrap": "Phase unwrapping",
     "background": "Background field removal",
     "inversion": "Dipole inversion",
     "r2star": "R2* mapping",
 }
-"""Stages with registered methods, and their headings in the documentation."""
+"""Stages with registered methods, in the order of the chain, and their headings in the
+documentation."""
+
+SECTIONS = {"mask": "mask", "unwrap": "unwrap"}
+"""Stages whose methods take their parameters from one ``--config`` section named after the
+stage, whichever method runs; a method of another stage has a section of its own name."""
 
 KINDS = {
     "classical": "a closed-form or iterative algorithm on one acquisition",
@@ -75,11 +85,24 @@ INPUTS = {
     "delta_te": "the echo spacing (s), from the echo times",
     "b0": "the field strength (T)",
     "b0_dir": "the B0 direction in voxel coordinates",
+    "phase": "the wrapped phase of the echoes (rad), echoes last",
+    "echo_times": "the echo times (s)",
 }
 """Extra inputs a method's function may take, by keyword name: the interface, benchmark or
-chain that calls it provides those a record lists (:attr:`Method.inputs`). ``magnitude``,
-``noise_std``, ``data_mask`` and ``weight`` are arrays; ``delta_te``, ``b0`` and ``b0_dir``
-are parameters, which a value given in the method's parameters overrides."""
+chain that calls it provides those a record lists (:attr:`Method.inputs`), of those its stage
+offers (:data:`STAGE_INPUTS`). ``magnitude``, ``noise_std``, ``data_mask``, ``weight`` and
+``phase`` are arrays; ``delta_te``, ``b0`` and ``b0_dir`` are parameters, which a value given
+in the method's parameters overrides; ``echo_times`` are those of the acquisition."""
+
+_FIELD_INPUTS = ("magnitude", "noise_std", "data_mask", "weight", "delta_te", "b0", "b0_dir")
+STAGE_INPUTS = {
+    "mask": ("phase", "echo_times"),
+    "unwrap": (),
+    "background": _FIELD_INPUTS,
+    "inversion": _FIELD_INPUTS,
+    "r2star": (),
+}
+"""The extra inputs (:data:`INPUTS`) the methods of each stage may take."""
 
 
 @dataclass(frozen=True)
@@ -114,28 +137,39 @@ class Method:
     Attributes
     ----------
     name : str
-        Its name on the command line, in ``--config`` sections and as the ``desc-`` label of
-        its outputs (alphanumeric).
+        Its name on the command line, in ``--config`` sections (a mask or unwrapping method:
+        see :data:`SECTIONS`) and as the ``desc-`` label of its outputs (alphanumeric).
     stage : str
         One of :data:`STAGES`.
     implementation : str
-        ``"module:function"`` of the function that runs it (:func:`resolve`).
+        ``"module:function"`` of the function that runs it (:func:`resolve`), called the way
+        its stage calls them: a mask method by :func:`qsmprep.recon.chain.compute_brain_mask`,
+        an unwrapping method by :func:`qsmprep.recon.unwrap.unwrap_multi_echo`, a background
+        method by :func:`qsmprep.recon.background.remove_background`, an inversion by
+        :class:`qsmprep.interfaces.DipoleInversion`, an R2* estimator by
+        :func:`qsmprep.recon.r2star.fit_r2star`.
     label : str
         Display name in reports and tables, e.g. ``"TKD"``.
     description : str
         One line that follows the label in the methods paragraph and the documentation.
     summary : str
         The phrase of the workflow boilerplate, with author-year citations in the text.
+    one_echo_summary : str
+        The phrase for a single-echo acquisition where it differs from ``summary`` (an
+        unwrapping method: no later echo is unwrapped in time); default ``summary``.
     citations : tuple of Reference
         What to cite whenever the method is used.
     parameters : tuple of Parameter
         The user-settable keyword parameters, with the function's defaults.
     inputs : tuple of str
-        Extra inputs of the function (keys of :data:`INPUTS`).
+        Extra inputs of the function (keys of :data:`INPUTS` its stage offers,
+        :data:`STAGE_INPUTS`).
     kind : str
         One of :data:`KINDS`.
     default : bool
-        Run by default: the default ``--methods`` (inversion) or ``--bg-method`` (background).
+        Run by default: the default ``--methods`` (inversion), ``--bg-method`` (background),
+        ``--mask-method`` (mask) or the unwrapping that ``--unwrap auto`` runs on two or more
+        echoes (unwrap).
     whole_brain : bool
         Inversion with a per-voxel data weight: given the brain mask it covers all of it, with
         zero data weight where the local field is unknown or unreliable.
@@ -154,6 +188,7 @@ class Method:
     label: str
     description: str
     summary: str = ""
+    one_echo_summary: str = ""
     citations: tuple[Reference, ...] = ()
     parameters: tuple[Parameter, ...] = ()
     inputs: tuple[str, ...] = ()
@@ -174,9 +209,13 @@ class Method:
         module, _, func = self.implementation.partition(":")
         if not module or not func:
             raise ValueError(f"{self.name}: implementation must be 'module:function'")
-        unknown = [i for i in self.inputs if i not in INPUTS]
+        offered = STAGE_INPUTS[self.stage]
+        unknown = [i for i in self.inputs if i not in offered]
         if unknown:
-            raise ValueError(f"{self.name}: unknown inputs {unknown}; one of {list(INPUTS)}")
+            raise ValueError(
+                f"{self.name}: unknown inputs {unknown} of a {self.stage} method; one of "
+                f"{list(offered)}"
+            )
         if self.kind == "dl" and not (self.arch and self.weights):
             raise ValueError(f"{self.name}: a deep-learning method needs arch and weights")
 
@@ -242,7 +281,8 @@ def names(stage=None, *, kind=None, default: bool | None = None) -> tuple[str, .
 
 
 def defaults(stage: str) -> tuple[str, ...]:
-    """The methods a stage runs by default (``--methods``; ``--bg-method`` has one)."""
+    """The methods a stage runs by default (``--methods``; ``--bg-method``, ``--mask-method``
+    and the unwrapping have one)."""
     return names(stage, default=True)
 
 
@@ -333,6 +373,11 @@ def markdown() -> str:
         if not recs:
             continue
         lines += ["", f"## {heading}", ""]
+        if stage in SECTIONS:
+            lines += [
+                f"Parameters: the `--config` section `{SECTIONS[stage]}`, whichever method runs.",
+                "",
+            ]
         lines += [
             "| name | method | function | kind | parameters (defaults) | extra inputs |"
             " references |",
@@ -359,6 +404,78 @@ def markdown() -> str:
 
 # --------------------------------------------------------------------------------------------
 # the methods of qsmprep
+
+_ROMEO = Reference(
+    "romeo",
+    "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid opensource "
+    "minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
+)
+_MORPHOLOGY = "then morphological opening, hole filling and brain-scalp separation"
+_MASK_PARAMETERS = (
+    Parameter("open_mm", 3.0, "mm", "radius of the opening (0: none)"),
+    Parameter("erode_mm", 6.0, "mm", "erosion that parts the brain from the scalp (0: none)"),
+    Parameter("fill_holes", True, "", "fill the holes the mask encloses"),
+)
+
+register(Method(
+    "magnitude", "mask", "qsmprep.recon.mask:mask_from_magnitude", "magnitude threshold",
+    f"the root-sum-of-squares magnitude over echoes above Otsu's threshold, {_MORPHOLOGY}",
+    "by Otsu's threshold of the root-sum-of-squares magnitude over echoes (Otsu, 1979) and "
+    "morphological refinement",
+    citations=(Reference(
+        "otsu",
+        "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst Man "
+        "Cybern 1979;9:62-66.",
+    ),),
+    parameters=(
+        Parameter("threshold", None, "", "absolute threshold in magnitude units (default: "
+                  "factor times Otsu's threshold)"),
+        Parameter("factor", 1.0, "", "multiplies Otsu's threshold (> 1 is stricter)"),
+        *_MASK_PARAMETERS,
+    ),
+    default=True,
+))  # fmt: skip
+register(Method(
+    "phase", "mask", "qsmprep.recon.mask:mask_from_phase_quality", "phase-quality threshold",
+    f"the ROMEO phase-quality map above a fraction of its Otsu threshold as in QSMxT, "
+    f"{_MORPHOLOGY}",
+    "by thresholding the ROMEO phase-quality map (Dymerska et al., 2021) as in QSMxT (Stewart "
+    "et al., 2022), with morphological refinement",
+    citations=(_ROMEO, Reference(
+        "qsmxt",
+        "Stewart AW, Robinson SD, O'Brien K, et al. QSMxT: Robust masking and artifact "
+        "reduction for quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.",
+    )),
+    parameters=(
+        Parameter("threshold", None, "", "absolute quality threshold in [0, 1] (default: "
+                  "factor times Otsu's threshold)"),
+        Parameter("factor", 0.7, "", "multiplies Otsu's threshold of the quality map"),
+        *_MASK_PARAMETERS,
+    ),
+    inputs=("phase", "echo_times"),
+))  # fmt: skip
+
+register(Method(
+    "quality", "unwrap", "qsmprep.recon.unwrap:unwrap_echoes_quality", "ROMEO",
+    "quality-guided region growing in the first echo, then temporal unwrapping of each later "
+    "echo against the preceding one",
+    "by quality-guided region growing (ROMEO; Dymerska et al., 2021) in the first echo and "
+    "temporally in the later echoes",
+    one_echo_summary="by quality-guided region growing (ROMEO; Dymerska et al., 2021)",
+    citations=(_ROMEO,), default=True,
+))  # fmt: skip
+register(Method(
+    "laplacian", "unwrap", "qsmprep.recon.unwrap:unwrap_echoes_laplacian", "Laplacian",
+    "a Poisson solve of each echo's wrapped-phase Laplacian, the 2-pi multiple of each echo's "
+    "constant then set against the preceding echo",
+    "echo by echo with the Laplacian method (Schofield and Zhu, 2003)",
+    one_echo_summary="with the Laplacian method (Schofield and Zhu, 2003)",
+    citations=(Reference(
+        "laplacian_unwrap",
+        "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for interferometric "
+        "applications. Opt Lett 2003;28:1194-1196.",
+    ),),
+))  # fmt: skip
 
 _SHARP = Reference(
     "sharp",

@@ -3,7 +3,9 @@
 A toy inversion (a function in this module plus one :class:`~qsmprep.methods.Method`,
 registered at run time) shows up in every place that lists methods: the command line, the
 ``--config`` sections, the Nipype graph (and runs there), the methods paragraph with its
-reference, and the documentation's table of methods.
+reference, and the documentation's table of methods. So do a toy brain mask and a toy phase
+unwrapping: the command line's choices, the field graph and its boilerplate, the field chain
+(where they run), the methods paragraph and the documentation's tables.
 """
 
 import ast
@@ -50,6 +52,8 @@ def toy():
 
 
 TODAY = {
+    ("mask", None): ("magnitude", "phase"),
+    ("unwrap", None): ("quality", "laplacian"),
     ("inversion", "classical"): ("tkd", "tsvd", "l2", "tv", "medi"),
     ("inversion", "dl"): ("unet", "adaptive", "dsbn", "dcfinetune", "unsup"),
     ("inversion", "multi-orientation"): ("cosmos",),
@@ -69,6 +73,8 @@ def test_orders_of_today(stage, kind):
 def test_defaults():
     assert methods.defaults("inversion") == ("tkd", "l2", "tv", "medi")
     assert methods.defaults("background") == ("lbv",)
+    assert methods.defaults("mask") == ("magnitude",)
+    assert methods.defaults("unwrap") == ("quality",)
 
 
 @pytest.mark.parametrize("name", methods.names())
@@ -197,3 +203,182 @@ def test_docs_build_their_table_from_the_registry():
     conf = (ROOT / "docs" / "conf.py").read_text()
     assert "from qsmprep.methods import markdown" in conf and "_write_methods()" in conf
     assert "_generated/methods" in (ROOT / "docs" / "index.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# a toy brain mask and a toy phase unwrapping
+
+
+def toy_mask(magnitude, voxel_size=None, *, level=0.5):
+    """Not a brain mask: the voxels above ``level`` times the largest first-echo magnitude."""
+    m = np.asarray(magnitude, dtype=np.float64)
+    m = m[..., 0] if m.ndim == 4 else m
+    return m > level * m.max()
+
+
+def toy_unwrap(phase, magnitude, echo_times, *, mask, voxel_size=None, device="cpu", shift=0.0):
+    """Not an unwrapping: the wrapped phase plus ``shift`` (rad) inside the mask."""
+    inside = np.asarray(mask, bool)[..., None]
+    return np.where(inside, np.asarray(phase, np.float32) + np.float32(shift), 0.0)
+
+
+TOY_MASK = Method(
+    "toymask", "mask", f"{__name__}:toy_mask", "toy mask",
+    "the voxels above a fraction of the brightest", "by a toy threshold (Nobody, 2025)",
+    citations=(Reference("toymask2025", "Nobody N. A toy mask. J Toys 2025;2:3-4."),),
+    parameters=(Parameter("level", 0.5, "", "fraction of the largest magnitude"),),
+)  # fmt: skip
+TOY_UNWRAP = Method(
+    "toyunwrap", "unwrap", f"{__name__}:toy_unwrap", "Toy",
+    "the wrapped phase shifted by a constant", "by a toy shift of every echo (Nobody, 2025)",
+    one_echo_summary="by a toy shift of its echo (Nobody, 2025)",
+    citations=(Reference("toyunwrap2025", "Nobody N. A toy unwrapping. J Toys 2025;2:5-6."),),
+    parameters=(Parameter("shift", 0.0, "rad", "constant added to the phase"),),
+)  # fmt: skip
+
+
+@pytest.fixture
+def toys():
+    """The toy mask and unwrapping, registered for one test."""
+    with methods.registered(TOY_MASK), methods.registered(TOY_UNWRAP):
+        yield
+    assert not {"toymask", "toyunwrap"} & set(methods.names())
+
+
+def test_toy_mask_and_unwrap_records_match_their_functions():
+    for record in (TOY_MASK, TOY_UNWRAP):
+        module, _, func = record.implementation.partition(":")
+        sig = inspect.signature(getattr(sys.modules[module], func)).parameters
+        assert all(sig[p.name].default == p.default for p in record.parameters)
+
+
+def test_toy_mask_and_unwrap_in_the_command_line(toys, tmp_path):
+    from qsmprep.cli import bench, run
+
+    parser = run.build_parser()
+    help_text = " ".join(parser.format_help().split())
+    assert "toymask: the voxels above a fraction of the brightest" in help_text
+    assert "toyunwrap: the wrapped phase shifted by a constant" in help_text
+    (tmp_path / "bids").mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"mask": {"level": 0.3}, "unwrap": {"shift": 0.5}}))
+    argv = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--mask-method",
+            "toymask", "--unwrap", "toyunwrap", "--config", str(config)]  # fmt: skip
+    settings = run.settings_from_args(parser.parse_args(argv))
+    assert (settings.mask_method, settings.unwrap) == ("toymask", "toyunwrap")
+    assert settings.params("mask") == {"level": 0.3}
+    assert settings.params("unwrap") == {"shift": 0.5}
+    args = bench.build_parser().parse_args(["field", "--unwrap", "toyunwrap"])
+    assert args.unwrap == "toyunwrap"
+
+
+def test_toy_mask_and_unwrap_in_the_docs_table(toys):
+    page = methods.markdown()
+    mask = page.split("## Brain mask")[1].split("## ")[0]
+    assert "the `--config` section `mask`" in mask
+    assert (
+        f"| `toymask` | toy mask: the voxels above a fraction of the brightest "
+        f"| `{__name__}:toy_mask` |" in mask
+    )
+    assert "`level` 0.5: fraction of the largest magnitude" in mask
+    unwrap = page.split("## Phase unwrapping")[1].split("## ")[0]
+    assert "the `--config` section `unwrap`" in unwrap
+    assert f"| `toyunwrap` | Toy: the wrapped phase shifted by a constant | `{__name__}:" in unwrap
+    assert "`shift` 0 rad: constant added to the phase" in unwrap
+
+
+def test_toy_mask_and_unwrap_in_the_field_graph(toys):
+    from qsmprep.interfaces import BrainMask, UnwrapPhase
+    from qsmprep.workflows.field import init_field_wf
+    from qsmprep.workflows.qsm import resolve_unwrap
+
+    params = {"mask": {"level": 0.3}, "unwrap": {"shift": 0.5}}
+    wf = init_field_wf(mask_method="toymask", unwrap_method="toyunwrap", method_params=params)
+    mask_node, unwrap_node = wf.get_node("brain_mask"), wf.get_node("unwrap_phase")
+    assert isinstance(mask_node.interface, BrainMask) and mask_node.inputs.method == "toymask"
+    assert mask_node.inputs.params == {"level": 0.3}
+    assert isinstance(unwrap_node.interface, UnwrapPhase)
+    assert unwrap_node.inputs.method == "toyunwrap"
+    assert unwrap_node.inputs.params == {"shift": 0.5}
+    assert "A brain mask was computed by a toy threshold (Nobody, 2025)." in wf.__desc__
+    assert "unwrapped by a toy shift of every echo (Nobody, 2025)" in wf.__desc__
+    assert {"toymask2025", "toyunwrap2025", "mcpc3ds"} <= set(wf.__citations__)
+    one = init_field_wf(mask_method="toymask", unwrap_method="toyunwrap", n_echoes=1)
+    assert "the phase was unwrapped by a toy shift of its echo (Nobody, 2025)." in one.__desc__
+    assert resolve_unwrap("toyunwrap", 1) == "toyunwrap"
+    with pytest.raises(ValueError, match="unwrapping method 'toy'"):
+        init_field_wf(unwrap_method="toy")
+
+
+def _echoes(shape=(12, 12, 10), te=(0.004, 0.008, 0.012)):
+    """A bright box in noise with a smooth field: magnitude and wrapped phase of each echo."""
+    rng = np.random.default_rng(0)
+    mag = np.full((*shape, len(te)), 0.05, np.float32)
+    mag[2:-2, 2:-2, 2:-2] = 1.0
+    mag += rng.uniform(0, 0.01, mag.shape).astype(np.float32)
+    x = np.linspace(-1, 1, shape[0])[:, None, None]
+    field = 20.0 * x + np.zeros(shape)  # Hz
+    phase = np.angle(np.exp(2j * np.pi * field[..., None] * np.asarray(te)))
+    return mag, phase.astype(np.float32), np.asarray(te)
+
+
+def test_toy_mask_and_unwrap_run_through_the_chain(toys):
+    from qsmprep.recon import chain
+    from qsmprep.recon.unwrap import wrap_phase
+
+    mag, phase, te = _echoes()
+    vs = (2.0, 2.0, 2.0)
+    brain = chain.compute_brain_mask(mag, vs, method="toymask", phase=phase, echo_times=te)
+    np.testing.assert_array_equal(brain, toy_mask(mag))
+    brain = chain.compute_brain_mask(mag, vs, method="toymask", level=0.3)
+    np.testing.assert_array_equal(brain, toy_mask(mag, level=0.3))
+    out = chain.unwrap_phase(
+        phase, mag, te, brain, vs, method="toyunwrap", remove_offset=False, shift=0.5
+    )
+    assert out.dtype == np.float32 and out.shape == phase.shape
+    np.testing.assert_allclose(out[brain], wrap_phase(phase)[brain] + 0.5, atol=1e-6)
+    assert not out[~brain].any()
+    offset_free = chain.unwrap_phase(phase, mag, te, brain, vs, method="toyunwrap")
+    assert np.isfinite(offset_free).all() and not offset_free[~brain].any()
+    with pytest.raises(TypeError, match="shift"):
+        chain.unwrap_phase(phase, mag, te, brain, vs, method="quality", shift=0.5)
+    with pytest.raises(ValueError, match="unknown mask method 'toy'"):
+        chain.compute_brain_mask(mag, vs, method="toy")
+
+
+def test_toy_mask_and_unwrap_run_in_their_interfaces(toys, tmp_path):
+    from qsmprep.interfaces import BrainMask, UnwrapPhase
+
+    mag, phase, te = _echoes()
+    for name, data in (("mag.nii", mag), ("phase.nii", phase)):
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / name)
+    res = BrainMask(
+        magnitude=str(tmp_path / "mag.nii"), method="toymask", params={"level": 0.3}
+    ).run(cwd=str(tmp_path))
+    brain = np.asarray(nib.load(res.outputs.out_file).dataobj) > 0
+    np.testing.assert_array_equal(brain, toy_mask(mag, level=0.3))
+    res = UnwrapPhase(
+        phase=str(tmp_path / "phase.nii"), magnitude=str(tmp_path / "mag.nii"),
+        mask=res.outputs.out_file, echo_times=list(te), method="toyunwrap",
+        params={"remove_offset": False, "shift": 0.5},
+    ).run(cwd=str(tmp_path))  # fmt: skip
+    out = np.asarray(nib.load(res.outputs.out_file).dataobj)
+    np.testing.assert_allclose(out[brain], phase[brain] + 0.5, atol=1e-6)
+
+
+def test_toy_mask_and_unwrap_in_the_methods_text_and_references(toys):
+    from qsmprep.reports.methods import CITATIONS, methods_text
+
+    text = methods_text(
+        {"mask_method": "toymask", "unwrap": "toyunwrap", "methods": ["tkd"],
+         "method_params": {"mask": {"level": 0.3}, "unwrap": {"shift": 0.5}}}
+    )  # fmt: skip
+    mask = re.search(r"toy mask \[(\d+)\] \(the voxels above [^;]*; level 0\.3\)", text.paragraph)
+    assert mask, text.paragraph
+    assert text.references[int(mask[1]) - 1] == "Nobody N. A toy mask. J Toys 2025;2:3-4."
+    unwrap = re.search(
+        r"the Toy method \[(\d+)\] \(the wrapped [^;]*; shift 0\.5 rad\)", text.paragraph
+    )
+    assert unwrap, text.paragraph
+    assert text.references[int(unwrap[1]) - 1].startswith("Nobody N. A toy unwrapping.")
+    assert CITATIONS["toymask2025"].startswith("Nobody N.")

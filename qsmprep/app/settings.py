@@ -91,7 +91,7 @@ def _mask_method(method, mask_dir) -> str:
             method,
             mask_dir,
         )
-    return method or "magnitude"
+    return method or _default("mask_method")
 
 
 def _existing_dir(path, option: str):

@@ -50,8 +50,9 @@ def bench_field(
         SNR of the simulated magnitude.
     seed : int
         Seed of the phantom and the noise.
-    unwrap : {"quality", "laplacian"}
-        Phase unwrapping of the chain.
+    unwrap : str
+        Phase unwrapping of the chain: a registered unwrapping method (:mod:`qsmprep.methods`),
+        e.g. ``"quality"`` or ``"laplacian"``.
     bg_methods : iterable of str
         Background removals timed after the chain (which runs the default one).
     device : str

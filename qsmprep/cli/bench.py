@@ -16,6 +16,7 @@ import sys
 from qsmprep.__about__ import __version__
 from qsmprep.benchmarks.inversion import INVERSION_METHODS
 from qsmprep.config import BG_METHODS
+from qsmprep.methods import defaults, names
 
 __all__ = ["build_parser", "main"]
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--b0", type=float, default=3.0, help="field strength (T)")
     f.add_argument("--snr", type=float, default=100.0)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--unwrap", choices=["quality", "laplacian"], default="quality")
+    f.add_argument("--unwrap", choices=names("unwrap"), default=defaults("unwrap")[0])
     f.add_argument(
         "--bg-methods",
         nargs="+",

@@ -25,7 +25,8 @@ from qsmprep.app import (
 )
 from qsmprep.app.console import console
 from qsmprep.config import OUTPUTS, Settings
-from qsmprep.methods import defaults, names
+from qsmprep.methods import defaults, names, records
+from qsmprep.recon.unwrap import AUTO_ONE_ECHO
 
 __all__ = [
     "UsageError",
@@ -61,6 +62,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+def _described(stage: str, *, mark_default: bool = True) -> str:
+    """``"name (default): description; ..."``: the registered methods of a stage, for a help."""
+    return "; ".join(
+        f"{m.name}{' (default)' if m.default and mark_default else ''}: {m.description}"
+        for m in records(stage)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,18 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--unwrap",
-        choices=["auto", "quality", "laplacian"],
+        choices=["auto", *names("unwrap")],
         default="auto",
-        help="phase unwrapping: quality-guided region growing with temporal unwrapping of"
-        " later echoes, or Laplacian; auto uses region growing for two or more echoes and the"
-        " Laplacian method for one echo",
+        help=f"phase unwrapping: {_described('unwrap', mark_default=False)}; auto uses"
+        f" {defaults('unwrap')[0]} for two or more echoes and {AUTO_ONE_ECHO} for one echo",
     )
     g.add_argument(
         "--mask-method",
-        choices=["magnitude", "phase"],
+        choices=names("mask"),
         default=None,
-        help="brain mask from the magnitude (default) or from the phase quality; not used with"
-        " --mask-dir",
+        help=f"brain mask: {_described('mask')}; not used with --mask-dir",
     )
     g.add_argument(
         "--reference",

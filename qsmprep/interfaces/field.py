@@ -22,8 +22,10 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep import bids, provided
+from qsmprep import methods as registry
 from qsmprep.devices import DEVICES
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.interfaces._registry import MethodName
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import background, chain, mask
 from qsmprep.recon._checks import check_echo_times
@@ -98,10 +100,12 @@ class LoadEchoes(ThreadedInterface):
 
 class _BrainMaskInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D (or 3D) magnitude")
-    phase = File(exists=True, desc="4D wrapped phase (rad); needed by method 'phase'")
-    echo_times = traits.List(traits.Float, desc="echo times (s), for method 'phase'")
-    method = traits.Enum(
-        "magnitude", "phase", usedefault=True, desc="magnitude threshold or phase quality"
+    phase = File(
+        exists=True, desc="4D wrapped phase (rad); needed by a method that takes it ('phase')"
+    )
+    echo_times = traits.List(traits.Float, desc="echo times (s), for a method that takes them")
+    method = MethodName(
+        "mask", "magnitude", usedefault=True, desc="a registered mask method (qsmprep.methods)"
     )
     params = traits.Dict(usedefault=True, desc="keyword arguments of the mask function")
 
@@ -111,8 +115,9 @@ class _MaskOutputSpec(TraitedSpec):
 
 
 class BrainMask(ThreadedInterface):
-    """Brain mask from the magnitude or the phase quality
-    (:func:`qsmprep.recon.chain.compute_brain_mask`)."""
+    """Brain mask by a registered mask method, e.g. from the magnitude or the phase quality
+    (:func:`qsmprep.recon.chain.compute_brain_mask`); the phase and the echo times are loaded
+    for a method whose record takes them."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _MaskOutputSpec
@@ -121,11 +126,13 @@ class BrainMask(ThreadedInterface):
         mag, img = load(self.inputs.magnitude)
         vs = voxel_size(img)
         phase = te = None
-        if self.inputs.method == "phase":
+        needs = registry.get(self.inputs.method, "mask").inputs
+        if "phase" in needs:
             if not isdefined(self.inputs.phase):
-                raise ValueError("mask method 'phase' needs the phase input")
+                raise ValueError(f"mask method {self.inputs.method!r} needs the phase input")
             phase, _ = load(self.inputs.phase)
-            te = self.inputs.echo_times if isdefined(self.inputs.echo_times) else None
+        if "echo_times" in needs and isdefined(self.inputs.echo_times):
+            te = self.inputs.echo_times
         brain = chain.compute_brain_mask(
             mag,
             vs,
@@ -213,8 +220,12 @@ class _UnwrapInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
     mask = File(exists=True, mandatory=True, desc="brain mask")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
-    method = traits.Enum(
-        "quality", "laplacian", usedefault=True, desc="quality-guided (ROMEO) or Laplacian"
+    method = MethodName(
+        "unwrap",
+        "quality",
+        usedefault=True,
+        desc="a registered unwrapping method (qsmprep.methods), e.g. quality-guided (ROMEO) or"
+        " Laplacian",
     )
     params = traits.Dict(usedefault=True, desc="keyword arguments of unwrap_multi_echo")
 
@@ -338,7 +349,12 @@ def _acquisition_of(path) -> str:
 class _BackgroundInputSpec(ThreadsInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask = File(exists=True, mandatory=True, desc="brain mask")
-    method = traits.Enum(*background.METHODS, usedefault=True, desc="background removal method")
+    method = MethodName(
+        "background",
+        background.METHODS[0],
+        usedefault=True,
+        desc="a registered background removal method (qsmprep.methods)",
+    )
     params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
     b0_dir = traits.List(
         traits.Float,

@@ -14,6 +14,7 @@ from nipype.interfaces.base import (
 from qsmprep import methods as registry
 from qsmprep.devices import DEVICES
 from qsmprep.interfaces._nifti import effective_params, load, out_path, save, voxel_size
+from qsmprep.interfaces._registry import MethodName
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon.inversion.consistency import data_consistency
 from qsmprep.recon.inversion.cosmos import cosmos
@@ -46,24 +47,6 @@ cover all of it, with zero data weight where the local field is unknown or unrel
 regulariser carries chi there). The others cover the local-field mask only."""
 
 
-class _MethodName(traits.BaseStr):
-    """A trait holding the name of a registered inversion of one kind (checked on assignment
-    against the registry as it is then, so methods registered at run time are accepted)."""
-
-    def __init__(self, kind: str, **metadata):
-        self._kind = kind
-        super().__init__(**metadata)
-
-    def validate(self, obj, name, value):
-        value = super().validate(obj, name, value)
-        if value not in registry.names("inversion", kind=self._kind):
-            self.error(obj, name, value)
-        return value
-
-    def info(self):
-        return "one of " + ", ".join(map(repr, registry.names("inversion", kind=self._kind)))
-
-
 _B0_DIR = {"minlen": 3, "maxlen": 3, "value": [0.0, 0.0, 1.0], "usedefault": True}
 _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_gpu set"
 
@@ -71,7 +54,7 @@ _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_
 class _InversionInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    method = _MethodName("classical", mandatory=True, desc="inversion method")
+    method = MethodName("inversion", kind="classical", mandatory=True, desc="inversion method")
     params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
     b0 = traits.Float(mandatory=True, desc="field strength (T)")
     b0_dir = traits.List(traits.Float, desc="B0 direction in voxel coordinates", **_B0_DIR)
@@ -179,7 +162,9 @@ class DipoleInversion(ThreadedInterface):
 class _DeepInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
-    method = _MethodName("dl", mandatory=True, desc="deep-learning inversion method")
+    method = MethodName(
+        "inversion", kind="dl", mandatory=True, desc="deep-learning inversion method"
+    )
     params = traits.Dict(
         usedefault=True,
         desc="model (registered name), weights (checkpoint file), tile_shape, overlap",

@@ -9,6 +9,7 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep.interfaces._nifti import load, out_path, save
+from qsmprep.interfaces._registry import MethodName
 from qsmprep.interfaces._threads import ThreadedInterface, ThreadsInputSpec
 from qsmprep.recon import r2star
 
@@ -19,7 +20,13 @@ class _R2StarInputSpec(ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude, echoes on the last axis")
     mask = File(exists=True, mandatory=True, desc="brain mask; the maps are 0 outside")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s), two or more")
-    method = traits.Enum(*r2star.METHODS, usedefault=True, desc="R2* estimator")
+    method = MethodName(
+        "r2star",
+        "auto",
+        extra=("auto",),
+        usedefault=True,
+        desc="R2* estimator: auto or a registered one (qsmprep.methods)",
+    )
     params = traits.Dict(usedefault=True, desc="keyword arguments of recon.r2star.fit_r2star")
 
 
@@ -58,7 +65,7 @@ class R2StarMap(ThreadedInterface):
             "ClippedHighVoxels": info["clipped_high"],
             "T2starCappedVoxels": info["t2star_capped"],
         }
-        if method == "nlls":
+        if "iterations" in info:  # an iterative estimator (NLLS)
             meta["Iterations"] = info["iterations"]
             meta["NotConvergedVoxels"] = info["not_converged"]
         self._results["meta"] = meta

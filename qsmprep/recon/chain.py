@@ -39,8 +39,9 @@ __all__ = [
     "unwrap_phase",
 ]
 
-MASK_METHODS = ("magnitude", "phase")
-"""Brain mask methods of :func:`compute_brain_mask`."""
+MASK_METHODS = registry.names("mask")
+"""Brain mask methods of :func:`compute_brain_mask`: the registry's (:mod:`qsmprep.methods`,
+stage ``mask``) at import; those registered later are accepted too."""
 
 FITS = ("linear", "complex")
 """Multi-echo fits of :func:`fit_total_field`."""
@@ -87,15 +88,20 @@ def compute_brain_mask(
 ) -> np.ndarray:
     """Brain mask of one acquisition (stage ``mask``).
 
+    ``method`` is a record of stage ``mask`` in :mod:`qsmprep.methods`; its function is
+    called as ``f(magnitude=magnitude, voxel_size=voxel_size, **inputs, **params)``, with
+    ``phase`` and ``echo_times`` among the inputs when its record lists them.
+
     Parameters
     ----------
     magnitude : (X, Y, Z, E) or (X, Y, Z) array
         Magnitude of the echoes.
     voxel_size : 3 floats
         mm.
-    method : {"magnitude", "phase"}
-        :func:`~qsmprep.recon.mask.mask_from_magnitude` or
-        :func:`~qsmprep.recon.mask.mask_from_phase_quality` (which needs ``phase``, and
+    method : str
+        A registered mask method: ``"magnitude"``
+        (:func:`~qsmprep.recon.mask.mask_from_magnitude`) or ``"phase"``
+        (:func:`~qsmprep.recon.mask.mask_from_phase_quality`, which needs ``phase``, and
         ``echo_times`` for more than one echo).
     phase : (X, Y, Z, E) array, optional
         Wrapped phase (rad).
@@ -108,22 +114,20 @@ def compute_brain_mask(
     -------
     (X, Y, Z) bool array.
     """
-    if method == "magnitude":
-        return mask.mask_from_magnitude(magnitude, voxel_size, **params)
-    if method == "phase":
-        if phase is None:
-            raise ValueError("mask method 'phase' needs the phase input")
-        return mask.mask_from_phase_quality(
-            phase, magnitude, voxel_size, echo_times=echo_times, **params
-        )
-    raise ValueError(f"mask_method must be 'magnitude' or 'phase', got {method!r}")
+    record = registry.get(method, "mask")
+    given = {"phase": phase, "echo_times": echo_times}
+    if "phase" in record.inputs and phase is None:
+        raise ValueError(f"mask method {method!r} needs the phase input")
+    inputs = {k: given[k] for k in record.inputs if k in given}
+    return registry.resolve(method)(magnitude=magnitude, voxel_size=voxel_size, **inputs, **params)
 
 
 def unwrap_phase(
     phase, magnitude, echo_times, brain_mask, voxel_size, *, method: str = "quality", **params
 ) -> np.ndarray:
     """Phase-offset removal and unwrapping of all echoes (stage ``unwrap``):
-    :func:`qsmprep.recon.unwrap.unwrap_multi_echo` with ``method`` and ``params``."""
+    :func:`qsmprep.recon.unwrap.unwrap_multi_echo` with ``method`` (a registered unwrapping
+    method, :mod:`qsmprep.methods`) and ``params``."""
     return unwrap.unwrap_multi_echo(
         phase,
         magnitude,
@@ -311,11 +315,13 @@ def compute_local_field(
         :func:`qsmprep.recon.kernels.b0_dir_from_affine`.
     brain_mask : (X, Y, Z) bool, optional
         Use this mask instead of computing one.
-    mask_method : {"magnitude", "phase"}
-        :func:`~qsmprep.recon.mask.mask_from_magnitude` or
-        :func:`~qsmprep.recon.mask.mask_from_phase_quality`.
-    unwrap_method : {"quality", "laplacian"}
-        See :func:`qsmprep.recon.unwrap.unwrap_multi_echo`.
+    mask_method : str
+        A registered mask method (:func:`compute_brain_mask`), e.g. ``"magnitude"``
+        (:func:`~qsmprep.recon.mask.mask_from_magnitude`) or ``"phase"``
+        (:func:`~qsmprep.recon.mask.mask_from_phase_quality`).
+    unwrap_method : str
+        A registered unwrapping method, e.g. ``"quality"`` or ``"laplacian"``; see
+        :func:`qsmprep.recon.unwrap.unwrap_multi_echo`.
     fit : {"linear", "complex"}
         :func:`~qsmprep.recon.echo.fit_field_linear` (weights M^2) or the nonlinear complex
         fit started from it.

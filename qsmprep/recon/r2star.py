@@ -51,7 +51,8 @@ __all__ = [
 
 METHODS = ("auto", *_registry.names("r2star"))
 """Choices of :func:`fit_r2star`'s ``method``: ``"auto"`` (:func:`resolve_method`) and the
-registry's R2* estimators (:mod:`qsmprep.methods`)."""
+registry's R2* estimators (:mod:`qsmprep.methods`) at import; those registered later are
+accepted too."""
 
 R2STAR_RANGE = (0.0, 1000.0)
 """Physical range of R2* (1/s) the maps are clipped to."""
@@ -96,8 +97,9 @@ def resolve_method(method: str, echo_times) -> str:
         One echo, an unknown method, or ARLO on unsuitable echoes.
     """
     te = check_echo_times(echo_times)
-    if method not in METHODS:
-        raise ValueError(f"R2* method must be one of {METHODS}, got {method!r}")
+    choices = ("auto", *_registry.names("r2star"))
+    if method not in choices:
+        raise ValueError(f"R2* method must be one of {choices}, got {method!r}")
     if te.size < 2:
         raise ValueError("one echo has no R2*: a mono-exponential fit needs two or more echoes")
     if method == "auto":
@@ -371,15 +373,18 @@ def fit_r2star(
         s, strictly increasing.
     mask : (X, Y, Z) bool array, optional
         Voxels to fit (e.g. the brain mask); the maps are 0 outside.
-    method : {"auto", "arlo", "nlls", "loglinear"}
-        Estimator (:func:`resolve_method`: ``"auto"`` is ARLO for three or more equally
-        spaced echoes, NLLS for unequal spacing, log-linear for two echoes).
+    method : str
+        ``"auto"`` or a registered R2* estimator (:mod:`qsmprep.methods`): ``"arlo"``,
+        ``"nlls"``, ``"loglinear"`` (:func:`resolve_method`: ``"auto"`` is ARLO for three or
+        more equally spaced echoes, NLLS for unequal spacing, log-linear for two echoes). Its
+        function is called as ``f(magnitude, echo_times, mask=mask)`` (with ``max_iter`` when
+        its record has that parameter) and returns R2* or a tuple ``(R2*, S0[, info])``.
     r2_range : (float, float)
         R2* (1/s) is clipped to this range (default :data:`R2STAR_RANGE`).
     t2_max : float
         T2* (s) = 1 / R2*, at most ``t2_max`` (where R2* < 1 / t2_max).
     max_iter : int
-        Iterations of the NLLS fit.
+        Iterations of an iterative estimator (NLLS).
 
     Returns
     -------
@@ -405,14 +410,13 @@ def fit_r2star(
     used = resolve_method(method, te)
     y, te, sel = _prepare(magnitude, te, mask)
     info: dict = {"method": used}
-    if used == "arlo":
-        r2 = _arlo(y, te)
-    elif used == "loglinear":
-        r2, _ = _loglinear(y, te, True)
-    else:
-        r2, s0 = _loglinear(y, te, True)
-        r2, s0, it, left = _nlls(y, te, r2, s0, int(max_iter), 1e-5)
-        info.update(iterations=it, not_converged=left)
+    kw = {"max_iter": max_iter} if _registry.get(used).parameter("max_iter") else {}
+    out = _registry.resolve(used)(magnitude, te, mask=mask, **kw)
+    if isinstance(out, tuple):
+        out, extra = out[0], out[-1]
+        if isinstance(extra, dict):
+            info.update(extra)
+    r2 = np.asarray(out, dtype=np.float64)[sel]
     bad = ~np.isfinite(r2)
     low, high = (r2 < lo) & ~bad, (r2 > hi) & ~bad
     r2 = np.clip(np.where(bad, lo, r2), lo, hi)

@@ -24,17 +24,9 @@ _CITATIONS: dict[str, str] = {
     "extensible neuroimaging data processing framework in Python. Front Neuroinform 2011;5:13.",
     "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
     "datasets. J Open Source Softw 2019;4(40):1294.",
-    "otsu": "Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst "
-    "Man Cybern 1979;9:62-66.",
-    "romeo": "Dymerska B, Eckstein K, Bachrata B, et al. Phase unwrapping with a rapid "
-    "opensource minimum spanning tree algorithm (ROMEO). Magn Reson Med 2021;85:2294-2308.",
-    "qsmxt": "Stewart AW, Robinson SD, O'Brien K, et al. QSMxT: Robust masking and artifact "
-    "reduction for quantitative susceptibility mapping. Magn Reson Med 2022;87:1289-1300.",
     "mcpc3ds": "Eckstein K, Dymerska B, Bachrata B, et al. Computationally efficient "
     "combination of multi-channel phase data from multi-echo acquisitions (ASPIRE). Magn Reson "
     "Med 2018;79:2996-3006.",
-    "laplacian_unwrap": "Schofield MA, Zhu Y. Fast phase unwrapping algorithm for "
-    "interferometric applications. Opt Lett 2003;28:1194-1196.",
     "kressler": "Kressler B, de Rochefort L, Liu T, Spincemaille P, Jiang Q, Wang Y. Nonlinear "
     "regularization for per voxel estimation of magnetic susceptibility distributions from MRI "
     "field maps. IEEE Trans Med Imaging 2010;29:273-281.",
@@ -85,6 +77,13 @@ METHODS = registry.view(("background", "inversion"))
 """Background-removal and inversion methods (a live view of :mod:`qsmprep.methods`): label,
 description, citations and key parameters of each."""
 
+_MASKS = registry.view("mask")
+_UNWRAPS = registry.view("unwrap")
+"""Mask and unwrapping methods (live views): their parameters are in the ``--config`` section
+of their stage (:data:`qsmprep.methods.SECTIONS`)."""
+_SECTION_MASK = registry.SECTIONS["mask"]
+_SECTION_UNWRAP = registry.SECTIONS["unwrap"]
+
 _SKIP = {"device", "info", "b0_dir", "pad"}
 
 
@@ -98,9 +97,10 @@ def _fmt_value(value) -> str:
     return str(value)
 
 
-def _params(key: str, method_params: Mapping) -> str:
-    """``"radius 6 mm, alpha 0.0001"``: explicit parameters, then defaults of key ones."""
-    spec = METHODS.get(key)
+def _params(key: str, method_params: Mapping, spec=None) -> str:
+    """``"radius 6 mm, alpha 0.0001"``: the parameters of section ``key``, then the defaults of
+    the key ones of ``spec`` (default: the method named ``key``)."""
+    spec = METHODS.get(key) if spec is None else spec
     given = dict(method_params.get(key) or {})
     shown = {}
     for k, v in given.items():
@@ -153,42 +153,48 @@ def _get(settings: Mapping, key: str, default=None):
     return default if value is None else value
 
 
-def _multi_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
+def _unwrapping(s: Mapping, n_echoes: int):
+    """The unwrapping method of the settings for ``n_echoes`` (``"auto"`` resolved) and its
+    record (None when it is not registered)."""
+    name = str(_get(s, "unwrap", "auto"))
+    if name == "auto":
+        from qsmprep.recon.unwrap import resolve_method
+
+        name = resolve_method(name, n_echoes)
+    return name, _UNWRAPS.get(name)
+
+
+def _unwrapped_with(s: Mapping, mp: Mapping, cite: _Cite, n_echoes: int) -> str:
+    """``"with the ROMEO method [n] (description; parameters)"``: the unwrapping of the
+    settings (for one echo without its multi-echo description)."""
+    name, spec = _unwrapping(s, n_echoes)
+    params = _params(_SECTION_UNWRAP, mp, spec)
+    if spec is None:
+        return f"with the unwrapping method {name}" + (f" ({params})" if params else "")
+    text = f"with the {spec.label} method{cite(*_keys(spec, mp))}"
+    if n_echoes == 1:
+        return text + (f" ({params})" if params else "")
+    return f"{text} ({_join(spec.description, params)})"
+
+
+def _multi_echo_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """Offset removal, unwrapping, multi-echo fit and reliability of the methods paragraph."""
-    out = []
-    offset = (
+    return [
         f"The phase offset was removed (MCPC-3D-S{cite('mcpc3ds')}) and the phase of the "
-        "echoes was unwrapped"
-    )
-    if _get(s, "unwrap", "quality") == "laplacian":
-        out.append(
-            f"{offset} echo by echo with the Laplacian method{cite('laplacian_unwrap')}, the "
-            "2-pi multiple of each echo's constant being set against the preceding echo."
-        )
-    else:
-        out.append(
-            f"{offset} by quality-guided region growing with ROMEO weights{cite('romeo')} "
-            "(first echo), followed by temporal unwrapping of the later echoes against the "
-            "preceding echo."
-        )
-    out.append(
+        f"echoes was unwrapped {_unwrapped_with(s, mp, cite, 2)}.",
         "The total field (Hz) and its noise standard deviation were estimated voxel by voxel "
         f"from a magnitude-weighted linear fit of phase against echo time{cite('kressler')}; "
         "voxels whose magnitude-weighted RMS residual about that fit exceeded the median of the "
-        "deep brain by more than six robust standard deviations were marked unreliable."
-    )
-    return out
+        "deep brain by more than six robust standard deviations were marked unreliable.",
+    ]
 
 
-def _single_echo_sentences(s: Mapping, cite: _Cite) -> list[str]:
+def _single_echo_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """The same for single-echo acquisitions: no offset removal, no fit, no reliability."""
-    if _get(s, "unwrap", "auto") in ("laplacian", "auto"):
-        how = f"with the Laplacian method{cite('laplacian_unwrap')}"
-    else:
-        how = f"by quality-guided region growing with ROMEO weights{cite('romeo')}"
     return [
         "The acquisitions had a single echo, so the echo-independent phase offset could not "
-        f"be separated from the field and was not removed; the phase was unwrapped {how}.",
+        "be separated from the field and was not removed; the phase was unwrapped "
+        f"{_unwrapped_with(s, mp, cite, 1)}.",
         "The total field (Hz) was the unwrapped phase divided by 2 pi TE, and its noise "
         "standard deviation the phase noise (noise standard deviation over magnitude) divided "
         f"by 2 pi TE, the one-echo case of the magnitude-weighted fit{cite('kressler')}; with "
@@ -206,11 +212,11 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
         f"Susceptibility maps were computed with qsmprep {_get(s, 'version', __version__)}, "
         f"a BIDS App built on Nipype{cite('nipype')} and PyBIDS{cite('pybids')}."
     )
-    out.extend(_mask_sentences(s, cite))
+    out.extend(_mask_sentences(s, mp, cite))
     pre = _input_sentences(s)
     if pre:
         out.append("Before processing, " + " and ".join(pre) + ".")
-    out.extend(_field_sentences(s, cite))
+    out.extend(_field_sentences(s, mp, cite))
     bg = str(_get(s, "bg_method", "resharp"))  # settings files before lbv was the default
     out.extend(_background_sentences(s, mp, cite, bg))
     out.extend(_inversion_sentences(s, mp, cite, bg))
@@ -225,27 +231,25 @@ def methods_text(settings: Mapping | None = None, *, cosmos: bool = False) -> Me
     return MethodsText(" ".join(out), [CITATIONS[k] for k in cite.keys])
 
 
-def _mask_sentences(s: Mapping, cite: _Cite) -> list[str]:
+def _mask_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """How the brain mask was made."""
-    out = []
     if s.get("mask_dir"):
-        out.append(
+        return [
             "For each acquisition, the brain mask was provided by the user (from "
             f"{_basename(s['mask_dir'])}) and used as given."
-        )
-    elif _get(s, "mask_method", "magnitude") == "phase":
-        out.append(
-            "For each acquisition, a brain mask was obtained by thresholding the ROMEO "
-            f"phase-quality map{cite('romeo')} as in QSMxT{cite('qsmxt')}, followed by "
-            "morphological opening, hole filling and brain-scalp separation."
-        )
-    else:
-        out.append(
-            "For each acquisition, a brain mask was obtained by thresholding the "
-            f"root-sum-of-squares magnitude over echoes (Otsu's method{cite('otsu')}), "
-            "followed by morphological opening, hole filling and brain-scalp separation."
-        )
-    return out
+        ]
+    name = str(_get(s, "mask_method", registry.defaults("mask")[0]))
+    spec = _MASKS.get(name)
+    params = _params(_SECTION_MASK, mp, spec)
+    if spec is None:
+        return [
+            f"For each acquisition, a brain mask was computed with the mask method {name}"
+            + (f" ({params})." if params else ".")
+        ]
+    return [
+        f"For each acquisition, a brain mask was computed with the {spec.label}"
+        f"{cite(*_keys(spec, mp))} ({_join(spec.description, params)})."
+    ]
 
 
 def _input_sentences(s: Mapping) -> list[str]:
@@ -262,7 +266,7 @@ def _input_sentences(s: Mapping) -> list[str]:
     return out
 
 
-def _field_sentences(s: Mapping, cite: _Cite) -> list[str]:
+def _field_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
     """Unwrapping and the total field: provided, single-echo or multi-echo."""
     out = []
     counts = {int(n) for n in _get(s, "echo_counts", []) or []}
@@ -274,9 +278,9 @@ def _field_sentences(s: Mapping, cite: _Cite) -> list[str]:
             f"{cite('kressler')}, and with no fit residual no voxel was marked unreliable."
         )
     elif counts == {1}:
-        out.extend(_single_echo_sentences(s, cite))
+        out.extend(_single_echo_sentences(s, mp, cite))
     else:
-        out.extend(_multi_echo_sentences(s, cite))
+        out.extend(_multi_echo_sentences(s, mp, cite))
         if 1 in counts:
             out.append(
                 "Acquisitions with a single echo were processed likewise, except that the "
@@ -433,8 +437,9 @@ def _swi_sentences(s: Mapping, mp: Mapping, cite: _Cite) -> list[str]:
 
 
 def _keys(spec, method_params: Mapping) -> list[str]:
-    """Citation keys of a method: its references, then those of parameters given as true."""
-    given = method_params.get(spec.name) or {}
+    """Citation keys of a method: its references, then those of parameters given as true (in
+    its ``--config`` section: its name, or its stage's, :data:`qsmprep.methods.SECTIONS`)."""
+    given = method_params.get(registry.SECTIONS.get(spec.stage, spec.name)) or {}
     extra = [c.key for p in spec.parameters if given.get(p.name) for c in p.citations]
     return [c.key for c in spec.citations] + extra
 

@@ -387,6 +387,8 @@ _CEREBELLUM = ((0.0, -50.0, -32.0), (46.0, 28.0, 18.0))
 _BRAINSTEM = ((0.0, -12.0, -2.0), (0.0, -30.0, -58.0), 11.0)
 _SKULL_MM = 6.5
 _SCALP_MM = 5.5
+_WARP_MM = 4.0  # rms magnitude of the smooth random displacement
+_MARGIN = 0.0  # structures' own margins; the deformation is inverted in _Canvas.box
 
 
 def _nuclei(sign):
@@ -478,38 +480,108 @@ def make_head_phantom(
     silico head phantom for MRI data simulation and evaluation of susceptibility mapping
     procedures. Magn Reson Med 2021;86:526-542.
     """
+    shape, vs = _checked_grid(shape, voxel_size)
+    if not b0 > 0:
+        raise ValueError(f"b0 must be positive (T), got {b0!r}")
+    draws = _draw(np.random.default_rng(seed))
+    axes, coords, umax = _deformed_grid(shape, vs, draws)
+    canvas = _Canvas(shape, vs, coords, b0, draws.scale, umax)
+    surfaces = _intracranial_surfaces(coords, axes, draws.thick)
+    _paint_head(canvas, surfaces.icv)
+    _paint_brain(canvas, surfaces, draws)
+    d_icv = surfaces.icv
+    del surfaces  # the veins need the intracranial volume only
+    _paint_veins(canvas, d_icv, draws.veins)
+    lesion_list = _paint_lesions(canvas, draws) if lesions else []
+    chi, r2 = _textured(canvas, draws.texture_seed)
+    labels = canvas.labels
+    affine = np.diag([*vs, 1.0])
+    affine[:3, 3] = -np.asarray(vs) * (np.asarray(shape) - 1) / 2.0
+    return HeadPhantom(
+        chi=chi.astype(np.float32, copy=False),
+        labels=labels,
+        brain_mask=np.isin(labels, BRAIN_LABELS),
+        head_mask=labels != 14,
+        m0=canvas.m0,
+        r2star=r2.astype(np.float32, copy=False),
+        voxel_size=vs,
+        affine=affine,
+        lesions=lesion_list,
+        b0=float(b0),
+        seed=int(seed),
+    )
+
+
+# ------------------------------------------------------------------------------ phantom stages
+
+
+def _checked_grid(shape, voxel_size):
+    """The matrix as 3 ints (each >= 8) and the voxel size as 3 positive floats (mm)."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 ints >= 8, got {shape!r}")
-    vs = check_voxel_size(voxel_size)
-    if not b0 > 0:
-        raise ValueError(f"b0 must be positive (T), got {b0!r}")
-    rng = np.random.default_rng(seed)
+    return shape, check_voxel_size(voxel_size)
 
-    # --- random draws, in a fixed order independent of the grid
+
+@dataclass
+class _Draws:
+    """Every random draw of the anatomy, made in a fixed order independent of the grid."""
+
+    scale: np.ndarray  # per-axis scaling of the head (3 floats in [0.95, 1.04))
+    warp: _RandomField  # smooth displacement field (3 components)
+    sulci: _RandomField  # the field whose zero set are the sulcal sheets
+    wiggle: _RandomField  # displacement that bends the sulcal sheets (3 components)
+    thick: _RandomField  # CSF, grey-matter and sulcal-depth variations (3 components)
+    veins: np.ndarray  # (6, 3) uniform draws of the cortical veins
+    lesions: np.ndarray  # (2, 3) uniform draws of the lesions
+    texture_seed: int  # seed of the tissue texture
+
+
+def _draw(rng) -> _Draws:
+    """Draw the anatomy's random numbers from ``rng``, in the one order that fixes the head."""
     scale = rng.uniform(0.95, 1.04, size=3)
     warp = _RandomField(rng, k0=0.0, sigma_k=1 / 90.0, kmax=1 / 50.0, n_out=3)
     sulci = _RandomField(rng, k0=1 / 22.0, sigma_k=1 / 150.0, kmax=1 / 16.0)
     wiggle = _RandomField(rng, k0=1 / 30.0, sigma_k=1 / 80.0, kmax=1 / 15.0, n_out=3)
     thick = _RandomField(rng, k0=0.0, sigma_k=1 / 40.0, kmax=1 / 25.0, n_out=3)
-    vein_draws = rng.uniform(size=(6, 3))
-    lesion_draws = rng.uniform(size=(2, 3))
+    veins = rng.uniform(size=(6, 3))
+    lesions = rng.uniform(size=(2, 3))
     texture_seed = int(rng.integers(2**31))
+    return _Draws(scale, warp, sulci, wiggle, thick, veins, lesions, texture_seed)
 
+
+def _deformed_grid(shape, vs, draws: _Draws):
+    """Head-frame coordinates of the voxels: ``grid / scale + u(grid)``.
+
+    Returns the grid's axes (mm from the centre of the matrix), the deformed coordinates
+    (three float32 arrays broadcasting to ``shape``) and the largest ``|u_i|`` per axis.
+    """
     axes = [(np.arange(n) - (n - 1) / 2.0) * v for n, v in zip(shape, vs, strict=True)]
-    warp_mm = 4.0
-    u = warp(*axes) * np.float32(warp_mm / np.sqrt(3.0))  # ~4 mm rms displacement magnitude
+    u = draws.warp(*axes) * np.float32(_WARP_MM / np.sqrt(3.0))  # ~4 mm rms displacement
     grid = np.meshgrid(*[a.astype(np.float32) for a in axes], indexing="ij", sparse=True)
     coords = tuple(
-        (grid[i] / np.float32(scale[i]) + u[i]).astype(np.float32, copy=False) for i in range(3)
+        (grid[i] / np.float32(draws.scale[i]) + u[i]).astype(np.float32, copy=False)
+        for i in range(3)
     )
     umax = [float(np.abs(u[i]).max()) for i in range(3)]
-    del u
-    margin = 0.0  # structures' own margins; the deformation is inverted in _Canvas.box
-    canvas = _Canvas(shape, vs, coords, b0, scale, umax)
-    x, y, z = coords
+    return axes, coords, umax
 
-    # --- intracranial surfaces
+
+@dataclass
+class _Surfaces:
+    """Signed distances (mm, negative inside) of the intracranial structures, and the
+    cortex's seeded thicknesses (mm, per voxel)."""
+
+    cortex: np.ndarray  # smooth outer surface of cerebrum, temporal lobes and cerebellum
+    stem: np.ndarray  # brainstem
+    icv: np.ndarray  # intracranial volume: the brain plus its CSF layer
+    gm_mm: np.ndarray  # grey-matter thickness
+    sulc_depth: np.ndarray  # depth of the sulci below the outer surface
+
+
+def _intracranial_surfaces(coords, axes, thick) -> _Surfaces:
+    """The brain's outer surfaces and the CSF layer around them, with seeded thicknesses."""
+    x, y, z = coords
     d_cortex = _ellipsoid_sd(x, y, z, *_CEREBRUM)
     for c, s in _TEMPORAL:
         d_cortex = np.minimum(d_cortex, _ellipsoid_sd(x, y, z, c, s))
@@ -521,8 +593,12 @@ def make_head_phantom(
     sulc_depth = np.clip(15.0 + 3.0 * t[2], 8.0, 22.0)
     del t
     d_icv = np.minimum(d_cortex, d_stem) - csf_mm
+    return _Surfaces(d_cortex, d_stem, d_icv, gm_mm, sulc_depth)
 
-    # --- head: scalp around the skull, face and neck below
+
+def _paint_head(canvas: _Canvas, d_icv) -> None:
+    """Scalp around the skull, face and neck below, the skull and the air cavities."""
+    x, y, z = canvas.coords()
     d_face = _ellipsoid_sd(x, y, z, (0.0, 12.0, -58.0), (62.0, 84.0, 42.0))
     d_neck = np.maximum(
         _ellipsoid_sd(x, y, z * 0.0, (0.0, -12.0, 0.0), (50.0, 55.0, 1e3)), z + 40.0
@@ -532,50 +608,61 @@ def make_head_phantom(
     del d_face, d_neck
     canvas.paint(np.maximum(d_icv - _SKULL_MM, d_head + 1.5), 13)  # skull (inside the scalp)
     for c, s, r in _air_cavities():
-        sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), margin)
+        sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), _MARGIN)
         xs, ys, zs = canvas.coords(sl)
         d = np.maximum(_ellipsoid_sd(xs, ys, zs, c, s, r), 1.5 - d_icv[sl])  # >= 1.5 mm bone
         canvas.paint(d, 14, sl)
-    del d_head
 
-    # --- brain
-    canvas.paint(d_icv, 10, hard=True)
-    # cortex: sulci are thin CSF sheets (zero set of a random field on the sphere, projected
-    # radially so they run perpendicular to the surface) reaching ``sulc_depth`` below the
-    # smooth outer surface; grey matter lines the surface and both walls of every sulcus.
+
+def _paint_brain(canvas: _Canvas, surfaces: _Surfaces, draws: _Draws) -> None:
+    """CSF, the folded cortex, white matter, ventricles and deep grey nuclei."""
+    canvas.paint(surfaces.icv, 10, hard=True)
+    _paint_cortex(canvas, surfaces, draws)
+    for c, s, r in _ventricles():
+        sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), _MARGIN)
+        canvas.paint(_ellipsoid_sd(*canvas.coords(sl), c, s, r), 18, sl)
+    for sign in (-1, 1):
+        for lab, c, s, r in _nuclei(sign):
+            sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), _MARGIN)
+            canvas.paint(_ellipsoid_sd(*canvas.coords(sl), c, s, r), lab, sl)
+
+
+def _paint_cortex(canvas: _Canvas, surfaces: _Surfaces, draws: _Draws) -> None:
+    """Grey matter and white matter, with sulci and the interhemispheric fissure.
+
+    Sulci are thin CSF sheets (zero set of a random field on the sphere, projected radially so
+    they run perpendicular to the surface) reaching ``sulc_depth`` below the smooth outer
+    surface; grey matter lines the surface and both walls of every sulcus.
+    """
+    x, y, z = canvas.coords()
+    d_cortex, gm_mm, sulc_depth = surfaces.cortex, surfaces.gm_mm, surfaces.sulc_depth
     depth_in = -d_cortex  # mm below the smooth outer surface
     shell = depth_in < float(sulc_depth.max() + gm_mm.max()) + 2 * canvas.h
-    dist = np.full(shape, 1e3, np.float32)
-    lattice = _sulcal_lattice(sulci, _Scaled(wiggle, 3.0))
+    dist = np.full(canvas.shape, 1e3, np.float32)
+    lattice = _sulcal_lattice(draws.sulci, _Scaled(draws.wiggle, 3.0))
     dist[shell] = _sulcal_distance(lattice, x, y, z, shell)
     w_csf = 0.6  # half-width of the CSF in a sulcus, mm
     sd_sulc = np.maximum(dist - w_csf, depth_in - sulc_depth)  # < 0 inside a sulcus
     sd_gm = np.minimum(
         depth_in - gm_mm, np.maximum(sd_sulc - gm_mm, depth_in - sulc_depth - gm_mm)
     )  # < 0 within gm_mm of the surface or of a sulcus
-    del dist, shell, depth_in, sulc_depth
+    del dist, shell, depth_in
     fiss_w = 1.5
     z_cc = 24.0  # corpus callosum roof: the interhemispheric fissure lies above it
     sd_fiss = np.maximum(np.abs(x) - fiss_w, z_cc - z)  # negative inside the fissure
-    d_pial = np.minimum(np.maximum(np.maximum(d_cortex, -sd_sulc), -sd_fiss), d_stem)
+    d_pial = np.minimum(np.maximum(np.maximum(d_cortex, -sd_sulc), -sd_fiss), surfaces.stem)
     canvas.paint(d_pial, 9)
-    d_wm = np.minimum(np.maximum(np.maximum(d_cortex, -sd_gm), gm_mm - sd_fiss), d_stem)
+    del d_pial
+    d_wm = np.minimum(np.maximum(np.maximum(d_cortex, -sd_gm), gm_mm - sd_fiss), surfaces.stem)
     canvas.paint(d_wm, 8)
-    del d_pial, d_wm, sd_sulc, sd_gm, sd_fiss, gm_mm
 
-    for c, s, r in _ventricles():
-        sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), margin)
-        canvas.paint(_ellipsoid_sd(*canvas.coords(sl), c, s, r), 18, sl)
-    for sign in (-1, 1):
-        for lab, c, s, r in _nuclei(sign):
-            sl = canvas.box(np.subtract(c, max(s)), np.add(c, max(s)), margin)
-            canvas.paint(_ellipsoid_sd(*canvas.coords(sl), c, s, r), lab, sl)
 
-    # --- veins: dural sinuses and cortical veins
+def _paint_veins(canvas: _Canvas, d_icv, vein_draws) -> None:
+    """Dural sinuses, internal cerebral veins and seeded cortical veins (inside the skull)."""
     cc, cs = _CEREBRUM
     th = np.deg2rad(np.linspace(25.0, 200.0, 36))
     sss = [(0.0, cc[1] + cs[1] * np.cos(a), cc[2] + cs[2] * np.sin(a)) for a in th]
-    _paint_tube(canvas, sss, 3.0, 11, margin, within=d_icv)
+    _paint_tube(canvas, sss, 3.0, 11, _MARGIN, within=d_icv)
     conf = np.asarray(sss[-1])
     for s in (-1.0, 1.0):
         trans = [
@@ -584,10 +671,10 @@ def make_head_phantom(
             (s * 45.0, -62.0, -24.0),
             (s * 55.0, -40.0, -34.0),
         ]
-        _paint_tube(canvas, trans, 2.8, 11, margin, within=d_icv)
+        _paint_tube(canvas, trans, 2.8, 11, _MARGIN, within=d_icv)
     galen = (0.0, -22.0, 8.0)
     _paint_tube(
-        canvas, [galen, (0.0, -48.0, 2.0), conf], 2.2, 11, margin, within=d_icv
+        canvas, [galen, (0.0, -48.0, 2.0), conf], 2.2, 11, _MARGIN, within=d_icv
     )  # straight sinus
     for s in (-1.0, 1.0):  # internal cerebral veins
         _paint_tube(
@@ -595,7 +682,7 @@ def make_head_phantom(
             [(s * 2.5, 12.0, 8.0), (s * 1.5, -8.0, 9.0), galen],
             1.2,
             11,
-            margin,
+            _MARGIN,
             within=d_icv,
         )
     for k in range(vein_draws.shape[0]):  # cortical veins draining up to the sagittal sinus
@@ -607,66 +694,61 @@ def make_head_phantom(
         pts = [
             _surface_point(cc, cs, azim + dazim * (e - elev0) / 78.0, e, scale=1.02) for e in elevs
         ]
-        _paint_tube(canvas, pts, 1.3, 11, margin, within=d_icv)
+        _paint_tube(canvas, pts, 1.3, 11, _MARGIN, within=d_icv)
 
-    # --- lesions (centrum semiovale, inside the white matter)
-    lesion_list: list[dict] = []
-    if lesions:
-        specs = [("haemorrhage", 17, 3.5), ("calcification", 16, 2.5)]
-        for (kind, lab, rad), dr in zip(specs, lesion_draws, strict=True):
-            side = -1.0 if dr[0] < 0.5 else 1.0
-            c = np.array([side * (18.0 + 10.0 * dr[1]), -30.0 + 50.0 * dr[2], 28.0 + 8.0 * dr[0]])
-            sl = canvas.box(c - rad, c + rad, margin)
-            xs, ys, zs = canvas.coords(sl)
-            canvas.paint(_ellipsoid_sd(xs, ys, zs, c, (rad, rad, rad)), lab, sl)
-            # grid position of the centre: solve r / scale + u(r) = c by fixed-point iteration
-            pos = c * scale
-            for _ in range(20):
-                uu = warp(*[[v] for v in pos]).reshape(3) * (warp_mm / np.sqrt(3.0))
-                pos = scale * (c - uu)
-            chi_l = TISSUE_PROPERTIES[lab][0]
-            lesion_list.append(
-                {
-                    "kind": kind,
-                    "label": lab,
-                    "centre_mm": [round(float(v), 3) for v in pos],
-                    "centre_voxel": [
-                        round(float(v / h + (n - 1) / 2.0), 3)
-                        for v, h, n in zip(pos, vs, shape, strict=True)
-                    ],
-                    "radius_mm": rad,
-                    "chi_ppm": chi_l,
-                }
-            )
 
-    # --- texture: smooth noise inside tissues (grid-dependent but seeded)
-    labels = canvas.labels
+def _paint_lesions(canvas: _Canvas, draws: _Draws) -> list[dict]:
+    """A haemorrhage and a calcification in the centrum semiovale (inside the white matter).
+
+    Returns their descriptions (:attr:`HeadPhantom.lesions`), with the grid position of each
+    centre found by inverting the deformation.
+    """
+    scale, shape, vs = draws.scale, canvas.shape, canvas.vs
+    out: list[dict] = []
+    specs = [("haemorrhage", 17, 3.5), ("calcification", 16, 2.5)]
+    for (kind, lab, rad), dr in zip(specs, draws.lesions, strict=True):
+        side = -1.0 if dr[0] < 0.5 else 1.0
+        c = np.array([side * (18.0 + 10.0 * dr[1]), -30.0 + 50.0 * dr[2], 28.0 + 8.0 * dr[0]])
+        sl = canvas.box(c - rad, c + rad, _MARGIN)
+        xs, ys, zs = canvas.coords(sl)
+        canvas.paint(_ellipsoid_sd(xs, ys, zs, c, (rad, rad, rad)), lab, sl)
+        # grid position of the centre: solve r / scale + u(r) = c by fixed-point iteration
+        pos = c * scale
+        for _ in range(20):
+            uu = draws.warp(*[[v] for v in pos]).reshape(3) * (_WARP_MM / np.sqrt(3.0))
+            pos = scale * (c - uu)
+        out.append(
+            {
+                "kind": kind,
+                "label": lab,
+                "centre_mm": [round(float(v), 3) for v in pos],
+                "centre_voxel": [
+                    round(float(v / h + (n - 1) / 2.0), 3)
+                    for v, h, n in zip(pos, vs, shape, strict=True)
+                ],
+                "radius_mm": rad,
+                "chi_ppm": TISSUE_PROPERTIES[lab][0],
+            }
+        )
+    return out
+
+
+def _textured(canvas: _Canvas, texture_seed: int):
+    """chi and R2* with a smooth seeded texture inside the tissues (grid-dependent).
+
+    Returns ``(chi, r2)``: chi + texture (ppm, clipped to +-0.01) and R2* times (1 + 5 x the
+    texture).
+    """
+    shape, vs = canvas.shape, canvas.vs
     trng = np.random.default_rng(texture_seed)
     tex = trng.standard_normal(shape, dtype=np.float32)
     tex = ndimage.gaussian_filter(tex, sigma=[max(1.5 / v, 0.5) for v in vs], mode="wrap")
     tex *= np.float32(_TEXTURE_STD / max(float(tex.std()), 1e-12))
     np.clip(tex, -_TEXTURE_MAX, _TEXTURE_MAX, out=tex)
-    tex *= np.isin(labels, _TEXTURED)
+    tex *= np.isin(canvas.labels, _TEXTURED)
     chi = canvas.chi + tex
     r2 = canvas.r2 * (1.0 + np.float32(5.0) * tex)
-
-    brain_mask = np.isin(labels, BRAIN_LABELS)
-    head_mask = labels != 14
-    affine = np.diag([*vs, 1.0])
-    affine[:3, 3] = -np.asarray(vs) * (np.asarray(shape) - 1) / 2.0
-    return HeadPhantom(
-        chi=chi.astype(np.float32, copy=False),
-        labels=labels,
-        brain_mask=brain_mask,
-        head_mask=head_mask,
-        m0=canvas.m0,
-        r2star=r2.astype(np.float32, copy=False),
-        voxel_size=vs,
-        affine=affine,
-        lesions=lesion_list,
-        b0=float(b0),
-        seed=int(seed),
-    )
+    return chi, r2
 
 
 # -------------------------------------------------------------------------------------- fields

@@ -23,27 +23,17 @@ from qsmprep.workflows._util import check_choice, mem_gb, params_of
 
 __all__ = ["init_field_wf"]
 
-_MASK_DESC = {
-    "magnitude": "by Otsu's threshold of the root-sum-of-squares magnitude over echoes "
-    "(Otsu, 1979) and morphological refinement",
-    "phase": "by thresholding the ROMEO phase-quality map (Dymerska et al., 2021) as in QSMxT "
-    "(Stewart et al., 2022), with morphological refinement",
-}
-_UNWRAP_DESC = {
-    "quality": "unwrapped by quality-guided region growing (ROMEO; Dymerska et al., 2021) in "
-    "the first echo and temporally in the later echoes",
-    "laplacian": "unwrapped echo by echo with the Laplacian method (Schofield and Zhu, 2003)",
-}
-_UNWRAP_DESC_ONE = {
-    "quality": "unwrapped by quality-guided region growing (ROMEO; Dymerska et al., 2021)",
-    "laplacian": "unwrapped with the Laplacian method (Schofield and Zhu, 2003)",
-}
+_MASK = registry.view("mask")
+_UNWRAP = registry.view("unwrap")
 _BG = registry.view("background")
-"""Background removal methods (:mod:`qsmprep.methods`): ``summary`` is their boilerplate."""
-_CITES = {
-    "mask": {"magnitude": ["otsu"], "phase": ["romeo", "qsmxt"]},
-    "unwrap": {"quality": ["mcpc3ds", "romeo"], "laplacian": ["mcpc3ds", "laplacian_unwrap"]},
-}
+"""Mask, unwrapping and background removal methods (live views of :mod:`qsmprep.methods`):
+``summary`` is their boilerplate (``one_echo_summary`` an unwrapping's for one echo) and
+``citations`` their references."""
+
+
+def _keys(record) -> list[str]:
+    """The citation keys of a method's record."""
+    return [c.key for c in record.citations]
 
 
 def init_field_wf(
@@ -90,12 +80,14 @@ def init_field_wf(
 
     Parameters
     ----------
-    mask_method : {"magnitude", "phase"}
-        Brain mask from the magnitude or from the phase quality.
-    unwrap_method : {"quality", "laplacian"}
-        Multi-echo unwrapping method.
-    bg_method : {"lbv", "resharp", "vsharp", "sharp", "pdf"}
-        Background field removal method (default :data:`~qsmprep.recon.background.DEFAULT_METHOD`).
+    mask_method : str
+        A registered mask method (:mod:`qsmprep.methods`): ``"magnitude"`` (the default) or
+        ``"phase"`` (the phase quality).
+    unwrap_method : str
+        A registered unwrapping method: ``"quality"`` (the default) or ``"laplacian"``.
+    bg_method : str
+        A registered background removal method: ``"lbv"``, ``"resharp"``, ``"vsharp"``,
+        ``"sharp"`` or ``"pdf"`` (default :data:`~qsmprep.recon.background.DEFAULT_METHOD`).
     method_params : dict, optional
         Keyword arguments by section: ``"mask"``, ``"unwrap"``, ``"reliability"`` and the
         background method name.
@@ -154,8 +146,8 @@ def init_field_wf(
     dl_local_field, dl_local_mask, dl_bg_meta
         The same from ``remove_background_dl`` (only with ``dl_bg_method``).
     """
-    check_choice(mask_method, _MASK_DESC, "mask method")
-    check_choice(unwrap_method, _UNWRAP_DESC, "unwrapping method")
+    check_choice(mask_method, _MASK, "mask method")
+    check_choice(unwrap_method, _UNWRAP, "unwrapping method")
     check_choice(bg_method, _BG, "background removal method")
     bg_text, keeps_mask = _BG[bg_method].summary, _BG[bg_method].keeps_mask
     workflow = pe.Workflow(name=name)
@@ -314,8 +306,9 @@ def init_field_wf(
     if provided_mask:
         mask_text, mask_cites = "The brain mask was provided by the user and used as given.", []
     else:
-        mask_text = f"A brain mask was computed {_MASK_DESC[mask_method]}."
-        mask_cites = _CITES["mask"][mask_method]
+        mask_text = f"A brain mask was computed {_MASK[mask_method].summary}."
+        mask_cites = _keys(_MASK[mask_method])
+    unwrap = _UNWRAP[unwrap_method]
     if provided_field:
         workflow.__desc__ = (
             f"{mask_text} The total field (Hz) was provided by the user, so the phase was "
@@ -325,13 +318,13 @@ def init_field_wf(
             f"unreliable. The background field was removed with {bg_text}, giving "
             "the local field and the mask where it is valid."
         )
-        workflow.__citations__ = [*mask_cites, "kressler", bg_method]
+        workflow.__citations__ = [*mask_cites, "kressler", *_keys(_BG[bg_method])]
         return workflow
     if n_echoes == 1:
         workflow.__desc__ = (
             f"{mask_text} The acquisition had a single echo, so the echo-independent phase "
             "offset could not be separated from the field and was not removed; the phase was "
-            f" {_UNWRAP_DESC_ONE[unwrap_method]}. The total "
+            f"unwrapped {unwrap.one_echo_summary or unwrap.summary}. The total "
             "field (Hz) was the unwrapped phase divided by 2 pi TE, with its standard deviation "
             "the phase noise (noise standard deviation over magnitude) divided by 2 pi TE "
             "(the one-echo case of the weighted fit; Kressler et al., 2010). With one echo "
@@ -339,16 +332,11 @@ def init_field_wf(
             f"background field was removed with {bg_text}, giving the local field "
             "and the mask where it is valid."
         )
-        workflow.__citations__ = [
-            *mask_cites,
-            *[c for c in _CITES["unwrap"][unwrap_method] if c != "mcpc3ds"],
-            "kressler",
-            bg_method,
-        ]
+        workflow.__citations__ = [*mask_cites, *_keys(unwrap), "kressler", *_keys(_BG[bg_method])]
         return workflow
     workflow.__desc__ = (
         f"{mask_text} The phase offset of the echoes was removed (MCPC-3D-S; Eckstein et al., "
-        f"2018) and the phase was {_UNWRAP_DESC[unwrap_method]}. The total field (Hz) was "
+        f"2018) and the phase was unwrapped {unwrap.summary}. The total field (Hz) was "
         "fitted to the unwrapped phase of all echoes by weighted linear least squares "
         "(weights: squared magnitude), "
         "with a map of its standard deviation (Kressler et al., 2010). Voxels whose phase "
@@ -364,8 +352,9 @@ def init_field_wf(
     )
     workflow.__citations__ = [
         *mask_cites,
-        *_CITES["unwrap"][unwrap_method],
+        "mcpc3ds",
+        *_keys(unwrap),
         "kressler",
-        bg_method,
+        *_keys(_BG[bg_method]),
     ]
     return workflow

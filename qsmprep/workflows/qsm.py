@@ -15,6 +15,7 @@ from qsmprep.config import OUTPUTS
 from qsmprep.dl.weights import TRAINED_BACKGROUND
 from qsmprep.interfaces import R2StarMap
 from qsmprep.recon.background import DEFAULT_METHOD
+from qsmprep.recon.unwrap import resolve_method as resolve_unwrap_method
 from qsmprep.space.plan import REFERENCE_REGIONS
 from qsmprep.workflows._util import gpu_work, params_of
 from qsmprep.workflows.field import init_field_wf
@@ -34,8 +35,9 @@ _OUTPUTS = [
 ]  # fmt: skip
 
 
-UNWRAP_METHODS = ("auto", "quality", "laplacian")
-"""Choices of ``--unwrap``; ``"auto"`` picks per acquisition (:func:`resolve_unwrap`)."""
+UNWRAP_METHODS = ("auto", *registry.names("unwrap"))
+"""Choices of ``--unwrap`` (the registry's unwrapping methods at import, :mod:`qsmprep.methods`);
+``"auto"`` picks per acquisition (:func:`resolve_unwrap`)."""
 
 
 def makes_r2star(outputs, n_echoes: int) -> bool:
@@ -47,14 +49,8 @@ def makes_r2star(outputs, n_echoes: int) -> bool:
 def resolve_unwrap(method: str, n_echoes: int) -> str:
     """The unwrapping method for an acquisition: ``"auto"`` means quality-guided region
     growing with temporal unwrapping for two or more echoes, and the Laplacian method for one
-    echo, where no earlier echo guides the unwrapping and the field at the brain's edge can
-    change by more than pi between voxels (on a 3 mm phantom at TE 8 ms, the Laplacian
-    method's TKD NRMSE was 137 % against 229 % for region growing)."""
-    if method not in UNWRAP_METHODS:
-        raise ValueError(f"unwrap method must be one of {UNWRAP_METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    return "quality" if int(n_echoes) >= 2 else "laplacian"
+    echo (:func:`qsmprep.recon.unwrap.resolve_method`, which says why)."""
+    return resolve_unwrap_method(method, n_echoes)
 
 
 def init_qsm_wf(
