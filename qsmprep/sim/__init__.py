@@ -1,18 +1,11 @@
 """Simulation: forward model, numerical head phantom, multi-echo GRE signal, BIDS writer."""
 
 from qsmprep.sim.bids import simulate_bids_dataset, tilt_affine, write_bids_dataset
+from qsmprep.sim.fields import shim_basis, simulate_fields
 from qsmprep.sim.forward import forward_field
-from qsmprep.sim.phantom import (
-    BRAIN_LABELS,
-    CHI_AIR,
-    LABEL_NAMES,
-    TISSUE_PROPERTIES,
-    HeadPhantom,
-    make_head_phantom,
-    shim_basis,
-    simulate_fields,
-)
+from qsmprep.sim.phantom import make_head_phantom
 from qsmprep.sim.signal import GRESignal, phase_offset_map, simulate_gre, wrap_phase
+from qsmprep.sim.tissues import BRAIN_LABELS, CHI_AIR, LABEL_NAMES, TISSUE_PROPERTIES, HeadPhantom
 
 __all__ = [
     "BRAIN_LABELS",

@@ -32,8 +32,10 @@ import numpy as np
 
 from qsmprep.__about__ import __version__
 from qsmprep.recon.kernels import GAMMA_BAR, b0_dir_from_affine
-from qsmprep.sim.phantom import LABEL_NAMES, HeadPhantom, make_head_phantom, simulate_fields
+from qsmprep.sim.fields import simulate_fields
+from qsmprep.sim.phantom import make_head_phantom
 from qsmprep.sim.signal import GRESignal, simulate_gre
+from qsmprep.sim.tissues import LABEL_NAMES, HeadPhantom
 
 __all__ = ["rotate_affine", "simulate_bids_dataset", "tilt_affine", "write_bids_dataset"]
 

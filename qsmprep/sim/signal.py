@@ -8,7 +8,8 @@ import numpy as np
 
 from qsmprep.recon._checks import check_echo_times
 from qsmprep.recon.kernels import ppm_to_hz
-from qsmprep.sim.phantom import HeadPhantom, simulate_fields
+from qsmprep.sim.fields import simulate_fields
+from qsmprep.sim.tissues import HeadPhantom
 
 __all__ = ["GRESignal", "phase_offset_map", "simulate_gre", "wrap_phase"]
 
