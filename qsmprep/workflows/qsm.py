@@ -390,6 +390,7 @@ def init_qsm_wf(
             f" R2* (1/s) was fitted to the magnitude of the echoes in the brain mask, {how}, "
             "clipped to [0, 1000] 1/s, with T2* = 1/R2* and S0."
         )
-        if r2star_method in ("auto", "arlo"):
-            workflow.__citations__.append("arlo")
+        # the registry record's references; "auto"'s phrase cites ARLO, the estimator it names
+        cited = registry.get("arlo" if r2star_method == "auto" else r2star_method, "r2star")
+        workflow.__citations__ += [c.key for c in cited.citations]
     return workflow

@@ -320,6 +320,26 @@ def test_qsm_wf_outputs(tmp_path):
     assert _settings(tmp_path, outputs=["swi", "chi"]).outputs == ["chi", "swi"]
 
 
+def test_qsm_wf_r2star_citations_from_the_registry():
+    """The R2* references are those of the method's registry record ("auto": ARLO's)."""
+    from qsmprep import methods as registry
+
+    def cites(method):
+        params = {"r2star": {"method": method}}
+        wf = init_qsm_wf(acquisition=_acq(), output_dir=None, method_params=params)
+        return wf.__citations__
+
+    assert cites("auto") == cites("arlo") == ["arlo"]
+    assert cites("nlls") == cites("loglinear") == []
+    ref = registry.Reference("r2fit2099", "Doe J. An R2* fit. J Test 2099;1:1-2.")
+    plugin = registry.Method(
+        "r2plugin", "r2star", "qsmprep.recon.r2star:r2star_nlls", "plug-in",
+        "by a plug-in fit", "by a plug-in fit (Doe, 2099)", citations=(ref,),
+    )  # fmt: skip
+    with registry.registered(plugin):
+        assert cites("r2plugin") == ["r2fit2099"]
+
+
 @pytest.mark.parametrize(
     ("methods", "outputs", "smwi_from"),
     [(["unet", "l2", "tkd"], ["chi", "swi"], "l2"), (["unet"], ["chi", "swi"], "unet"),
