@@ -456,7 +456,7 @@ register(Method(
 ))  # fmt: skip
 
 register(Method(
-    "quality", "unwrap", "qsmprep.recon.unwrap:unwrap_echoes_quality", "ROMEO",
+    "quality", "unwrap", "qsmprep.recon.unwrap.multi_echo:unwrap_echoes_quality", "ROMEO",
     "quality-guided region growing in the first echo, then temporal unwrapping of each later "
     "echo against the preceding one",
     "by quality-guided region growing (ROMEO; Dymerska et al., 2021) in the first echo and "
@@ -465,7 +465,7 @@ register(Method(
     citations=(_ROMEO,), default=True,
 ))  # fmt: skip
 register(Method(
-    "laplacian", "unwrap", "qsmprep.recon.unwrap:unwrap_echoes_laplacian", "Laplacian",
+    "laplacian", "unwrap", "qsmprep.recon.unwrap.multi_echo:unwrap_echoes_laplacian", "Laplacian",
     "a Poisson solve of each echo's wrapped-phase Laplacian, the 2-pi multiple of each echo's "
     "constant then set against the preceding echo",
     "echo by echo with the Laplacian method (Schofield and Zhu, 2003)",
