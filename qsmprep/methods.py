@@ -492,7 +492,7 @@ _PAD = "zero-padding of the mask's bounding box per axis (default 20 mm)"
 _CG_TOL = "CG stop: relative residual"
 
 register(Method(
-    "resharp", "background", "qsmprep.recon.background:resharp", "RESHARP",
+    "resharp", "background", "qsmprep.recon.background.smv:resharp", "RESHARP",
     "SHARP with Tikhonov regularization", "RESHARP (Sun and Wilman, 2014)",
     citations=(Reference(
         "resharp",
@@ -507,7 +507,7 @@ register(Method(
     ),
 ))  # fmt: skip
 register(Method(
-    "vsharp", "background", "qsmprep.recon.background:vsharp", "V-SHARP",
+    "vsharp", "background", "qsmprep.recon.background.smv:vsharp", "V-SHARP",
     "SHARP with variable spherical kernel radii", "V-SHARP (Wu et al., 2012)",
     citations=(Reference(
         "vsharp",
@@ -521,7 +521,7 @@ register(Method(
     ),
 ))  # fmt: skip
 register(Method(
-    "sharp", "background", "qsmprep.recon.background:sharp", "SHARP",
+    "sharp", "background", "qsmprep.recon.background.smv:sharp", "SHARP",
     "sophisticated harmonic artifact reduction for phase data", "SHARP (Schweser et al., 2011)",
     citations=(_SHARP,),
     parameters=(
@@ -530,7 +530,8 @@ register(Method(
     ),
 ))  # fmt: skip
 register(Method(
-    "pdf", "background", "qsmprep.recon.background:pdf", "PDF", "projection onto dipole fields",
+    "pdf", "background", "qsmprep.recon.background.projection:pdf", "PDF",
+    "projection onto dipole fields",
     "projection onto dipole fields (PDF; Liu et al., 2011)",
     citations=(Reference(
         "pdf",
@@ -547,7 +548,7 @@ register(Method(
     inputs=("b0_dir",), keeps_mask=True,
 ))  # fmt: skip
 register(Method(
-    "lbv", "background", "qsmprep.recon.background:lbv", "LBV",
+    "lbv", "background", "qsmprep.recon.background.boundary_value:lbv", "LBV",
     "Laplacian boundary value background removal",
     "the Laplacian boundary value method (LBV; Zhou et al., 2014)",
     citations=(Reference(
