@@ -33,7 +33,7 @@ def bench_training(
     kind: str = "shapes",
     amp: bool = False,
     precision: str = "auto",
-    channels_last: bool = True,
+    channels_last: bool | None = None,
     threads: int = 0,
     prefetch: int = 2,
     compare: bool = False,

@@ -125,8 +125,8 @@ def _speed(g) -> None:
     g.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels_last_3d memory layout of model and inputs (default on)",
+        default=None,
+        help="channels_last_3d memory layout of model and inputs (default: on the CPU)",
     )
     g.add_argument(
         "--threads",

@@ -76,7 +76,11 @@ def test_speed_settings_resolve():
     s = resolve_speed(cpu, precision="fp32", channels_last=False, threads=3, prefetch=1)
     assert s == {"precision": "fp32", "channels_last": False, "threads": 3, "prefetch": 1}
     s = resolve_speed(cpu, precision="auto", prefetch=2)
-    assert s["precision"] in ("fp32", "bf16") and s["threads"] >= 1
+    assert s["precision"] in ("fp32", "bf16") and s["threads"] >= 1 and s["channels_last"]
+    gpu = torch.device("cuda")  # a GPU run keeps what it did: fp32, contiguous, data inline
+    s = resolve_speed(gpu, prefetch=2)
+    assert (s["precision"], s["channels_last"], s["prefetch"]) == ("fp32", False, 0)
+    assert resolve_speed(gpu, amp=True)["precision"] == "bf16"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16").validate()
     with pytest.raises(ValueError, match="prefetch"):

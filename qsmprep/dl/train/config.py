@@ -91,9 +91,10 @@ class TrainConfig:
         with native bfloat16 instructions (AVX512-BF16/AMX, as oneDNN reports), float32
         elsewhere (GPUs included). The run records what it resolved to. See
         ``docs/deep-learning.md`` (training speed) for the measurements behind the default.
-    channels_last : bool
+    channels_last : bool or None
         Model and inputs in the ``channels_last_3d`` memory layout (faster oneDNN
-        convolutions on the CPU; the saved weights are contiguous again).
+        convolutions on the CPU; the saved weights are contiguous again). None: on the CPU
+        only (GPUs were not measured).
     threads : int
         torch CPU threads of the run (0: the cores this process may use, less one for the
         prefetching worker when there is one and more than one core).
@@ -153,7 +154,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | None = None
     threads: int = 0
     prefetch: int = 2
     amp: bool = False
@@ -265,7 +266,7 @@ def cores() -> int:
 
 
 def resolve_speed(
-    device, *, precision="auto", channels_last=True, threads=0, prefetch=0, amp=False
+    device, *, precision="auto", channels_last=None, threads=0, prefetch=0, amp=False
 ) -> dict:
     """The speed settings a run on ``device`` uses: ``precision`` ("fp32"/"bf16"),
     ``channels_last``, ``threads`` and ``prefetch`` (see :class:`TrainConfig`)."""
@@ -281,7 +282,7 @@ def resolve_speed(
         threads = max(1, n - 1) if (prefetch > 0 and n > 1) else n
     return {
         "precision": precision,
-        "channels_last": bool(channels_last),
+        "channels_last": cpu if channels_last is None else bool(channels_last),
         "threads": threads,
         "prefetch": prefetch,
     }
