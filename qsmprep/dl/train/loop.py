@@ -65,6 +65,14 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     return TrainConfig.from_dict(saved), last
 
 
+def _speed_text(speed: dict) -> str:
+    """``bf16, channels_last layout, 2 batches prefetched`` (the threads are in the hardware)."""
+    layout = "channels_last" if speed["channels_last"] else "contiguous"
+    n = speed["prefetch"]
+    data = f"{n} batches prefetched" if n else "data made between the steps"
+    return f"{speed['precision']}, {layout} layout, {data}"
+
+
 def train(config) -> Path:
     """Train a dipole-inversion network; return the path of the final checkpoint.
 
@@ -166,12 +174,7 @@ def _train(cfg: TrainConfig, device: torch.device, speed: dict, last) -> Path:
                 d["init_sha256"] = init_meta.get("sha256")
         return d
 
-    log.info(
-        "training %s/%s on %s: %s, %s layout, %d torch threads, %s",
-        cfg.method, arch, _hardware(device), speed["precision"],
-        "channels_last" if cl else "contiguous", speed["threads"],
-        f"{speed['prefetch']} batches prefetched" if speed["prefetch"] else "data inline",
-    )  # fmt: skip
+    log.info("training %s/%s on %s: %s", cfg.method, arch, _hardware(device), _speed_text(speed))
     from tqdm.auto import tqdm
 
     quiet = cfg.quiet or not sys.stderr.isatty()
@@ -315,10 +318,8 @@ def _train(cfg: TrainConfig, device: torch.device, speed: dict, last) -> Path:
             fh.write(f"```\n{cfg.command}\n```\n\n")
         fh.write(
             f"Seed {cfg.seed}, {cfg.steps} steps of {cfg.batch_size} patches "
-            f"{'x'.join(map(str, cfg.patch_shape))} on {_hardware(device)} ({speed['precision']}, "
-            f"{'channels_last' if cl else 'contiguous'} layout, {speed['threads']} torch threads, "
-            f"{speed['prefetch']} batches prefetched), wall time {wall:.0f} s. "
-            "Log: `train_log.csv`.\n"
+            f"{'x'.join(map(str, cfg.patch_shape))} on {_hardware(device)} "
+            f"({_speed_text(speed)}), wall time {wall:.0f} s. Log: `train_log.csv`.\n"
         )
     log.info("wrote %s (sha256 %s) and %s", final, meta["sha256"], card)
     return final
