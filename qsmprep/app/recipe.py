@@ -131,6 +131,7 @@ def run_recipe(
     only=None,
     quiet: bool = True,
     half: bool = True,
+    threads: int = 0,
 ) -> Path:
     """Train and register every shipped model; return the weights directory.
 
@@ -152,6 +153,9 @@ def run_recipe(
         No progress bars.
     half : bool
         Store the weights as float16 (half the size; outputs change by ~1e-4 relative).
+    threads : int
+        torch CPU threads of the training runs (0: the default of
+        :class:`~qsmprep.dl.train.TrainConfig`). The other speed settings are its defaults.
 
     A model whose final checkpoint is already registered is not trained again, so an
     interrupted recipe continues where it stopped.
@@ -187,6 +191,7 @@ def run_recipe(
             reference="cosmos" if stage == "transfer" else None,
             seed=seed,
             device=device,
+            threads=int(threads or 0),
             out=str(out / "runs" / name),
             name=name,
             log_every=max(1, steps // 50),

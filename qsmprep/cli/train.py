@@ -76,8 +76,7 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _speed(g)
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--stop-at", type=int, default=0, help="stop after this step (resume later)")
     g.add_argument("--log-every", type=int, default=10, help="CSV log interval (steps)")
@@ -112,6 +111,39 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
         help="SyntheticQSMData options, e.g. kind=shapes, noise_ppm=[0,0.003], "
         'voxel_size=[[0.6,1.2],[0.6,1.2],[0.6,3]], b0_dir="random"',
     )
+
+
+def _speed(g) -> None:
+    """The speed options of training and of the benchmark (``TrainConfig`` fields)."""
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="arithmetic of the network: bf16 autocast (weights, losses and optimiser stay "
+        "float32) or fp32; auto: bf16 on a CPU with native bfloat16, else fp32 (default auto)",
+    )
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last_3d memory layout of model and inputs (default: on the CPU)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: the cores available, less one for the prefetching "
+        "worker)",
+    )
+    g.add_argument(
+        "--prefetch",
+        type=int,
+        default=2,
+        metavar="N",
+        help="synthetic batches made ahead by a worker process (0: between the steps; CPU "
+        "data only; default 2)",
+    )
+    g.add_argument("--amp", action="store_true", help="legacy: bfloat16 autocast on CUDA")
 
 
 def _target(p: argparse.ArgumentParser, *, reference_default=None) -> None:
@@ -185,8 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--kind", choices=["shapes", "brain", "mix"], default="shapes")
     b.add_argument("--device", default="auto")
-    b.add_argument("--amp", action="store_true")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _speed(b)
+    b.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the baseline (fp32, contiguous, every core, data between the steps), "
+        "interleaved with these settings, and print both with their ratio",
+    )
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --compare")
+    b.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=0,
+        help="torch threads of the --compare baseline (default 0: every core, as before)",
+    )
     b.add_argument("--json", metavar="PATH", help="also write the result as JSON")
 
     r = sub.add_parser(
@@ -235,6 +279,10 @@ def config_from_args(args, argv) -> object:
         synth=dict(args.synth),
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        prefetch=args.prefetch,
         amp=args.amp,
         out=args.out,
         name=args.name,
@@ -272,10 +320,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        if getattr(args, "threads", None):
-            import torch
-
-            torch.set_num_threads(int(args.threads))
         if args.command == "bench":
             from qsmprep.benchmarks.training import bench_training
 
@@ -283,6 +327,9 @@ def main(argv=None) -> int:
                 args.arch, patch_size=args.patch_size, batch_size=args.batch_size,
                 base_channels=args.base_channels, depth=args.depth, steps=args.steps,
                 warmup=args.warmup, device=args.device, kind=args.kind, amp=args.amp,
+                precision=args.precision, channels_last=args.channels_last,
+                threads=args.threads, prefetch=args.prefetch, compare=args.compare,
+                rounds=args.rounds, baseline_threads=args.baseline_threads,
             )  # fmt: skip
             if args.json:
                 with open(args.json, "w") as fh:
@@ -294,7 +341,7 @@ def main(argv=None) -> int:
             weights = run_recipe(
                 args.out, profile=args.profile, seed=args.seed, device=args.device,
                 nprocs=args.nprocs, only=args.only, quiet=args.quiet,
-                half=not args.full_precision,
+                half=not args.full_precision, threads=args.threads or 0,
             )  # fmt: skip
             print(f"qsmprep-train: models in {weights} (use QSMPREP_WEIGHTS_DIR={weights})")
             return 0

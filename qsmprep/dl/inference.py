@@ -87,9 +87,15 @@ def _halve_largest(tile, min_tile: int, multiple: int) -> tuple[int, ...]:
 
 
 def _forward(model, x, side, domain, device, amp) -> torch.Tensor:
+    """``amp``: True (float16 autocast on CUDA), False, or ``"bf16-cpu"`` (bfloat16 autocast
+    on the CPU)."""
     x = x.to(device)
     s = side.to(device)
-    use_amp = bool(amp) and device.type == "cuda"
+    if amp == "bf16-cpu" and device.type == "cpu":
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            y = model(x, side=s, domain=domain)
+        return y.float()
+    use_amp = bool(amp) and amp != "bf16-cpu" and device.type == "cuda"
     with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
         y = model(x, side=s, domain=domain)
     return y.float().cpu()
@@ -127,6 +133,7 @@ def predict(
     overlap: int = 16,
     amp: bool = True,
     domain: str | None = None,
+    cpu_bf16: bool = False,
 ) -> np.ndarray:
     """Susceptibility (ppm) of a local field by a trained network, on the input grid.
 
@@ -162,6 +169,10 @@ def predict(
         Mixed precision (float16 autocast) on CUDA; ignored on the CPU.
     domain : {"source", "target"}, optional
         DSBN domain; default the model's ``default_domain``.
+    cpu_bf16 : bool
+        bfloat16 autocast on the CPU (ignored on a GPU). On a CPU with native bfloat16 it ran
+        the shipped models 2.7-3.4x faster on a 96x96x80 2 mm head phantom and changed their
+        NRMSE by at most 0.03 points (``docs/deep-learning.md``); off by default.
 
     Returns
     -------
@@ -191,6 +202,8 @@ def predict(
     chi_scale = float(config.get("chi_scale", 10.0))
     overlap = _ceil_to(max(int(overlap), 0), multiple)
     dev = resolve_device(device, cpu="torch")
+    if cpu_bf16 and dev.type == "cpu":
+        amp = "bf16-cpu"
 
     f = np.asarray(field_ppm.cpu().numpy() if torch.is_tensor(field_ppm) else field_ppm)
     f = np.where(m, f, 0.0).astype(np.float32) * np.float32(field_scale)

@@ -96,10 +96,7 @@ def synthetic_field(chi: torch.Tensor, voxel_size, b0_dir) -> torch.Tensor:
     grid = padded_shape(shape, shape)  # the grid of qsmprep.sim.forward.forward_field
     # on the CPU scipy.fft (the NumPy backend) is several times faster than torch.fft
     dev = None if chi.device.type == "cpu" else str(chi.device)
-    kern = [
-        _cached_kernel(grid, tuple(np.round(v, 9)), tuple(np.round(b, 12)), dev)
-        for v, b in zip(vs, bd, strict=True)
-    ]
+    kern = [_kernel(grid, v, b, dev) for v, b in zip(vs, bd, strict=True)]
     if dev is None:
         x = chi.detach().numpy()
         f = irfftn(np.stack(kern)[:, None] * rfftn(x, s=grid), s=grid)
@@ -107,6 +104,17 @@ def synthetic_field(chi: torch.Tensor, voxel_size, b0_dir) -> torch.Tensor:
         return f.to(chi.dtype)
     f = irfftn(torch.stack(kern)[:, None].to(chi.dtype) * rfftn(chi, s=grid), s=grid)
     return f[..., : shape[0], : shape[1], : shape[2]].contiguous()
+
+
+def _kernel(grid, vs, b0, dev):
+    """The dipole kernel of one sample, cached by voxel aspect ratio and B0 direction.
+
+    ``D(k) = 1/3 - (k.b)^2/|k|^2`` with ``k_i = n_i / (N_i dx_i)`` is unchanged when every
+    ``dx_i`` is scaled by the same factor, so one kernel serves all voxel sizes of one shape
+    (every draw of an isotropic range); only the aspect ratios ``dx / min(dx)`` are keyed.
+    """
+    vs = np.asarray(vs, float)
+    return _cached_kernel(grid, tuple(np.round(vs / vs.min(), 9)), tuple(np.round(b0, 12)), dev)
 
 
 @functools.lru_cache(maxsize=32)

@@ -106,6 +106,12 @@ def test_bench_and_usage_errors(tmp_path, capsys):
     assert "patches/s" in capsys.readouterr().out
     r = json.loads(js.read_text())
     assert r["patches_per_s"] > 0 and r["peak_memory_mb"] > 0
+    fast = ["--precision", "bf16", "--threads", "1", "--baseline-threads", "1", "--prefetch", "1"]
+    assert main([*argv, "--depth", "3", "--steps", "1", "--compare", "--rounds", "1", *fast]) == 0
+    table = capsys.readouterr().out
+    assert "baseline" in table and "optimised" in table
+    ratio = [line.split() for line in table.splitlines() if line.startswith("ratio")][0]
+    assert len(ratio) == 3 and all(float(x.rstrip("x")) > 0 for x in ratio[1:])
     with pytest.raises(SystemExit) as e:
         main(["adapt", "--method", "magic", "--out", str(tmp_path)])
     assert e.value.code == 2

@@ -43,6 +43,7 @@ def _cfg(out, **kw) -> TrainConfig:
         ckpt_every=0,
         log_every=1,
         val_batches=1,
+        threads=1,
         quiet=True,
     )
     base.update(kw)
@@ -106,8 +107,16 @@ def test_supervised_training_lowers_validation_loss(tmp_path):
     assert meta["sha256"] in card and cfg.command in card and "wall time" in card
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    kw = dict(steps=12, ckpt_every=4, val_every=6, log_every=2)
+@pytest.mark.parametrize(
+    "speed",
+    [
+        {"precision": "fp32", "channels_last": False, "prefetch": 0},
+        {"precision": "bf16", "channels_last": True, "prefetch": 2},
+    ],
+    ids=["fp32", "bf16-channels_last-prefetch"],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, speed):
+    kw = dict(steps=12, ckpt_every=4, val_every=6, log_every=2, **speed)
     full = train(_cfg(tmp_path / "full", **kw))
     stopped = train(_cfg(tmp_path / "cut", stop_at=6, **kw))
     assert stopped.name == "last.pt" and not (tmp_path / "cut" / full.name).exists()
@@ -119,6 +128,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in _log(tmp_path / "full")] == [
         r["loss"] for r in _log(tmp_path / "cut")
     ]
+    _, meta = load_checkpoint(resumed)  # the settings are recorded, the weights contiguous
+    assert {k: meta["extra"][k] for k in speed} == speed and meta["extra"]["threads"] == 1
+    assert all(t.is_contiguous() for t in b.values())
+    card = resumed.with_suffix(".md").read_text()
+    assert f"({speed['precision']}, " in card and "1 torch threads" in card
 
 
 def test_dsbn_updates_target_statistics(tmp_path, target, pretrained):

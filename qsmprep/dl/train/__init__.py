@@ -24,7 +24,9 @@ One entry point, :func:`train`, driven by a :class:`TrainConfig`. Methods (``met
     everything else at ``transfer_lr_other`` (1e-5)
     (:meth:`~qsmprep.dl.nets.unet.UNet3d.param_groups_for_transfer`).
 
-Optimiser AdamW with cosine annealing and warm restarts, stepped every iteration.
+Optimiser AdamW with cosine annealing and warm restarts, stepped every iteration. Speed
+settings (``precision``, ``channels_last``, ``threads``, ``prefetch``) change how fast a run
+goes, not the batches it sees; bf16 autocast is the default on CPUs with native bfloat16.
 
 References: Liu J, Koch KM. Non-locally encoder-decoder convolutional network for whole brain
 QSM inversion. arXiv:1904.05493, 2019 (QSMInvNet). Liu J, Koch KM. Exploring domain adaption
@@ -54,7 +56,9 @@ module                      job
                             losses, :func:`lambda_schedule`, NRMSE, :func:`tkd_baseline`
 :mod:`~.record`             the CSV log, TensorBoard events, hardware, peak memory, RNG state
 :mod:`~.loop`               :func:`train` and the resumption of an interrupted run
-:mod:`~.bench`              the training throughput, :func:`benchmark`
+:mod:`~.prefetch`           synthetic batches made ahead by a worker process
+:mod:`~.bench`              the training throughput, :func:`benchmark`, and
+                            :func:`~.bench.compare` of two settings
 ==========================  ===================================================================
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,9 @@ from qsmprep.dl.nets import ARCHS
 
 METHODS = ("supervised", "dsbn", "dc-finetune", "unsupervised", "transfer")
 """Training methods of :func:`~qsmprep.dl.train.train`."""
+
+PRECISIONS = ("auto", "fp32", "bf16")
+"""Values of ``TrainConfig.precision``."""
 
 _NEEDS_TARGET = ("dsbn", "dc-finetune", "unsupervised", "transfer")
 _NEEDS_INIT = ("dc-finetune", "transfer")
@@ -80,8 +84,27 @@ class TrainConfig:
         Seed of the model initialisation and of all data.
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    precision : {"auto", "fp32", "bf16"}
+        Arithmetic of the network in training: ``"bf16"`` runs its forward pass under bfloat16
+        autocast (convolutions in bfloat16, their gradients likewise; weights, losses,
+        optimiser and validation stay float32), on the CPU or a GPU. ``"auto"``: bf16 on a CPU
+        with native bfloat16 instructions (AVX512-BF16/AMX, as oneDNN reports), float32
+        elsewhere (GPUs included). The run records what it resolved to. See
+        ``docs/deep-learning.md`` (training speed) for the measurements behind the default.
+    channels_last : bool or None
+        Model and inputs in the ``channels_last_3d`` memory layout (faster oneDNN
+        convolutions on the CPU; the saved weights are contiguous again). None: on the CPU
+        only (GPUs were not measured).
+    threads : int
+        torch CPU threads of the run (0: the cores this process may use, less one for the
+        prefetching worker when there is one and more than one core).
+    prefetch : int
+        Synthetic batches made ahead by a worker process (0: made inline between steps); the
+        batches are the same either way (:class:`~qsmprep.dl.train.prefetch.Prefetched`).
+        CPU-made data only (on a GPU the data are made inline).
     amp : bool
-        bfloat16 autocast of the network on CUDA (losses stay float32).
+        Legacy switch, kept for old configurations: bfloat16 autocast on CUDA (as
+        ``precision="bf16"`` there).
     out, name : str
         Output directory and the final checkpoint's stem (default ``<method>-<arch>``).
     log_every, val_every, ckpt_every, val_batches : int
@@ -130,6 +153,10 @@ class TrainConfig:
     target_options: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    threads: int = 0
+    prefetch: int = 2
     amp: bool = False
     out: str = "qsmprep-train"
     name: str | None = None
@@ -195,7 +222,12 @@ class TrainConfig:
             raise ValueError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
         if self.ramp not in ("sigmoid", "linear", "none"):
             raise ValueError(f"ramp must be 'sigmoid', 'linear' or 'none', got {self.ramp!r}")
-        for key in ("log_every", "val_every", "ckpt_every", "val_batches", "stop_at"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for key in (
+            "log_every", "val_every", "ckpt_every", "val_batches", "stop_at", "threads",
+            "prefetch",
+        ):  # fmt: skip
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
 
@@ -211,3 +243,46 @@ def _synth_kwargs(cfg: TrainConfig, arch: str) -> dict:
         for k, v in ADAPTIVE_SYNTH.items():
             kw.setdefault(k, v)
     return kw
+
+
+def cpu_bf16() -> bool:
+    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):  # builds without the query
+        return False
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask; all cores where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_speed(
+    device, *, precision="auto", channels_last=None, threads=0, prefetch=0, amp=False
+) -> dict:
+    """The speed settings a run on ``device`` uses: ``precision`` ("fp32"/"bf16"),
+    ``channels_last``, ``threads`` and ``prefetch`` (see :class:`TrainConfig`)."""
+    cpu = device.type == "cpu"
+    if precision == "auto":
+        precision = "bf16" if (cpu and cpu_bf16()) or (amp and device.type == "cuda") else "fp32"
+    elif amp and device.type == "cuda":
+        precision = "bf16"
+    prefetch = int(prefetch) if cpu else 0
+    threads = int(threads)
+    if threads <= 0:
+        n = cores()
+        threads = max(1, n - 1) if (prefetch > 0 and n > 1) else n
+    return {
+        "precision": precision,
+        "channels_last": cpu if channels_last is None else bool(channels_last),
+        "threads": threads,
+        "prefetch": prefetch,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -34,13 +35,20 @@ def make_inputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, side
 
 
-def _predict(model, batch, domain, amp: bool) -> torch.Tensor:
-    """chi (ppm) predicted for a batch, float32."""
+def _predict(model, batch, domain, bf16: bool = False, channels_last: bool = False):
+    """chi (ppm) predicted for a batch, float32.
+
+    ``bf16``: the network runs under bfloat16 autocast (on the input's device); ``channels_last``:
+    its input is laid out ``channels_last_3d`` (for a model converted to that layout).
+    """
     x, side = make_inputs(model, batch)
-    if amp:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            out = model(x, side=side, domain=domain)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if bf16:
+        ctx = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
     else:
+        ctx = contextlib.nullcontext()
+    with ctx:
         out = model(x, side=side, domain=domain)
     return out.float() / float(model.config["chi_scale"])
 
@@ -83,14 +91,16 @@ def _sup(cfg: TrainConfig, chi, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _validate(cfg: TrainConfig, model, val, tval, amp: bool) -> dict:
+def _validate(cfg: TrainConfig, model, val, tval, channels_last: bool = False) -> dict:
+    """Held-out losses and NRMSE, in float32 whatever the training precision (as the model is
+    used)."""
     model.eval()
     out = {}
     if val:
         domain = "source" if model.config["arch"] == "dsbn" else None
         losses, errs = [], []
         for b in val:
-            chi = _predict(model, b, domain, amp)
+            chi = _predict(model, b, domain, False, channels_last)
             losses.append(float(supervised_loss(chi, b["chi"], b["mask"], kind=cfg.loss)))
             errs.append(_nrmse(chi, b["chi"], b["mask"]))
         out["val_loss"] = float(np.mean(losses))
@@ -99,7 +109,7 @@ def _validate(cfg: TrainConfig, model, val, tval, amp: bool) -> dict:
         domain = "target" if model.config["arch"] == "dsbn" else None
         dcs, errs = [], []
         for b in tval:
-            chi = _predict(model, b, domain, amp)
+            chi = _predict(model, b, domain, False, channels_last)
             dcs.append(float(_dc(chi, b)))
             if "chi" in b:
                 errs.append(_nrmse(chi, b["chi"], b["mask"]))
