@@ -158,6 +158,12 @@ def test_subset_draws_only_its_own_scans():
     assert _values(tr.batch(4) for _ in range(10)) == {0.01, 0.02, 0.03}
     assert _values(va.batch(4) for _ in range(5)) == {0.04, 0.05}
     assert full.counter == 0 and len(full) == 5  # the full set is untouched
+    # the training patches are those of a target made of the training scans alone (so adding
+    # a held-out subject to a dataset leaves the training batches as they were)
+    alone = TargetScans(train_s, 16, seed=3)
+    for k in range(3):
+        a, b = tr.batch(2, index=k), alone.batch(2, index=k)
+        assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 # ----------------------------------------------------------------------------- training runs
