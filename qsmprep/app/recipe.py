@@ -6,7 +6,10 @@ The recipe makes every model that the BIDS App's deep-learning methods run, in o
    from the evaluation seeds of ``qsmprep-bench accuracy``), each at ``orientations`` head
    orientations, with realistic multi-echo signal and noise, processed by the BIDS App itself
    (quality-guided unwrapping, echo fit, RESHARP, COSMOS). The networks see pipeline-made local
-   fields, not dipole-convolved ones: the domain shift that matters.
+   fields, not dipole-convolved ones: the domain shift that matters. ``target_val_heads`` more
+   heads (the last subjects) are made the same way and held out of training: the target
+   metrics of the adapted and transfer-learned models come from them
+   (``TrainConfig.target_holdout``). The training heads are the same with or without them.
 2. **Pre-training** on synthetic data (:class:`~qsmprep.dl.synth.SyntheticQSMData`): the
    conventional U-Net (``unet-pretrained``) and the adaptive-convolution U-Net with random
    voxel sizes and B0 directions (``adaptive-pretrained``).
@@ -40,20 +43,24 @@ PROFILES: dict[str, dict] = {
     "tiny": {
         "pretrain_steps": 4, "adapt_steps": 3, "transfer_steps": 3, "patch": 16, "batch": 2,
         "base_channels": 4, "depth": 3, "target_shape": (48, 48, 40), "target_datasets": 1,
-        "orientations": 3, "val_every": 0, "val_batches": 1,
+        "orientations": 3, "val_every": 0, "val_batches": 1, "target_val_heads": 0,
     },
     "cpu": {
         "pretrain_steps": 2000, "adapt_steps": 600, "transfer_steps": 300, "patch": 32,
         "batch": 4, "base_channels": 8, "depth": 4, "target_shape": (96, 96, 80),
         "target_datasets": 2, "orientations": 5, "val_every": 250, "val_batches": 4,
+        "target_val_heads": 1,
     },
     "gpu": {
         "pretrain_steps": 20000, "adapt_steps": 5000, "transfer_steps": 2000, "patch": 64,
         "batch": 8, "base_channels": 16, "depth": 5, "target_shape": (96, 96, 80),
         "target_datasets": 4, "orientations": 5, "val_every": 500, "val_batches": 8,
+        "target_val_heads": 1,
     },
 }  # fmt: skip
-"""Sizes of the recipe: steps per stage, patch edge, batch, network width and depth, data."""
+"""Sizes of the recipe: steps per stage, patch edge, batch, network width and depth, data
+(``target_datasets`` training heads and ``target_val_heads`` held-out ones; the ``tiny``
+profile's one head validates on its training scans, as its model cards say)."""
 
 CONVENTIONAL_SYNTH = {
     "voxel_size": ((1.0, 2.0),) * 3, "isotropic": True, "background_ppm": (0.0, 0.004),
@@ -99,11 +106,19 @@ def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 
     out = Path(out)
     bids = out / "bids"
     deriv = out / "derivatives"
+    n = int(p["target_datasets"]) + int(p.get("target_val_heads", 0))
     if (deriv / "dataset_description.json").is_file():
-        return deriv  # made by an earlier (interrupted) run of the recipe
+        have = [d for d in deriv.glob("sub-*") if d.is_dir()]
+        if len(have) == n:
+            return deriv  # made by an earlier (interrupted) run of the recipe
+        log.warning(
+            "recipe: %s holds %d target heads, the %s profile %d; making them again",
+            deriv, len(have), profile, n,
+        )  # fmt: skip
+        shutil.rmtree(deriv)
+        shutil.rmtree(out / "work", ignore_errors=True)
     if bids.exists():
         shutil.rmtree(bids)
-    n = int(p["target_datasets"])
     simulate_bids_dataset(
         bids, n_subjects=n, shape=p["target_shape"], voxel_size=(2.0, 2.0, 2.0), seed=seed,
         orientations={i: ORIENTATIONS[: p["orientations"]] for i in range(n)},
@@ -188,6 +203,7 @@ def run_recipe(
             batch_size=int(p["batch"]),
             patch_size=(int(p["patch"]),) * 3,
             target=str(target) if stage != "pretrain" else None,
+            target_holdout=int(p.get("target_val_heads", 0)),
             reference="cosmos" if stage == "transfer" else None,
             seed=seed,
             device=device,

@@ -10,7 +10,9 @@ Subcommands::
     qsmprep-train bench --arch unet --patch-size 64                   # throughput
 
 ``--target`` is a qsmprep output directory (``OUT/derivatives/qsmprep``) or a BIDS dataset
-(the field chain runs first); which one is detected. ``--resume`` continues an interrupted run
+(the field chain runs first); which one is detected. Its last subject (``--target-holdout``,
+``--target-val-subjects``) is held out of training for validation, or a separate dataset
+validates (``--target-val-dir``). ``--resume`` continues an interrupted run
 in ``--out`` to the same final weights. Each run writes ``<name>.pt``, its model card
 ``<name>.md``, ``last.pt`` (resumable) and ``train_log.csv`` in ``--out``.
 """
@@ -162,6 +164,33 @@ def _target(p: argparse.ArgumentParser, *, reference_default=None) -> None:
     t.add_argument("--b0", type=float, default=None, help="field strength override (T)")
     t.add_argument("--te", type=float, default=None, help="echo time of the phase scale (s)")
     t.add_argument("--participant-label", nargs="+", default=None, help="BIDS subjects")
+    v = p.add_argument_group(
+        "target validation",
+        "The target scans are split by subject: the held-out subjects' scans validate and are "
+        "never trained on. The model card names both sides.",
+    )
+    v.add_argument(
+        "--target-holdout",
+        type=int,
+        default=1,
+        metavar="N",
+        help="hold the last N subjects of --target (by label) out of training to validate on "
+        "(default 1; 0: none; with one subject nothing is held out and the card says so)",
+    )
+    v.add_argument(
+        "--target-val-subjects",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="hold these subjects of --target out instead of the last N",
+    )
+    v.add_argument(
+        "--target-val-dir",
+        metavar="DIR",
+        default=None,
+        help="validate on this separate qsmprep output directory or BIDS dataset instead "
+        "(all of --target trains)",
+    )
     t.add_argument(
         "--bg-method",
         default="resharp",
@@ -304,6 +333,9 @@ def config_from_args(args, argv) -> object:
             if getattr(args, key) is not None:
                 opts[key] = getattr(args, key)
         cfg.target_options = opts
+        cfg.target_holdout = args.target_holdout
+        cfg.target_val_subjects = args.target_val_subjects
+        cfg.target_val_dir = args.target_val_dir
     if args.command == "adapt":
         cfg.lambda_max = args.lambda_max
         cfg.ramp = args.ramp

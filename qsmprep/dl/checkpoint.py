@@ -223,8 +223,30 @@ def _table(d: dict) -> list[str]:
     return lines
 
 
+def _validation_note(v: dict) -> str:
+    """What the Validation section of a model card means."""
+    text = (
+        "What the metrics below were computed on: the synthetic validation data's seed and, for "
+        "target scans, the subjects trained on and those validated on (`target_validation` "
+        "says whether these were held out of training)."
+    )
+    if v.get("batch_norms"):
+        text += (
+            f" Every metric went through the `{v['batch_norms']}` batch norms, the ones the "
+            "network infers with; `*_source_bn` metrics through the `source` ones."
+        )
+    return text
+
+
+def _listed(v):
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) if v else "none"
+    return v
+
+
 def write_model_card(path_md, meta: dict) -> Path:
-    """Write a markdown model card (architecture, training data, metrics, provenance).
+    """Write a markdown model card (architecture, training data, validation, metrics,
+    provenance).
 
     ``meta`` is the dict returned by :func:`load_checkpoint` (or any dict with the same keys;
     missing ones are left out). Returns the path written.
@@ -259,10 +281,22 @@ def write_model_card(path_md, meta: dict) -> Path:
     if arch == "dsbn" or config.get("norm") == "dsbn":
         lines.append(f"Inference uses the `{config.get('default_domain', 'source')}` domain.")
     lines += ["", "## Configuration", "", *_table(config), ""]
-    for key, title in (("data", "Training data"), ("metrics", "Metrics"), ("extra", "Training")):
-        value = meta.get(key)
+    data = meta.get("data")
+    validation = data.get("validation") if isinstance(data, dict) else None
+    if validation:
+        data = {k: v for k, v in data.items() if k != "validation"}
+    sections = (
+        ("data", "Training data", data),
+        ("validation", "Validation", validation),
+        ("metrics", "Metrics", meta.get("metrics")),
+        ("extra", "Training", meta.get("extra")),
+    )
+    for key, title, value in sections:
         if value:
             lines += [f"## {title}", ""]
+            if key == "validation":
+                lines += [_validation_note(value), ""]
+                value = {k: _listed(v) for k, v in value.items()}
             lines += _table(value) if isinstance(value, dict) else [_fmt(value)]
             lines.append("")
     if meta.get("versions"):

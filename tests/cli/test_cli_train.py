@@ -64,6 +64,28 @@ def test_finetune_transfer(tmp_path, target, unet_ckpt):
     assert meta["data"]["target"]["reference"] == "cosmos"
 
 
+def test_target_validation_options(tmp_path, target, capsys):
+    from qsmprep.cli.train import build_parser, config_from_args
+
+    base = ["adapt", "--target", str(target), "--out", str(tmp_path)]
+    cfg = config_from_args(build_parser().parse_args(base), base)
+    assert (cfg.target_holdout, cfg.target_val_subjects, cfg.target_val_dir) == (1, None, None)
+    argv = [*base, "--target-holdout", "2", "--target-val-subjects", "01", "sub-03"]
+    cfg = config_from_args(build_parser().parse_args(argv), argv)
+    assert cfg.target_holdout == 2 and cfg.target_val_subjects == ["01", "sub-03"]
+    argv = ["finetune", *base[1:], "--target-val-dir", str(tmp_path / "val")]
+    cfg = config_from_args(build_parser().parse_args(argv), argv)
+    assert cfg.target_val_dir == str(tmp_path / "val")
+    # the one-subject target of these tests: nothing held out, and the checkpoint says so
+    out = tmp_path / "unsup"
+    argv = ["adapt", "--method", "unsupervised", "--target", str(target), "--out", str(out)]
+    assert main([*argv, "--steps", "1", *TINY]) == 0
+    _, meta = load_checkpoint(out / "unsupervised-unet.pt")
+    assert meta["metrics"]["target_validation"] == "training scans (one subject)"
+    assert main([*argv, "--steps", "1", *TINY, "--target-val-subjects", "01"]) == 1
+    assert "leaves no target subject to train on" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

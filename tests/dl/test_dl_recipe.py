@@ -66,3 +66,34 @@ def test_rerun_continues_without_retraining(recipe):
     before = {p.name: p.stat().st_mtime_ns for p in weights.glob("*.pt")}
     run_recipe(out, profile="tiny", device="cpu")
     assert {p.name: p.stat().st_mtime_ns for p in weights.glob("*.pt")} == before
+
+
+def test_target_validation_of_the_profiles(recipe, tmp_path, monkeypatch):
+    from qsmprep.app.recipe import PROFILES, make_target_data
+
+    # the tiny profile's one head validates on its training scans, and the cards say so
+    _, weights = recipe
+    models = available_models(weights)
+    for name in ("dsbn", "dcfinetune", "unsup", "adaptive", "unet"):
+        _, meta = load_checkpoint(models[name].path)
+        v = meta["data"]["validation"]
+        assert v["target_validation"] == "training scans (target_holdout 0)", name
+        assert "target_validation" in models[name].card.read_text()
+    # the trained profiles hold a head out beyond their training heads
+    assert PROFILES["cpu"]["target_val_heads"] == 1 and PROFILES["gpu"]["target_val_heads"] == 1
+    # target data of an earlier run with as many heads are kept; others are made again
+    deriv = tmp_path / "derivatives"
+    (deriv / "sub-01").mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text("{}")
+    assert make_target_data(tmp_path, profile="tiny") == deriv
+
+    class Simulated(Exception):
+        pass
+
+    def simulate(*args, **kw):
+        raise Simulated(kw["n_subjects"])
+
+    monkeypatch.setattr("qsmprep.sim.bids.simulate_bids_dataset", simulate)
+    with pytest.raises(Simulated, match="3"):
+        make_target_data(tmp_path, profile="cpu")
+    assert not deriv.exists()

@@ -22,12 +22,18 @@ chi).
 
 The code lives in two modules: :mod:`qsmprep.dl.target.scans` finds the scans and matches
 their references (:func:`find_target_scans`), :mod:`qsmprep.dl.target.patches` serves seeded
-patches of them (:class:`TargetScans`).
+patches of them (:class:`TargetScans`). :func:`split_by_subject` divides scans into training and
+held-out validation scans, all of a subject's on one side.
 """
 
 from __future__ import annotations
 
 from qsmprep.dl.target.patches import TargetScans
-from qsmprep.dl.target.scans import TargetScan, detect_source, find_target_scans
+from qsmprep.dl.target.scans import (
+    TargetScan,
+    detect_source,
+    find_target_scans,
+    split_by_subject,
+)
 
-__all__ = ["TargetScan", "TargetScans", "detect_source", "find_target_scans"]
+__all__ = ["TargetScan", "TargetScans", "detect_source", "find_target_scans", "split_by_subject"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -100,6 +102,25 @@ class TargetScans:
         }
         return out
 
+    def subset(self, scans, *, seed: int) -> TargetScans:
+        """These patches restricted to ``scans`` (some of :attr:`scans`), with their own
+        ``seed``: the source, reference and patch settings stay, nothing is loaded again."""
+        idx = [next(i for i, s in enumerate(self.scans) if s is x) for x in scans]
+        if not idx:
+            raise ValueError("a subset of target scans needs at least one scan")
+        new = copy.copy(self)
+        new.scans = [self.scans[i] for i in idx]
+        new._padded = [self._padded[i] for i in idx]
+        new._centres = [self._centres[i] for i in idx]
+        new.labelled = all(s.chi is not None for s in new.scans)
+        new.seed, new.counter = int(seed), 0
+        return new
+
+    @property
+    def subjects(self) -> list[str]:
+        """Subject labels of the scans, each once, in scan order."""
+        return list(dict.fromkeys(s.subject for s in self.scans))
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "counter": int(self.counter)}
 
@@ -114,6 +135,7 @@ class TargetScans:
             "source": self.kind,
             "path": None if self.root is None else str(self.root),
             "scans": [s.name for s in self.scans],
+            "subjects": self.subjects,
             "reference": self.reference,
             "references": sorted({s.reference for s in self.scans if s.reference}),
             "voxel_sizes": sorted({tuple(round(v, 3) for v in s.voxel_size) for s in self.scans}),

@@ -19,7 +19,7 @@ import numpy as np
 from qsmprep.nifti import load
 from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
 
-__all__ = ["TargetScan", "detect_source", "find_target_scans"]
+__all__ = ["TargetScan", "detect_source", "find_target_scans", "split_by_subject"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,71 @@ class TargetScan:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(n) for n in self.field_ppm.shape)
+
+    @property
+    def subject(self) -> str:
+        """The subject label (``01`` of ``sub-01_acq-ori1``); a name without a ``sub`` entity
+        is its own subject."""
+        return _entities(self.name).get("sub", self.name)
+
+
+# ----------------------------------------------------------------------------- hold-out
+
+
+def _natural(label: str) -> list:
+    """Sort key of subject labels: digits by value (``2`` before ``10``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+
+
+def split_by_subject(
+    scans, *, holdout: int = 1, subjects=None
+) -> tuple[list[TargetScan], list[TargetScan], str]:
+    """Split target scans by subject into ``(training, held_out, note)``.
+
+    All scans of a subject go to one side. ``subjects`` (labels, with or without ``sub-``)
+    names the held-out subjects; otherwise the last ``holdout`` subjects by label (sorted with
+    numbers by value) are held out, so the split depends only on the subject labels. With one
+    subject, or ``holdout`` 0, nothing is held out and ``note`` says that validation uses the
+    training scans; else ``note`` is ``"held-out subjects"``.
+
+    Raises
+    ------
+    ValueError
+        Named subjects that are not among the scans', or a split that leaves no subject to
+        train on.
+    """
+    scans = list(scans)
+    labels = sorted({s.subject for s in scans}, key=_natural)
+    if subjects:
+        held = {str(x).removeprefix("sub-") for x in subjects}
+        unknown = sorted(held - set(labels), key=_natural)
+        if unknown:
+            raise ValueError(
+                f"held-out target subjects {unknown} are not among the target's subjects "
+                f"{labels}; name subjects of --target (labels without 'sub-')"
+            )
+    elif int(holdout) < 0:
+        raise ValueError(f"target_holdout must be >= 0, got {holdout!r}")
+    elif int(holdout) == 0:
+        return scans, [], "training scans (target_holdout 0)"
+    elif len(labels) == 1:
+        log.warning(
+            "target: one subject (sub-%s), so nothing is held out: the target validation "
+            "metrics come from the training scans; give more subjects or --target-val-dir",
+            labels[0],
+        )
+        return scans, [], "training scans (one subject)"
+    else:
+        held = set(labels[-int(holdout) :])
+    if held >= set(labels):
+        raise ValueError(
+            f"holding out {sorted(held, key=_natural)} leaves no target subject to train on "
+            f"(subjects {labels}); hold out fewer (--target-holdout) or give a separate "
+            "validation dataset (--target-val-dir)"
+        )
+    train = [s for s in scans if s.subject not in held]
+    val = [s for s in scans if s.subject in held]
+    return train, val, "held-out subjects"
 
 
 # ----------------------------------------------------------------------------- discovery

@@ -39,7 +39,8 @@ restarts. ICLR 2017.
 
 Outputs in ``out``: ``last.pt`` (every ``ckpt_every`` steps: weights, optimiser, scheduler, RNG
 and data-generator state, so ``resume=True`` continues to the same final weights),
-``train_log.csv`` (step, losses, lambda, learning rate, validation metrics, patches/s),
+``train_log.csv`` (step, losses, lambda, learning rate, validation metrics through the batch
+norms the model is deployed with, patches/s),
 TensorBoard events in ``tb/`` when ``torch.utils.tensorboard`` imports, and the final
 ``<name>.pt`` (config, data description, step count, held-out metrics; its sha256 is returned
 by :func:`save_checkpoint`) with the model card ``<name>.md`` beside it.
@@ -51,7 +52,8 @@ module                      job
 ==========================  ===================================================================
 :mod:`~.config`             :class:`TrainConfig`, :data:`METHODS`, :data:`ADAPTIVE_SYNTH`
 :mod:`~.setup`              the model (fresh, from ``init``, a unet made a dsbn), AdamW and its
-                            scheduler, the synthetic and target data sources
+                            scheduler, the synthetic and target data sources, the target
+                            subjects held out for validation
 :mod:`~.steps`              what a step and a validation compute: :func:`make_inputs`, the
                             losses, :func:`lambda_schedule`, NRMSE, :func:`tkd_baseline`
 :mod:`~.record`             the CSV log, TensorBoard events, hardware, peak memory, RNG state

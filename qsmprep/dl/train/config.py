@@ -80,6 +80,17 @@ class TrainConfig:
     target_options : dict
         More keyword arguments of :class:`~qsmprep.dl.target.TargetScans` (``b0``, ``te``,
         ``participant_label``, ``bg_method``, ``min_mask_fraction``).
+    target_holdout : int
+        Subjects of ``target`` held out of training to validate on: the last ones by label
+        (:func:`~qsmprep.dl.target.split_by_subject`; default 1). 0 holds out nothing; with one
+        subject nothing is held out either (a warning says so). Either way the target
+        validation then uses training scans, and the checkpoint and model card say so
+        (``target_validation``).
+    target_val_subjects : list of str or None
+        The held-out subjects by label, instead of the last ``target_holdout``.
+    target_val_dir : str or None
+        A separate validation dataset (qsmprep output or BIDS, loaded with the options of
+        ``target`` but ``participant_label``): then all of ``target`` trains.
     seed : int
         Seed of the model initialisation and of all data.
     device : str
@@ -151,6 +162,9 @@ class TrainConfig:
     target: str | None = None
     reference: str | None = None
     target_options: dict = field(default_factory=dict)
+    target_holdout: int = 1
+    target_val_subjects: list | None = None
+    target_val_dir: str | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -206,6 +220,11 @@ class TrainConfig:
                 f"method {self.method!r} needs target scans: give --target (a qsmprep output "
                 "directory or a BIDS dataset)"
             )
+        if self.target_val_dir and self.target_val_subjects:
+            raise ValueError(
+                "give either held-out target subjects (--target-val-subjects) or a separate "
+                "validation dataset (--target-val-dir), not both"
+            )
         for key in ("steps", "batch_size"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
@@ -226,7 +245,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for key in (
             "log_every", "val_every", "ckpt_every", "val_batches", "stop_at", "threads",
-            "prefetch",
+            "prefetch", "target_holdout",
         ):  # fmt: skip
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")

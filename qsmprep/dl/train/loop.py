@@ -31,6 +31,7 @@ from qsmprep.dl.train.steps import (
     _sup,
     _tv,
     _validate,
+    deployed_domain,
     lambda_schedule,
     tkd_baseline,
 )
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 _BEFORE_SPEED = {"precision": "fp32", "channels_last": False, "prefetch": 0}
 """What a run saved before the speed settings existed did (``amp`` still applies on CUDA)."""
+
+_BEFORE_HOLDOUT = {"target_holdout": 0}
+"""What a run saved before the target hold-out existed did: it trained on every target scan."""
 
 
 def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
@@ -55,7 +59,7 @@ def _resume_config(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if not saved:
         raise ValueError(f"{last} has no training configuration; it cannot be resumed")
     saved = dict(saved)
-    for key, legacy in _BEFORE_SPEED.items():  # a run saved before these settings existed
+    for key, legacy in {**_BEFORE_SPEED, **_BEFORE_HOLDOUT}.items():  # saved before they existed
         saved.setdefault(key, legacy)
     saved.update(quiet=cfg.quiet, device=cfg.device, resume=True, out=cfg.out, stop_at=cfg.stop_at)
     if cfg.threads:  # speed only: a resumed run may use other cores
@@ -124,7 +128,9 @@ def _train(cfg: TrainConfig, device: torch.device, speed: dict, last) -> Path:
     if cl:
         model = model.to(memory_format=torch.channels_last_3d)
     opt, sched = _optimizer(cfg, model)
-    synth, val, target, tval = _data(cfg, arch, device)
+    synth, val, target, tval, validation = _data(cfg, arch, device)
+    if arch == "dsbn":  # the batch norms of every reported metric (see _validate)
+        validation["batch_norms"] = deployed_domain(cfg) or model.default_domain
     if cfg.method in ("transfer",) and not target.labelled:
         raise ValueError("transfer learning needs target scans with a reference chi")
 
@@ -168,6 +174,8 @@ def _train(cfg: TrainConfig, device: torch.device, speed: dict, last) -> Path:
             ).describe()
         if target is not None:
             d["target"] = target.describe()
+        if validation:
+            d["validation"] = dict(validation)
         if cfg.init:
             d["init"] = str(cfg.init)
             if init_meta is not None:
@@ -288,6 +296,8 @@ def _train(cfg: TrainConfig, device: torch.device, speed: dict, last) -> Path:
     held = dict(metrics)
     if tkd_nrmse is not None:
         held["val_tkd_nrmse"] = tkd_nrmse
+    if tval:  # whether the target figures are held out, beside them
+        held["target_validation"] = validation["target_validation"]
     extra = {
         "command": cfg.command or "",
         "method": cfg.method,

@@ -20,6 +20,8 @@ _CSV_FIELDS = [
     "lr",
     "val_loss",
     "val_nrmse",
+    "val_loss_source_bn",
+    "val_nrmse_source_bn",
     "val_target_dc",
     "val_target_nrmse",
     "patches_per_s",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from qsmprep.dl.checkpoint import load_checkpoint
 from qsmprep.dl.nets import build_model, default_config
 from qsmprep.dl.synth import SyntheticQSMData
 from qsmprep.dl.train.config import _NEEDS_TARGET, TrainConfig, _synth_kwargs
+
+log = logging.getLogger(__name__)
 
 
 def _build(cfg: TrainConfig, device: torch.device):
@@ -85,31 +89,96 @@ def _check_patch(cfg: TrainConfig, model) -> None:
         )
 
 
+SYNTH_VAL_SEED = 7919
+"""Offset of the synthetic validation data's seed from the run's ``seed``."""
+TARGET_VAL_SEED = 104729
+"""Offset of the seed of the target validation patches from the run's ``seed``."""
+
+
 def _data(cfg: TrainConfig, arch: str, device: torch.device):
-    """(synthetic train, synthetic val batches, target train, target val batches)."""
+    """(synthetic train, synthetic val batches, target train, target val batches, validation).
+
+    ``validation`` says what the validation batches are (for the checkpoint and model card):
+    the synthetic seed and, for target methods, how the target was split
+    (:func:`_target_split`). The training target never holds a held-out scan.
+    """
     from qsmprep.dl.target import TargetScans
 
     ps = cfg.patch_shape
     synth = val = target = tval = None
+    validation: dict = {}
     skw = _synth_kwargs(cfg, arch)
     if cfg.method in ("supervised", "dsbn"):
         synth = SyntheticQSMData(ps, seed=cfg.seed, device=device, **skw)
     if cfg.val_batches > 0:
-        held = SyntheticQSMData(ps, seed=cfg.seed + 7919, device=device, **skw)
+        held = SyntheticQSMData(ps, seed=cfg.seed + SYNTH_VAL_SEED, device=device, **skw)
         val = [held.batch(cfg.batch_size) for _ in range(cfg.val_batches)]
+        validation["synthetic_seed"] = cfg.seed + SYNTH_VAL_SEED
+        validation["synthetic_batches"] = cfg.val_batches
     if cfg.method in _NEEDS_TARGET:
         ref = cfg.reference
         if cfg.method == "transfer" and ref is None:
             ref = "cosmos"
         opts = dict(cfg.target_options)
-        target = TargetScans(
-            cfg.target, ps, reference=ref, seed=cfg.seed + 1, device=device, **opts
-        )
-        if cfg.val_batches > 0:
-            held_t = TargetScans(
-                target.scans, ps, seed=cfg.seed + 104729, device=device,
-                min_mask_fraction=target.min_mask_fraction,
-            )  # fmt: skip
+        full = TargetScans(cfg.target, ps, reference=ref, seed=cfg.seed + 1, device=device, **opts)
+        target, held_t, info = _target_split(cfg, full, ref, device, opts)
+        validation.update(info)
+        if held_t is not None:
             tb = cfg.target_batch_size or cfg.batch_size
             tval = [held_t.batch(tb) for _ in range(cfg.val_batches)]
-    return synth, val, target, tval
+    return synth, val, target, tval, validation
+
+
+def _target_split(cfg: TrainConfig, full, ref, device, opts: dict):
+    """``(training target, validation target or None, description)`` of a run's target scans.
+
+    The held-out subjects of ``full`` (:func:`~qsmprep.dl.target.split_by_subject`), or a
+    separate dataset (``target_val_dir``), validate; nothing is loaded for validation when
+    ``val_batches`` is 0, but the training scans are the same.
+    """
+    from qsmprep.dl.target import TargetScans, detect_source, split_by_subject
+
+    seed = cfg.seed + TARGET_VAL_SEED
+    if cfg.target_val_dir:
+        held = None
+        info = {"target_validation": "separate dataset", "target_val_dir": cfg.target_val_dir}
+        _, root = detect_source(cfg.target_val_dir)
+        if full.root is not None and root.resolve() == full.root.resolve():
+            raise ValueError(
+                f"--target-val-dir {cfg.target_val_dir} is the training target {full.root}; "
+                "give another dataset, or hold subjects out of --target (--target-holdout, "
+                "--target-val-subjects)"
+            )
+        if cfg.val_batches > 0:
+            vopts = {k: v for k, v in opts.items() if k != "participant_label"}
+            held = TargetScans(
+                cfg.target_val_dir, full.patch_shape, reference=ref, seed=seed, device=device,
+                **vopts,
+            )  # fmt: skip
+            shared = sorted(set(full.subjects) & set(held.subjects))
+            if shared:
+                log.warning(
+                    "target: the validation dataset %s also has subject(s) %s; they are taken "
+                    "to be other people than the training target's",
+                    cfg.target_val_dir, ", ".join(f"sub-{x}" for x in shared),
+                )  # fmt: skip
+        info["target_train_subjects"] = full.subjects
+        if held is not None:
+            info["target_val_subjects"] = held.subjects
+            info["target_val_scans"] = [s.name for s in held.scans]
+            info["target_val_seed"] = seed
+        return full, held, info
+    train_scans, val_scans, note = split_by_subject(
+        full.scans, holdout=cfg.target_holdout, subjects=cfg.target_val_subjects
+    )
+    target = full if not val_scans else full.subset(train_scans, seed=full.seed)
+    held = None
+    if cfg.val_batches > 0:
+        held = full.subset(val_scans or full.scans, seed=seed)
+    info = {"target_validation": note, "target_train_subjects": target.subjects}
+    validated = val_scans or full.scans  # what the target metrics come from
+    info["target_val_subjects"] = list(dict.fromkeys(s.subject for s in validated))
+    info["target_val_scans"] = [s.name for s in validated]
+    if held is not None:
+        info["target_val_seed"] = seed
+    return target, held, info

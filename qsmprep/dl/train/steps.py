@@ -90,23 +90,44 @@ def _sup(cfg: TrainConfig, chi, batch) -> torch.Tensor:
     return loss
 
 
+def deployed_domain(cfg: TrainConfig) -> str | None:
+    """The batch-norm domain the trained model infers with: ``"target"`` after ``dsbn``
+    training (the model is saved with ``default_domain = "target"``), else None (the model's
+    default domain, which the other methods train and are deployed with)."""
+    return "target" if cfg.method == "dsbn" else None
+
+
+def _synthetic_metrics(cfg: TrainConfig, model, val, domain, channels_last) -> tuple:
+    losses, errs = [], []
+    for b in val:
+        chi = _predict(model, b, domain, False, channels_last)
+        losses.append(float(supervised_loss(chi, b["chi"], b["mask"], kind=cfg.loss)))
+        errs.append(_nrmse(chi, b["chi"], b["mask"]))
+    return float(np.mean(losses)), float(np.nanmean(errs))
+
+
 @torch.no_grad()
 def _validate(cfg: TrainConfig, model, val, tval, channels_last: bool = False) -> dict:
     """Held-out losses and NRMSE, in float32 whatever the training precision (as the model is
-    used)."""
+    used).
+
+    Every figure goes through the batch norms the model is deployed with
+    (:func:`deployed_domain`): for ``dsbn`` the target ones, on synthetic data too. ``dsbn``
+    also records the synthetic figures through the source batch norms, which its synthetic
+    training batches use: ``val_loss_source_bn`` and ``val_nrmse_source_bn``.
+    """
     model.eval()
     out = {}
+    domain = deployed_domain(cfg)
     if val:
-        domain = "source" if model.config["arch"] == "dsbn" else None
-        losses, errs = [], []
-        for b in val:
-            chi = _predict(model, b, domain, False, channels_last)
-            losses.append(float(supervised_loss(chi, b["chi"], b["mask"], kind=cfg.loss)))
-            errs.append(_nrmse(chi, b["chi"], b["mask"]))
-        out["val_loss"] = float(np.mean(losses))
-        out["val_nrmse"] = float(np.nanmean(errs))
+        out["val_loss"], out["val_nrmse"] = _synthetic_metrics(
+            cfg, model, val, domain, channels_last
+        )
+        if cfg.method == "dsbn":
+            out["val_loss_source_bn"], out["val_nrmse_source_bn"] = _synthetic_metrics(
+                cfg, model, val, "source", channels_last
+            )
     if tval:
-        domain = "target" if model.config["arch"] == "dsbn" else None
         dcs, errs = [], []
         for b in tval:
             chi = _predict(model, b, domain, False, channels_last)
