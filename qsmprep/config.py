@@ -100,6 +100,10 @@ def load_method_params(path: str | Path) -> dict[str, dict]:
     return data
 
 
+DEFAULT_ADAPT_STEPS = 300
+"""Optimiser steps of each ``--dl-adapt`` adaptation (:mod:`qsmprep.app.adapt`)."""
+
+
 @dataclass
 class Settings:
     """Everything a run needs; :meth:`to_dict` is written to ``qsmprep_settings.json``."""
@@ -138,6 +142,9 @@ class Settings:
     # datasets, used instead of computing them
     mask_dir: Path | None = None
     field_dir: Path | None = None
+    # adapt the adaptable networks (qsmprep.app.adapt) to the selected acquisitions first
+    dl_adapt: bool = False
+    dl_adapt_steps: int = DEFAULT_ADAPT_STEPS
     version: str = __version__
 
     def __post_init__(self):
@@ -165,6 +172,8 @@ class Settings:
                 f" the same chain; give 'chi' among the outputs, e.g. chi {' '.join(self.outputs)}"
             )
         self.outputs = [o for o in OUTPUTS if o in self.outputs]
+        if int(self.dl_adapt_steps) < 1:
+            raise ValueError(f"dl_adapt_steps must be at least 1, got {self.dl_adapt_steps!r}")
         if self.phase_sign not in (1, -1):
             raise ValueError(f"phase_sign must be 1 or -1, got {self.phase_sign!r}")
         from qsmprep.output_spaces import parse_output_spaces

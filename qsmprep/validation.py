@@ -195,6 +195,7 @@ def split_errors(
 BIDSIGNORE = """\
 # Written by qsmprep: outputs that the BIDS specification has no name for yet.
 logs
+models
 *.html
 qsmprep_settings.json
 group_*

@@ -183,6 +183,13 @@ def run_participant(settings: Settings) -> int:
             "no valid acquisition to process" + (" (see the errors above)" if errors else "")
         )
     settings.output_dir.mkdir(parents=True, exist_ok=True)
+    if settings.dl_adapt:
+        from qsmprep.app.adapt import adapt_networks
+
+        # the networks learn the selected acquisitions' fields; the methods then run them
+        adapted = adapt_networks(settings, sorted({a.subject for a in acqs}))
+        for method, weights in adapted.items():
+            settings.method_params.setdefault(method, {})["weights"] = str(weights)
     bids.write_dataset_description(settings.output_dir)
     write_bidsignore(settings.output_dir)
     settings.write(settings.output_dir / "qsmprep_settings.json")

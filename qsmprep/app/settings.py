@@ -15,7 +15,13 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from qsmprep.config import DEFAULT_BG_METHOD, OUTPUTS, Settings, load_method_params
+from qsmprep.config import (
+    DEFAULT_ADAPT_STEPS,
+    DEFAULT_BG_METHOD,
+    OUTPUTS,
+    Settings,
+    load_method_params,
+)
 from qsmprep.methods import names
 
 __all__ = ["UsageError", "default_nprocs", "default_omp_nthreads", "make_settings"]
@@ -143,6 +149,8 @@ def make_settings(
     plugin: str = "MultiProc",
     plugin_config=None,
     skip_bids_validation: bool = False,
+    dl_adapt: bool = False,
+    dl_adapt_steps: int = DEFAULT_ADAPT_STEPS,
 ) -> Settings:
     """Check the options of a run and turn them into :class:`~qsmprep.config.Settings`.
 
@@ -208,6 +216,8 @@ def make_settings(
             plugin_args.setdefault("memory_gb", mem_gb)
     if omp_nthreads is None:
         omp_nthreads = default_omp_nthreads(nprocs)
+    if int(dl_adapt_steps) < 1:
+        raise UsageError(f"--dl-adapt-steps must be at least 1, got {dl_adapt_steps}")
     if nprocs < 1 or omp_nthreads < 1:
         raise UsageError(
             f"--nprocs and --omp-nthreads must be at least 1 ({nprocs}, {omp_nthreads})"
@@ -252,4 +262,6 @@ def make_settings(
         resource_monitor=bool(resource_monitor),
         mask_dir=_existing_dir(mask_dir, "--mask-dir"),
         field_dir=_existing_dir(field_dir, "--field-dir"),
+        dl_adapt=bool(dl_adapt),
+        dl_adapt_steps=int(dl_adapt_steps),
     )

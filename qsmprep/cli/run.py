@@ -23,8 +23,9 @@ from qsmprep.app import (
     run,
     run_demo,
 )
+from qsmprep.app.adapt import MODELS_DIR
 from qsmprep.app.console import console
-from qsmprep.config import OUTPUTS, Settings
+from qsmprep.config import DEFAULT_ADAPT_STEPS, OUTPUTS, Settings
 from qsmprep.methods import defaults, names, records
 from qsmprep.recon.unwrap import AUTO_ONE_ECHO
 
@@ -192,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON/TOML file of method parameters, e.g. {"tv": {"lam": 5e-4}}',
     )
 
+    g.add_argument(
+        "--dl-adapt",
+        action="store_true",
+        help="adapt the networks of dsbn (QSMInvNet+) and dcfinetune (QSMInvNet) to the selected"
+        " acquisitions before running them, without labels: their local fields train the"
+        " target batch norms with the data-consistency loss (dsbn) or fine-tune the network by"
+        " data consistency (dcfinetune). The adapted weights, with model card and sha256, go"
+        f" to OUTPUT_DIR/{MODELS_DIR.as_posix()}/; a rerun on the same acquisitions reuses them",
+    )
+    g.add_argument(
+        "--dl-adapt-steps",
+        type=int,
+        default=DEFAULT_ADAPT_STEPS,
+        metavar="N",
+        help=f"optimiser steps of each --dl-adapt adaptation (default {DEFAULT_ADAPT_STEPS})",
+    )
+
     g = p.add_argument_group(
         "Precomputed inputs (derivative datasets: sub-<label>[/ses-<label>]/anat/)"
     )
@@ -344,6 +362,8 @@ def settings_from_args(args) -> Settings:
         plugin=args.nipype_plugin,
         plugin_config=args.plugin_config,
         skip_bids_validation=getattr(args, "skip_bids_validation", False),
+        dl_adapt=getattr(args, "dl_adapt", False),
+        dl_adapt_steps=getattr(args, "dl_adapt_steps", DEFAULT_ADAPT_STEPS),
     )
 
 

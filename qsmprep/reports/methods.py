@@ -49,6 +49,8 @@ _CITATIONS: dict[str, str] = {
     "smwi2017": "Nam Y, Gho SM, Kim DH, Kim EY, Lee J. Imaging of nigrosome 1 in substantia "
     "nigra at 3T using multiecho susceptibility map-weighted imaging (SMWI). J Magn Reson "
     "Imaging 2017;46:528-536.",
+    "liu2021": "Liu J, Koch KM. Exploring domain adaption for deep neural network trained "
+    "QSM. Proc ISMRM 2021:3980; arXiv:2206.13225.",
     "ssim": "Wang Z, Bovik AC, Sheikh HR, Simoncelli EP. Image quality assessment: from error "
     "visibility to structural similarity. IEEE Trans Image Process 2004;13:600-612.",
 }
@@ -350,6 +352,17 @@ def _inversion_sentences(s: Mapping, mp: Mapping, cite: _Cite, bg: str) -> list[
     if bg != "resharp" and any(m in registry.names(kind="dl") for m in chosen):
         out.append(
             "The networks were given a local field made with RESHARP, as their training data were."
+        )
+    adapted = [METHODS[m].label for m in chosen if m in ("dsbn", "dcfinetune") and m in METHODS]
+    if _get(s, "dl_adapt", False) and adapted:
+        steps = _get(s, "dl_adapt_steps", 300)
+        out.append(
+            f"Before inference, {' and '.join(adapted)} were adapted without labels to the "
+            f"RESHARP local fields of all acquisitions of this run ({steps} optimiser steps "
+            "each: target-domain batch normalisation with the data-consistency loss beside "
+            "the supervised loss on synthetic data, or fine-tuning by data consistency alone), "
+            f"as in the domain-adaptation protocol{cite('liu2021')}; the adapted weights, with "
+            "their model cards and SHA-256, are in models/dl-adapt/ of the output dataset."
         )
     return out
 

@@ -1,0 +1,217 @@
+"""``qsmprep ... --dl-adapt``: adapt the networks to the data being processed, then infer.
+
+Paper 1's protocol (Liu & Koch, QSMInvNet+) adapts a network trained on synthetic data to the
+unlabelled scans it is to reconstruct. With ``--dl-adapt`` the participant level does that
+before its workflows run:
+
+1. **Target fields.** The field chain runs on every selected acquisition with the background
+   removal the networks were trained on (:data:`qsmprep.dl.weights.TRAINED_BACKGROUND`), as a
+   run of the App itself into ``<work_dir>/dl_adapt/target`` (Nipype's cache makes a rerun
+   cheap). No label is used: only the local fields, their masks and noise maps.
+2. **Adaptation.** Each adaptable method selected (:data:`ADAPTABLE`) is trained on them from
+   the model it would run otherwise: ``dsbn`` (QSMInvNet+: synthetic batches through the
+   source batch norms with the supervised loss, the dataset's fields through the target batch
+   norms with the data-consistency loss) and ``dcfinetune`` (QSMInvNet: fine-tuned by data
+   consistency alone). Every acquisition trains (``target_holdout=0``): the protocol adapts to
+   the very scans it reconstructs, which the model card says.
+3. **Weights in the output dataset.** ``<output_dir>/models/dl-adapt/<method>.pt`` with its
+   model card (``.md``), registered with its sha256 in ``registry.json`` there, and
+   ``adaptation.json`` recording what it was adapted on (the acquisitions and the sha256 of
+   their local fields), from which model and with which settings. The methods then run these
+   weights (their Chimap sidecars name the file and its sha256); a rerun on the same
+   acquisitions with the same settings reuses them, anything else adapts again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from qsmprep import _atomic as atomic
+from qsmprep.__about__ import __version__
+from qsmprep.app.settings import UsageError
+from qsmprep.config import Settings
+
+__all__ = ["ADAPTABLE", "MODELS_DIR", "adapt_networks"]
+
+LOGGER = logging.getLogger("qsmprep")
+
+ADAPTABLE = {"dsbn": "dsbn", "dcfinetune": "dc-finetune"}
+"""App methods that ``--dl-adapt`` adapts, and their training method
+(:class:`~qsmprep.dl.train.TrainConfig` ``method``)."""
+
+MODELS_DIR = Path("models") / "dl-adapt"
+"""Where the adapted weights go, relative to the output dataset."""
+
+MANIFEST = "adaptation.json"
+
+
+def _target_settings(settings: Settings, subjects: list[str]) -> Settings:
+    """The App run that makes the target fields: the chain with the networks' background."""
+    from qsmprep.dl.weights import TRAINED_BACKGROUND
+
+    base = settings.work_dir / "dl_adapt"
+    return dataclasses.replace(
+        settings,
+        output_dir=base / "target",
+        work_dir=base / "work",
+        participant_label=list(subjects),
+        methods=["tkd"],
+        bg_method=TRAINED_BACKGROUND,
+        outputs=["chi"],
+        output_spaces=[],
+        reference=None,
+        skip_bids_validation=True,  # the run that asks for it has validated the input
+        dl_adapt=False,
+        dl_adapt_steps=settings.dl_adapt_steps,
+    )
+
+
+def _target_fields(target: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of the local fields of the target run."""
+    from qsmprep.dl.checkpoint import file_sha256
+
+    files = sorted(target.glob("sub-*/**/*_desc-local_fieldmap.nii.gz"))
+    return {f.name: file_sha256(f) for f in files}
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def adapt_networks(settings: Settings, subjects: list[str]) -> dict[str, Path]:
+    """Adapt the selected adaptable networks to ``subjects``' scans; their weights files.
+
+    Returns ``{method: weights file}`` (empty when no adaptable method is selected; a warning
+    says so). Raises :class:`~qsmprep.app.settings.UsageError` when no target field could be
+    made.
+    """
+    from qsmprep.app.levels import run_participant
+    from qsmprep.dl.checkpoint import file_sha256
+    from qsmprep.dl.weights import register_model, resolve_model
+
+    methods = [m for m in settings.methods if m in ADAPTABLE]
+    if not methods:
+        LOGGER.warning(
+            "--dl-adapt has nothing to adapt: it adapts %s, and --methods has none of them",
+            " and ".join(ADAPTABLE),
+        )
+        return {}
+    t0 = time.perf_counter()
+    target_settings = _target_settings(settings, subjects)
+    LOGGER.info(
+        "--dl-adapt: making the target fields of %d subject(s) in %s",
+        len(subjects),
+        target_settings.output_dir,
+    )
+    rc = run_participant(target_settings)
+    fields = _target_fields(target_settings.output_dir)
+    if not fields:
+        raise UsageError(
+            f"--dl-adapt: the field chain made no local field to adapt on (exit {rc}; see the"
+            f" logs in {target_settings.output_dir / 'logs'}); run without --dl-adapt, or fix"
+            " the input"
+        )
+    if rc != 0:
+        LOGGER.warning(
+            "--dl-adapt: some acquisitions failed in the target run; adapting on the %d local"
+            " field(s) made",
+            len(fields),
+        )
+    models = settings.output_dir / MODELS_DIR
+    models.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for method in methods:
+        params = settings.params(method)
+        init = resolve_model(method, model=params.get("model"), weights=params.get("weights"))
+        record = {
+            "Method": method,
+            "TrainingMethod": ADAPTABLE[method],
+            "InitialModel": init.name,
+            "InitialSha256": init.sha256 or file_sha256(init.path),
+            "Steps": int(settings.dl_adapt_steps),
+            "Seed": 0,
+            "TargetLocalFields": fields,
+            "TargetBackgroundMethod": target_settings.bg_method,
+            "QsmprepVersion": __version__,
+        }
+        weights = models / f"{method}.pt"
+        manifest = models / f"{method}_{MANIFEST}"
+        old = _read_manifest(manifest)
+        if weights.is_file() and old is not None:
+            same = {k: v for k, v in old.items() if k not in ("Sha256", "Seconds")} == record
+            if same and old.get("Sha256") == file_sha256(weights):
+                LOGGER.info("--dl-adapt: %s reuses %s (same scans and settings)", method, weights)
+                out[method] = weights
+                continue
+        out[method] = _adapt_one(settings, method, init, record, target_settings.output_dir)
+        record.update(Sha256=file_sha256(out[method]), Seconds=round(record.pop("_seconds"), 1))
+        atomic.write_text(manifest, json.dumps(record, indent=1) + "\n")
+        card = models / f"{method}.md"
+        register_model(
+            models,
+            method,
+            out[method],
+            arch=init.arch or "unet",
+            sha256=record["Sha256"],
+            card=card if card.is_file() else None,
+            description=f"{method} adapted by qsmprep --dl-adapt to {len(fields)} scan(s)",
+        )
+    LOGGER.info("--dl-adapt: done in %.0f s", time.perf_counter() - t0)
+    return out
+
+
+def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path) -> Path:
+    """Train one adaptation; copy its checkpoint and model card into the output dataset."""
+    from qsmprep.app.recipe import CONVENTIONAL_SYNTH
+    from qsmprep.dl.train import TrainConfig, train
+
+    runs = settings.work_dir / "dl_adapt" / "runs" / method
+    if runs.exists():
+        shutil.rmtree(runs)  # an interrupted or outdated run: adapt from the start
+    steps = int(settings.dl_adapt_steps)
+    cfg = TrainConfig(
+        method=ADAPTABLE[method],
+        arch="dsbn" if method == "dsbn" else None,
+        synth=dict(CONVENTIONAL_SYNTH),
+        init=str(init.path),
+        steps=steps,
+        batch_size=4,
+        patch_size=(32, 32, 32),
+        target=str(target),
+        target_holdout=0,
+        seed=0,
+        device=settings.compute_device,
+        threads=int(settings.nprocs),
+        out=str(runs),
+        name=method,
+        log_every=max(1, steps // 20),
+        val_every=0,
+        ckpt_every=max(1, steps // 5),
+        val_batches=2,
+        quiet=True,
+        command=f"qsmprep {settings.bids_dir} {settings.output_dir} participant --methods "
+        f"{method} --dl-adapt --dl-adapt-steps {steps}",
+    )
+    LOGGER.info("--dl-adapt: adapting %s (%s, %d steps) from %s", method, cfg.method, steps,
+                init.path)  # fmt: skip
+    t0 = time.perf_counter()
+    ckpt = train(cfg)
+    record["_seconds"] = time.perf_counter() - t0
+    models = settings.output_dir / MODELS_DIR
+    dest = models / f"{method}.pt"
+    tmp = dest.with_suffix(".pt.tmp")
+    shutil.copy2(ckpt, tmp)
+    tmp.replace(dest)
+    card = ckpt.with_suffix(".md")
+    if card.is_file():
+        atomic.write_text(models / f"{method}.md", card.read_text())
+    LOGGER.info("--dl-adapt: %s adapted in %.0f s -> %s", method, record["_seconds"], dest)
+    return dest

@@ -1,0 +1,121 @@
+"""``qsmprep ... --dl-adapt``: the networks adapt to the data being processed, then infer.
+
+One simulated head (48 x 48 x 40 voxels of 3 mm, three echoes), the App run as a library,
+without and with adaptation. The bounds were written before the first measurement: adapting
+QSMInvNet (data-consistency fine-tuning) to the head's own field must lower the
+data-consistency residual of its map (at most 0.98 of the shipped network's), and neither
+adapted network may be worse against the true susceptibility by more than 1 NRMSE point.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from qsmprep.app import UsageError, make_settings, run  # noqa: E402
+from qsmprep.app.adapt import MODELS_DIR  # noqa: E402
+from qsmprep.dl.checkpoint import file_sha256, load_checkpoint  # noqa: E402
+from qsmprep.dl.weights import available_models, resolve_model  # noqa: E402
+from qsmprep.metrics import nrmse  # noqa: E402
+from qsmprep.sim.bids import simulate_bids_dataset  # noqa: E402
+from qsmprep.validation import BIDSIGNORE  # noqa: E402
+
+METHODS = ["dsbn", "dcfinetune"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    bids = simulate_bids_dataset(
+        root / "bids", n_subjects=1, shape=(48, 48, 40), voxel_size=3.0,
+        echo_times=(0.004, 0.008, 0.012), seed=3,
+    )  # fmt: skip
+
+    def app(out, **kw):
+        s = make_settings(bids, root / out, "participant", work_dir=root / f"work-{out}",
+                          methods=METHODS, nprocs=1, device="cpu", **kw)  # fmt: skip
+        assert run(s) == 0
+        return root / out
+
+    plain = app("plain")
+    adapted = app("adapted", dl_adapt=True, dl_adapt_steps=20)
+    return {"bids": bids, "plain": plain, "adapted": adapted, "app": app}
+
+
+def _sidecar(out, method) -> dict:
+    return json.loads((out / "sub-01" / "anat" / f"sub-01_desc-{method}_Chimap.json").read_text())
+
+
+def _nrmse(out, bids, method) -> float:
+    gt = bids / "derivatives" / "groundtruth" / "sub-01" / "anat"
+    truth = nib.load(next(gt.glob("*Chimap.nii.gz"))).get_fdata()
+    mask = nib.load(next(gt.glob("*brain_mask.nii.gz"))).get_fdata() > 0
+    chi = nib.load(out / "sub-01" / "anat" / f"sub-01_desc-{method}_Chimap.nii.gz").get_fdata()
+    return nrmse(chi, truth, mask)
+
+
+def test_adapted_weights_are_in_the_output_and_run(runs):
+    models = runs["adapted"] / MODELS_DIR
+    registered = available_models(models)
+    assert set(registered) == set(METHODS)
+    for method in METHODS:
+        entry = registered[method]
+        assert entry.sha256 == file_sha256(entry.path)
+        assert entry.card is not None and "Validation" in entry.card.read_text()
+        manifest = json.loads((models / f"{method}_adaptation.json").read_text())
+        assert list(manifest["TargetLocalFields"]) == ["sub-01_desc-local_fieldmap.nii.gz"]
+        assert manifest["Steps"] == 20 and manifest["Sha256"] == entry.sha256
+        shipped = resolve_model(method)
+        assert manifest["InitialSha256"] == (shipped.sha256 or file_sha256(shipped.path))
+        # the Chimap says which weights made it: the adapted ones, not the shipped ones
+        params = _sidecar(runs["adapted"], method)["Parameters"]
+        assert params["WeightsSha256"] == entry.sha256 != shipped.sha256
+        assert _sidecar(runs["plain"], method)["Parameters"]["WeightsSha256"] == shipped.sha256
+    # QSMInvNet+ runs its target batch norms, now with this dataset's statistics
+    net, _ = load_checkpoint(registered["dsbn"].path)
+    shipped_net, _ = load_checkpoint(resolve_model("dsbn").path)
+    state, shipped_state = net.state_dict(), shipped_net.state_dict()
+    target_bn = [k for k in state if ".bns.target.running_mean" in k]
+    assert target_bn
+    assert all(not np.allclose(state[k], shipped_state[k]) for k in target_bn)
+    assert "models" in BIDSIGNORE.split()
+    assert (runs["adapted"] / ".bidsignore").read_text() == BIDSIGNORE
+
+
+def test_adaptation_lowers_the_data_consistency_residual(runs):
+    before = _sidecar(runs["plain"], "dcfinetune")["DataConsistencyResidual"]
+    after = _sidecar(runs["adapted"], "dcfinetune")["DataConsistencyResidual"]
+    assert after <= 0.98 * before, (before, after)
+    for method in METHODS:
+        a, b = (
+            _nrmse(runs["adapted"], runs["bids"], method),
+            _nrmse(runs["plain"], runs["bids"], method),
+        )
+        assert a <= b + 1.0, (method, a, b)
+
+
+def test_rerun_reuses_and_new_settings_adapt_again(runs, caplog):
+    models = runs["adapted"] / MODELS_DIR
+    stamp = {m: (models / f"{m}.pt").stat().st_mtime_ns for m in METHODS}
+    with caplog.at_level("INFO", logger="qsmprep"):
+        runs["app"]("adapted", dl_adapt=True, dl_adapt_steps=20)
+    assert {m: (models / f"{m}.pt").stat().st_mtime_ns for m in METHODS} == stamp
+    assert sum("reuses" in r.getMessage() for r in caplog.records) == 2
+    old = file_sha256(models / "dsbn.pt")
+    runs["app"]("adapted", dl_adapt=True, dl_adapt_steps=3)
+    assert file_sha256(models / "dsbn.pt") != old
+    assert json.loads((models / "dsbn_adaptation.json").read_text())["Steps"] == 3
+    assert _sidecar(runs["adapted"], "dsbn")["Parameters"]["WeightsSha256"] == file_sha256(
+        models / "dsbn.pt"
+    )
+
+
+def test_bad_steps_are_a_usage_error(runs):
+    with pytest.raises(UsageError, match="--dl-adapt-steps"):
+        make_settings(runs["bids"], runs["bids"].parent / "x", "participant", methods=METHODS,
+                      dl_adapt=True, dl_adapt_steps=0)  # fmt: skip
