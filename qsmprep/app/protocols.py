@@ -22,7 +22,8 @@ models of one protocol. A protocol is a dict:
     2 mm heads at :data:`qsmprep.app.recipe.ORIENTATIONS`.
 ``deviations``
     ``[(setting, value, why), ...]``: one line per departure from our defaults, and why the
-    paper did it (for ``docs/deep-learning.md`` and the model cards' command line).
+    paper did it (the table of ``docs/deep-learning.md``, "Protocols"). The model cards'
+    command lines name the protocol.
 
 The ``qsmprep`` protocol is empty: it gives exactly the configurations of the recipe without a
 protocol (tested).
