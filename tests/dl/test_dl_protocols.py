@@ -215,3 +215,32 @@ def test_paper1_recipe_registers_the_lambda_sweep(tmp_path, monkeypatch):
         c = meta["extra"]["train_config"]
         assert c["lambda_max"] == lam and c["loss"] == "l2" and c["init"] is None
         assert meta["config"]["activation"] == "relu"
+
+
+def test_target_data_of_another_plan_are_made_again(tmp_path, monkeypatch):
+    from qsmprep.app.recipe import make_target_data
+
+    deriv = tmp_path / "derivatives"
+    (deriv / "sub-01").mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text("{}")
+
+    class Simulated(Exception):
+        pass
+
+    def simulate(*args, **kw):
+        raise Simulated(kw["grids"])
+
+    monkeypatch.setattr("qsmprep.sim.bids.simulate_bids_dataset", simulate)
+    # no record: made before protocols, with the default plan, which paper2 is not
+    with pytest.raises(Simulated, match=r"\(1\.0, 1\.0, 1\.0\)"):
+        make_target_data(tmp_path, profile="tiny", protocol="paper2")
+    assert not deriv.exists()
+    # a record of the same plan keeps them
+    (deriv / "sub-01").mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text("{}")
+    plan = target_plan("tiny", "paper2")
+    record = {**plan, "grids": [[list(s), list(v)] for s, v in plan["grids"].values()]}
+    (tmp_path / "target_plan.json").write_text(json.dumps(record))
+    assert make_target_data(tmp_path, profile="tiny", protocol="paper2") == deriv
+    with pytest.raises(Simulated):  # and the default plan is another one
+        make_target_data(tmp_path, profile="tiny", protocol="qsmprep")
