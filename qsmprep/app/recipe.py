@@ -25,17 +25,19 @@ Every model is registered in ``OUT/weights/registry.json`` with its sha256 and m
 ``QSMPREP_WEIGHTS_DIR=OUT/weights qsmprep ... --methods dsbn adaptive`` runs them. Profiles
 set the size: ``tiny`` (a smoke test: seconds), ``cpu`` (what two CPU cores afford in about
 an hour for all models, running independent stages side by side with ``--only``) and ``gpu``
-(the full configuration for an H100-class GPU).
+(the full configuration for an H100-class GPU). Protocols (:mod:`qsmprep.app.protocols`) set
+the training: ``qsmprep`` (the above), ``paper1`` and ``paper2`` (the published ones).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
 from pathlib import Path
 
-__all__ = ["CONVENTIONAL_SYNTH", "PROFILES", "make_target_data", "run_recipe"]
+__all__ = ["CONVENTIONAL_SYNTH", "PROFILES", "make_target_data", "recipe_configs", "run_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,9 @@ networks take voxel size and B0 direction as inputs and draw both more widely
 ORIENTATIONS = [(0.0, 0.0), (25.0, 0.0), (-25.0, 0.0), (0.0, 25.0), (0.0, -25.0)]
 """Head rotations (about world x, about world y; degrees) of the target heads."""
 
+TARGET_VOXEL = 2.0
+"""Voxel size (mm) of the target heads; ``target_shape`` of a profile is at this size."""
+
 # (registry name, training method, arch, init model, stage, description)
 STAGES = [
     ("unet-pretrained", "supervised", "unet", None, "pretrain",
@@ -97,32 +102,66 @@ STAGES = [
 ]  # fmt: skip
 
 
-def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 2) -> Path:
+def target_plan(profile: str = "cpu", protocol: str = "qsmprep") -> dict:
+    """How the target heads are simulated: ``n`` subjects, their ``grids`` ({index: (shape,
+    voxel size)}; the field of view of the profile's ``target_shape`` at 2 mm, each axis an
+    even number of voxels) and ``orientations`` (the same for every subject)."""
+    from qsmprep.app.protocols import PROTOCOLS
+
+    p = PROFILES[profile]
+    spec = PROTOCOLS[protocol]["target"]
+    n = int(p["target_datasets"]) + int(p.get("target_val_heads", 0))
+    sizes = spec.get("voxel_sizes") or [(TARGET_VOXEL,) * 3]
+    grids = {}
+    for i in range(n):
+        vs = tuple(float(v) for v in sizes[i % len(sizes)])
+        shape = tuple(
+            2 * round(s * TARGET_VOXEL / v / 2) for s, v in zip(p["target_shape"], vs, strict=True)
+        )
+        grids[i] = (shape, vs)
+    rots = [tuple(map(float, r)) for r in spec.get("orientations") or ORIENTATIONS]
+    return {"n": n, "grids": grids, "orientations": rots[: p["orientations"]]}
+
+
+def make_target_data(
+    out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 2, protocol: str = "qsmprep"
+) -> Path:
     """Simulate the target heads and run the BIDS App on them; return its output directory."""
+    import json
+
     from qsmprep.app import make_settings, run
     from qsmprep.sim.bids import simulate_bids_dataset
 
-    p = PROFILES[profile]
     out = Path(out)
     bids = out / "bids"
     deriv = out / "derivatives"
-    n = int(p["target_datasets"]) + int(p.get("target_val_heads", 0))
+    plan = target_plan(profile, protocol)
+    n = plan["n"]
+    record = out / "target_plan.json"
+    planned = json.loads(json.dumps(_jsonable(plan)))
+    if record.is_file():
+        same = json.loads(record.read_text()) == planned
+    else:  # made before the record was kept: the default plan
+        same = planned == json.loads(json.dumps(_jsonable(target_plan(profile))))
     if (deriv / "dataset_description.json").is_file():
         have = [d for d in deriv.glob("sub-*") if d.is_dir()]
-        if len(have) == n:
+        if len(have) == n and same:
             return deriv  # made by an earlier (interrupted) run of the recipe
         log.warning(
-            "recipe: %s holds %d target heads, the %s profile %d; making them again",
-            deriv, len(have), profile, n,
+            "recipe: %s holds %d target heads, the %s profile %d (%s); making them again",
+            deriv, len(have), profile, n, "same plan" if same else "another plan",
         )  # fmt: skip
         shutil.rmtree(deriv)
         shutil.rmtree(out / "work", ignore_errors=True)
     if bids.exists():
         shutil.rmtree(bids)
+    shape, vs = plan["grids"][0]
     simulate_bids_dataset(
-        bids, n_subjects=n, shape=p["target_shape"], voxel_size=(2.0, 2.0, 2.0), seed=seed,
-        orientations={i: ORIENTATIONS[: p["orientations"]] for i in range(n)},
+        bids, n_subjects=n, shape=shape, voxel_size=vs, seed=seed,
+        orientations={i: plan["orientations"] for i in range(n)}, grids=plan["grids"],
     )  # fmt: skip
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(planned, indent=1) + "\n")
     from qsmprep.dl.weights import TRAINED_BACKGROUND
 
     settings = make_settings(bids, deriv, methods=["tkd"], nprocs=nprocs, work_dir=out / "work",
@@ -136,6 +175,78 @@ def make_target_data(out, *, profile: str = "cpu", seed: int = 0, nprocs: int = 
     return deriv
 
 
+def recipe_configs(
+    out,
+    target,
+    *,
+    profile: str = "cpu",
+    protocol: str = "qsmprep",
+    seed: int = 0,
+    device: str = "auto",
+    quiet: bool = True,
+    half: bool = True,
+    threads: int = 0,
+) -> list[tuple[str, object, str | None, str]]:
+    """``[(name, TrainConfig, arch, description), ...]``: what :func:`run_recipe` trains.
+
+    ``out`` is the recipe's folder and ``target`` the target data (a qsmprep output); the
+    arguments are those of :func:`run_recipe`. Nothing is read or written.
+    """
+    from qsmprep.app.protocols import check_protocol, overrides_for, protocol_models
+    from qsmprep.dl.train import TrainConfig
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {list(PROFILES)}")
+    check_protocol(protocol, STAGES)
+    p = PROFILES[profile]
+    out = Path(out).absolute()
+    weights = out / "weights"
+    flag = "" if protocol == "qsmprep" else f" --protocol {protocol}"
+    configs = []
+    for name, row in protocol_models(protocol, STAGES):
+        _, method, arch, init, stage, description = row
+        over = copy.deepcopy(overrides_for(protocol, name, row))
+        init = over.pop("init", init)
+        description = over.pop("description", description)
+        steps = int(p[f"{over.pop('budget', stage)}_steps"])
+        cycles = int(over.pop("restart_cycles", 0))
+        model = over.pop("model", {})
+        scratch = {"base_channels": p["base_channels"], "depth": p["depth"]}
+        cfg = TrainConfig(
+            method=method,
+            arch=arch,
+            synth={} if _is_adaptive(arch, init) else dict(CONVENTIONAL_SYNTH),
+            model={} if init else {**scratch, **model},
+            init=str(weights / f"{init}.pt") if init else None,
+            steps=steps,
+            batch_size=int(p["batch"]),
+            patch_size=(int(p["patch"]),) * 3,
+            target=str(target) if stage != "pretrain" else None,
+            target_holdout=int(p.get("target_val_heads", 0)),
+            reference="cosmos" if stage == "transfer" else None,
+            seed=seed,
+            device=device,
+            threads=int(threads or 0),
+            out=str(out / "runs" / name),
+            name=name,
+            log_every=max(1, steps // 50),
+            val_every=int(p["val_every"]),
+            ckpt_every=max(1, steps // 10),
+            val_batches=int(p["val_batches"]),
+            quiet=quiet,
+            half=half,
+            command=f"qsmprep-train recipe {out} --profile {profile}{flag} --seed {seed} "
+            f"--only {name}",
+        )
+        for key, value in over.items():
+            setattr(cfg, key, value)
+        if cycles:
+            mult = int(cfg.restart_mult)
+            cfg.restart_steps = max(1, -(-steps // sum(mult**k for k in range(cycles))))
+        configs.append((name, cfg, arch, description))
+    return configs
+
+
 def run_recipe(
     out,
     *,
@@ -147,8 +258,9 @@ def run_recipe(
     quiet: bool = True,
     half: bool = True,
     threads: int = 0,
+    protocol: str = "qsmprep",
 ) -> Path:
-    """Train and register every shipped model; return the weights directory.
+    """Train and register every model of a protocol; return the weights directory.
 
     Parameters
     ----------
@@ -171,53 +283,38 @@ def run_recipe(
     threads : int
         torch CPU threads of the training runs (0: the default of
         :class:`~qsmprep.dl.train.TrainConfig`). The other speed settings are its defaults.
+    protocol : {"qsmprep", "paper1", "paper2"}
+        The training protocol (:data:`qsmprep.app.protocols.PROTOCOLS`): ``qsmprep`` makes
+        the shipped models; ``paper1`` and ``paper2`` follow the published ones. Use one
+        ``out`` per protocol.
 
     A model whose final checkpoint is already registered is not trained again, so an
     interrupted recipe continues where it stopped.
     """
+    from qsmprep.app.protocols import check_protocol
     from qsmprep.dl.checkpoint import file_sha256
-    from qsmprep.dl.train import TrainConfig, train
+    from qsmprep.dl.train import train
     from qsmprep.dl.weights import available_models, register_model
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {list(PROFILES)}")
-    p = PROFILES[profile]
+    check_protocol(protocol, STAGES)
     out = Path(out).absolute()
     weights = out / "weights"
     weights.mkdir(parents=True, exist_ok=True)
-    target = make_target_data(out / "target", profile=profile, seed=seed, nprocs=nprocs)
+    target = make_target_data(
+        out / "target", profile=profile, seed=seed, nprocs=nprocs, protocol=protocol
+    )
     done = set(available_models(weights))
     wanted = set(only) if only else None
     timings = {}
-    for name, method, arch, init, stage, description in STAGES:
+    configs = recipe_configs(
+        out, target, profile=profile, protocol=protocol, seed=seed, device=device, quiet=quiet,
+        half=half, threads=threads,
+    )  # fmt: skip
+    for name, cfg, arch, description in configs:
         if (wanted is not None and name not in wanted) or name in done:
             continue
-        steps = int(p[f"{stage}_steps"])
-        cfg = TrainConfig(
-            method=method,
-            arch=arch,
-            synth={} if _is_adaptive(arch, init) else dict(CONVENTIONAL_SYNTH),
-            model={} if init else {"base_channels": p["base_channels"], "depth": p["depth"]},
-            init=str(weights / f"{init}.pt") if init else None,
-            steps=steps,
-            batch_size=int(p["batch"]),
-            patch_size=(int(p["patch"]),) * 3,
-            target=str(target) if stage != "pretrain" else None,
-            target_holdout=int(p.get("target_val_heads", 0)),
-            reference="cosmos" if stage == "transfer" else None,
-            seed=seed,
-            device=device,
-            threads=int(threads or 0),
-            out=str(out / "runs" / name),
-            name=name,
-            log_every=max(1, steps // 50),
-            val_every=int(p["val_every"]),
-            ckpt_every=max(1, steps // 10),
-            val_batches=int(p["val_batches"]),
-            quiet=quiet,
-            half=half,
-            command=f"qsmprep-train recipe {out} --profile {profile} --seed {seed} --only {name}",
-        )
         t0 = time.perf_counter()
         ckpt = train(cfg)
         timings[name] = time.perf_counter() - t0
@@ -233,6 +330,10 @@ def run_recipe(
                        card=card_dest, description=description)  # fmt: skip
         log.info("recipe: %s trained in %.0f s", name, timings[name])
     return weights
+
+
+def _jsonable(plan: dict) -> dict:
+    return {**plan, "grids": [list(map(list, g)) for g in plan["grids"].values()]}
 
 
 def _is_adaptive(arch, init) -> bool:

@@ -269,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("out", help="working folder; the models land in OUT/weights")
     r.add_argument("--profile", choices=["tiny", "cpu", "gpu"], default="cpu")
+    r.add_argument(
+        "--protocol",
+        choices=["qsmprep", "paper1", "paper2"],
+        default="qsmprep",
+        help="training protocol (qsmprep.app.protocols): qsmprep (default) makes the shipped "
+        "models; paper1 follows QSMInvNet+ (L2 loss, Adam at 1e-4, ReLU, dsbn trained from "
+        "scratch at lambda 0.1, 1 and 10: models dsbn-lam0.1, dsbn-lam1, dsbn-lam10); paper2 "
+        "the adaptive-convolution paper (both U-Nets pre-trained on the same shapes with "
+        "random voxel sizes, B0 tilts and flips, warm restarts, target heads at 1, 1x1x2 and "
+        "2x2x3 mm tilted 0-30 degrees with COSMOS labels). Use one OUT per protocol",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--nprocs", type=int, default=2, help="processes of the BIDS App run")
@@ -374,6 +385,7 @@ def main(argv=None) -> int:
                 args.out, profile=args.profile, seed=args.seed, device=args.device,
                 nprocs=args.nprocs, only=args.only, quiet=args.quiet,
                 half=not args.full_precision, threads=args.threads or 0,
+                protocol=args.protocol,
             )  # fmt: skip
             print(f"qsmprep-train: models in {weights} (use QSMPREP_WEIGHTS_DIR={weights})")
             return 0

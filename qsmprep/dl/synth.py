@@ -18,7 +18,10 @@ scale that may be negative; Jung W et al. Exploring linearity of deep neural net
 QSM: QSMnet+. NeuroImage 2020;211:116619), fake lesions (haemorrhages: strongly paramagnetic
 blobs; calcifications: diamagnetic blobs) and Gaussian noise of spatially varying level in the
 field. For the adaptive model each sample draws its voxel size (anisotropic slices allowed)
-and B0 direction (tilted up to ``max_tilt_deg``).
+and B0 direction (tilted up to ``max_tilt_deg``). Optionally (``flip_prob``) a sample is
+mirrored along each voxel axis: chi, mask, noise and weight are flipped and the B0 direction's
+component along that axis changes sign (the mirrored acquisition), before the field is made
+from the flipped chi with that B0; the mirrored pair obeys the same forward model.
 
 Every chi is referenced (mean 0 over the mask, zero outside; ``docs/deep-learning.md``, the
 synthetic data) and the local field is its dipole convolution on the 2x zero-padded grid, with
@@ -217,6 +220,12 @@ class SyntheticQSMData:
         +1.5 ppm, radius 1-4 mm) or calcifications (-0.1 to -0.8 ppm, radius 1-3 mm).
     rotate_deg : float
         Largest rotation (deg, about a random axis) of the phantom anatomy in a brain patch.
+    flip_prob : float
+        Probability of mirroring a sample along each voxel axis, drawn per axis (default 0:
+        off, and no random number is drawn, so the batches are those without the option). A
+        flip along axis ``i`` flips chi, mask, noise and weight and negates ``b0_dir[i]``: the
+        dipole kernel ``1/3 - (k.b)^2/|k|^2`` is unchanged when ``k_i`` and ``b_i`` both change
+        sign, so the field of the flipped chi with the flipped B0 is the flipped field.
     brain_fraction : float
         Probability of a brain patch for ``kind="mix"``.
     n_phantoms, phantom_shape, phantom_voxel_size, phantom_seed : int, 3 ints, float, int
@@ -257,6 +266,7 @@ class SyntheticQSMData:
         lesion_prob: float = 0.3,
         max_lesions: int = 3,
         rotate_deg: float = 15.0,
+        flip_prob: float = 0.0,
         brain_fraction: float = 0.5,
         n_phantoms: int = 4,
         phantom_shape: Sequence[int] = (104, 128, 96),
@@ -322,6 +332,7 @@ class SyntheticQSMData:
         self.lesion_prob = float(lesion_prob)
         self.max_lesions = int(max_lesions)
         self.rotate_deg = float(rotate_deg)
+        self.flip_prob = float(flip_prob)
         self.brain_fraction = float(brain_fraction)
         for name in (
             "large_chi_prob",
@@ -330,6 +341,7 @@ class SyntheticQSMData:
             "contrast_prob",
             "negate_prob",
             "lesion_prob",
+            "flip_prob",
             "brain_fraction",
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -421,6 +433,8 @@ class SyntheticQSMData:
         seed = int(np.random.SeedSequence([self.seed, int(index)]).generate_state(1)[0])
         g = torch.Generator().manual_seed(seed)
         samples = [self._sample(g) for _ in range(int(batch_size))]
+        if self.flip_prob > 0:  # drawn after the samples: they are those without flips
+            samples = [self._flip(g, s) for s in samples]
         out = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         chi, mask = out["chi"], out["mask"]
         field = synthetic_field(chi, out["voxel_size"], out["b0_dir"])
@@ -481,6 +495,19 @@ class SyntheticQSMData:
             "b0": torch.tensor(b0, device=dev),
             "te": torch.tensor(te, device=dev),
         }
+
+    def _flip(self, g, sample: dict) -> dict:
+        """Mirror a sample along each axis with probability ``flip_prob``; negate B0 there."""
+        axes = [i for i in range(3) if _uniform(g, 0, 1) < self.flip_prob]
+        if not axes:
+            return sample
+        out = dict(sample)
+        for k in ("chi", "mask", "noise", "weight"):  # (1, X, Y, Z)
+            out[k] = sample[k].flip([1 + i for i in axes])
+        sign = torch.ones(3, dtype=sample["b0_dir"].dtype, device=sample["b0_dir"].device)
+        sign[axes] = -1.0
+        out["b0_dir"] = sample["b0_dir"] * sign
+        return out
 
     def _draw_voxel_size(self, g) -> tuple[float, float, float]:
         r = self.voxel_ranges

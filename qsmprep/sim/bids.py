@@ -315,6 +315,7 @@ def simulate_bids_dataset(
     lesions: bool = True,
     shim_order: int = 2,
     orientations: dict[int, Sequence] | None = None,
+    grids: dict[int, tuple] | None = None,
 ) -> Path:
     """Simulate ``n_subjects`` phantoms and write them as a BIDS dataset (see the module doc).
 
@@ -329,6 +330,10 @@ def simulate_bids_dataset(
     ``acq-ori2``, ... (same phantom and array, rotated affine, fields along each B0), in the
     layout of the development data's multi-orientation set.
 
+    ``grids`` gives some subjects their own matrix and voxel size: ``{subject_index: (shape,
+    voxel_size)}`` (others use ``shape`` and ``voxel_size``), for a dataset of several
+    resolutions.
+
     Returns
     -------
     Path of the dataset root.
@@ -339,7 +344,8 @@ def simulate_bids_dataset(
     subjects, meta = {}, {}
     for i in range(int(n_subjects)):
         label = f"{i + 1:02d}"
-        ph = make_head_phantom(shape, voxel_size, seed=seed + i, lesions=lesions, b0=b0)
+        shape_i, vs_i = (grids or {}).get(i, (shape, voxel_size))
+        ph = make_head_phantom(shape_i, vs_i, seed=seed + i, lesions=lesions, b0=b0)
         rots = (orientations or {}).get(i)
         if rots:
             phs, gres, flds = [], [], []

@@ -169,3 +169,43 @@ def test_bad_arguments():
         SyntheticQSMData(16, b0_dir="random", max_tilt_deg=120)
     with pytest.raises(ValueError, match="probability"):
         SyntheticQSMData(16, lesion_prob=1.5)
+
+
+def test_flips_mirror_the_acquisition_and_keep_the_forward_model():
+    """A flip mirrors chi and negates B0 along that axis; the field stays D * chi."""
+    import itertools
+
+    kw = dict(kind="shapes", voxel_size=ANISO, b0_dir="random", noise_ppm=0.0, seed=11)
+    plain = SyntheticQSMData(16, **kw).batch(6)
+    off = SyntheticQSMData(16, flip_prob=0.0, **kw).batch(6)
+    assert all(torch.equal(plain[k], off[k]) for k in plain)  # off: the same stream
+    b = SyntheticQSMData(16, flip_prob=0.5, **kw).batch(6)
+    subsets = [s for r in range(4) for s in itertools.combinations(range(3), r)]
+    flipped = 0
+    for i in range(6):
+        c0, c1 = plain["chi"][i, 0], b["chi"][i, 0]
+        # the flips are drawn after the samples: each sample is the unflipped one, mirrored
+        axes = [s for s in subsets if torch.equal(c0.flip(list(s)), c1)]
+        assert len(axes) == 1, i
+        axes = list(axes[0])
+        flipped += bool(axes)
+        sign = np.array([-1.0 if a in axes else 1.0 for a in range(3)])
+        b0 = b["b0_dir"][i].numpy()
+        assert np.allclose(b0, plain["b0_dir"][i].numpy() * sign)
+        m = b["mask"][i, 0].numpy() > 0
+        assert torch.equal(b["mask"][i, 0], plain["mask"][i, 0].flip(axes))
+        vs = b["voxel_size"][i].numpy()
+        ref = forward_field(c1.numpy().astype(np.float64), vs, b0)
+        got = b["field"][i, 0].numpy()
+        peak = np.abs(ref[m]).max()
+        # qsmprep's forward model of the flipped chi with the flipped B0: measured <= 2.2e-7
+        assert np.abs(got[m] - ref[m]).max() / peak < 1e-5, i
+        # and the mirror image of the unflipped field: measured <= 1.5e-7
+        mirror = plain["field"][i, 0].flip(axes).numpy()
+        assert np.abs(got[m] - mirror[m]).max() / peak < 1e-5, i
+        if axes:  # keeping B0 would break the pair (measured 0.35-1.4 of the peak)
+            wrong = forward_field(c1.numpy().astype(np.float64), vs, plain["b0_dir"][i].numpy())
+            assert np.abs(got[m] - wrong[m]).max() / peak > 0.1, i
+    assert 0 < flipped < 6
+    with pytest.raises(ValueError, match="flip_prob"):
+        SyntheticQSMData(16, flip_prob=1.5)
