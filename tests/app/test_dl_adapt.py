@@ -32,7 +32,7 @@ METHODS = ["dsbn", "dcfinetune"]
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapt")
     bids = simulate_bids_dataset(
-        root / "bids", n_subjects=1, shape=(48, 48, 40), voxel_size=3.0,
+        root / "bids", n_subjects=1, shape=(64, 64, 48), voxel_size=2.0,
         echo_times=(0.004, 0.008, 0.012), seed=3,
     )  # fmt: skip
 
@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
         return root / out
 
     plain = app("plain")
-    adapted = app("adapted", dl_adapt=True, dl_adapt_steps=20)
+    adapted = app("adapted", dl_adapt=True, dl_adapt_steps=60)
     return {"bids": bids, "plain": plain, "adapted": adapted, "app": app}
 
 
@@ -69,7 +69,7 @@ def test_adapted_weights_are_in_the_output_and_run(runs):
         assert entry.card is not None and "Validation" in entry.card.read_text()
         manifest = json.loads((models / f"{method}_adaptation.json").read_text())
         assert list(manifest["TargetLocalFields"]) == ["sub-01_desc-local_fieldmap.nii.gz"]
-        assert manifest["Steps"] == 20 and manifest["Sha256"] == entry.sha256
+        assert manifest["Steps"] == 60 and manifest["Sha256"] == entry.sha256
         shipped = resolve_model(method)
         assert manifest["InitialSha256"] == (shipped.sha256 or file_sha256(shipped.path))
         # the Chimap says which weights made it: the adapted ones, not the shipped ones
@@ -103,7 +103,7 @@ def test_rerun_reuses_and_new_settings_adapt_again(runs, caplog):
     models = runs["adapted"] / MODELS_DIR
     stamp = {m: (models / f"{m}.pt").stat().st_mtime_ns for m in METHODS}
     with caplog.at_level("INFO", logger="qsmprep"):
-        runs["app"]("adapted", dl_adapt=True, dl_adapt_steps=20)
+        runs["app"]("adapted", dl_adapt=True, dl_adapt_steps=60)
     assert {m: (models / f"{m}.pt").stat().st_mtime_ns for m in METHODS} == stamp
     assert sum("reuses" in r.getMessage() for r in caplog.records) == 2
     old = file_sha256(models / "dsbn.pt")
@@ -113,6 +113,18 @@ def test_rerun_reuses_and_new_settings_adapt_again(runs, caplog):
     assert _sidecar(runs["adapted"], "dsbn")["Parameters"]["WeightsSha256"] == file_sha256(
         models / "dsbn.pt"
     )
+
+
+def test_command_line(runs, tmp_path):
+    from qsmprep.cli.run import build_parser, settings_from_args
+
+    argv = [str(runs["bids"]), str(tmp_path / "o"), "participant", "--methods", *METHODS]
+    s = settings_from_args(
+        build_parser().parse_args([*argv, "--dl-adapt", "--dl-adapt-steps", "7"])
+    )
+    assert s.dl_adapt and s.dl_adapt_steps == 7
+    s = settings_from_args(build_parser().parse_args(argv))
+    assert not s.dl_adapt and s.dl_adapt_steps == 300
 
 
 def test_bad_steps_are_a_usage_error(runs):
