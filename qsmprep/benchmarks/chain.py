@@ -200,9 +200,11 @@ def run_chain(
     method_params: dict | None = None,
     nprocs: int = 2,
     seed: int = 0,
+    dl_adapt: bool = False,
     log=print,
 ) -> list[ChainScore]:
-    """Run the App on each dataset into ``out/<name>`` and score every acquisition."""
+    """Run the App on each dataset into ``out/<name>`` and score every acquisition
+    (``dl_adapt``: as ``qsmprep --dl-adapt``, the adaptable networks adapted to each dataset)."""
     from qsmprep.app import run_participant
     from qsmprep.config import Settings
 
@@ -223,10 +225,11 @@ def run_chain(
             methods=list(methods),
             method_params=dict(method_params or {}),
             nprocs=nprocs,
+            dl_adapt=dl_adapt,
             **kw,
         )
         log(f"# {ds.name}: qsmprep participant, methods {' '.join(methods)}, "
-            f"background {settings.bg_method}")  # fmt: skip
+            f"background {settings.bg_method}" + (", --dl-adapt" if dl_adapt else ""))  # fmt: skip
         rc = run_participant(settings)
         if rc != 0:
             log(f"# {ds.name}: some acquisitions failed (exit {rc}); scoring the others")

@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", metavar="PATH", help="method parameters, as qsmprep --config")
     c.add_argument("--nprocs", type=int, default=2)
     c.add_argument("--seed", type=int, default=0, help="noise of the noise-matched oracle")
+    c.add_argument(
+        "--dl-adapt", action="store_true",
+        help="adapt dsbn / dcfinetune to each dataset first, as qsmprep --dl-adapt",
+    )  # fmt: skip
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
     q = sub.add_parser(
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
         params = load_method_params(args.config) if args.config else {}
         scores = run_chain(
             args.datasets, args.out, methods=args.methods, bg_method=args.bg_method,
-            method_params=params, nprocs=args.nprocs, seed=args.seed,
+            method_params=params, nprocs=args.nprocs, seed=args.seed, dl_adapt=args.dl_adapt,
         )  # fmt: skip
         print()
         print(format_chain_table(scores))

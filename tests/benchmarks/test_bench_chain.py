@@ -71,3 +71,18 @@ def test_chain_table_and_rescoring(chain_run):
     assert "| thick | sub-01 |" in table
     with pytest.raises(ValueError, match="groundtruth"):
         bench.main(["chain", str(out), "--out", str(out / "x")])
+
+
+def test_chain_passes_dl_adapt_to_the_app(tmp_path, monkeypatch):
+    """``qsmprep-bench chain --dl-adapt`` runs the App with ``--dl-adapt`` on each dataset."""
+    import qsmprep.app as app
+
+    seen = []
+    monkeypatch.setattr(app, "run_participant", lambda s: seen.append(s) or 0)
+    ds = tmp_path / "ds"
+    (ds / "derivatives" / "groundtruth").mkdir(parents=True)
+    bench.main(["chain", str(ds), "--out", str(tmp_path / "o"), "--methods", "dsbn",
+                "--dl-adapt"])  # fmt: skip
+    bench.main(["chain", str(ds), "--out", str(tmp_path / "o"), "--methods", "dsbn"])
+    assert [s.dl_adapt for s in seen] == [True, False]
+    assert seen[0].methods == ["dsbn"]
