@@ -183,13 +183,7 @@ def run_participant(settings: Settings) -> int:
             "no valid acquisition to process" + (" (see the errors above)" if errors else "")
         )
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    if settings.dl_adapt:
-        from qsmprep.app.adapt import adapt_networks
-
-        # the networks learn the selected acquisitions' fields; the methods then run them
-        adapted = adapt_networks(settings, sorted({a.subject for a in acqs}))
-        for method, weights in adapted.items():
-            settings.method_params.setdefault(method, {})["weights"] = str(weights)
+    adapt_failure = _adapt(settings, acqs) if settings.dl_adapt else None
     bids.write_dataset_description(settings.output_dir)
     write_bidsignore(settings.output_dir)
     settings.write(settings.output_dir / "qsmprep_settings.json")
@@ -214,12 +208,41 @@ def run_participant(settings: Settings) -> int:
             log_path,
         )
         failed = _process_subjects(settings, acqs, errors, log_path, build_subject_report)
+    if adapt_failure:
+        failed = {"--dl-adapt": adapt_failure, **failed}
     if failed:
         print("qsmprep: these acquisitions failed:", file=sys.stderr)
         for name, why in failed.items():
             print(f"  {name}: {why}", file=sys.stderr)
         return 1
     return 0
+
+
+def _adapt(settings: Settings, acqs) -> str | None:
+    """``--dl-adapt``: adapt the networks to ``acqs`` and point their methods at the adapted
+    weights. When the adaptation fails, the adaptable methods are dropped from this run (their
+    maps would not be what was asked for), the other methods still run, and the reason is
+    returned (the run then exits with 1)."""
+    from qsmprep.app.adapt import ADAPTABLE, adapt_networks
+
+    try:
+        adapted = adapt_networks(settings, sorted({a.subject for a in acqs}))
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the other methods still run
+        dropped = [m for m in settings.methods if m in ADAPTABLE]
+        settings.methods = [m for m in settings.methods if m not in ADAPTABLE]
+        why = (
+            f"the adaptation of {', '.join(dropped)} failed ({_last_line(exc)}); their maps were"
+            " not made. Run again (a finished adaptation is reused), or without --dl-adapt"
+        )
+        LOGGER.error("--dl-adapt: %s", why, exc_info=LOGGER.isEnabledFor(logging.DEBUG))
+        if not settings.methods:
+            raise UsageError(f"--dl-adapt: {why}") from exc
+        return why
+    for method, weights in adapted.items():
+        settings.method_params.setdefault(method, {})["weights"] = str(weights)
+    return None
 
 
 def _check_memory(wf, settings: Settings) -> None:

@@ -131,3 +131,27 @@ def test_bad_steps_are_a_usage_error(runs):
     with pytest.raises(UsageError, match="--dl-adapt-steps"):
         make_settings(runs["bids"], runs["bids"].parent / "x", "participant", methods=METHODS,
                       dl_adapt=True, dl_adapt_steps=0)  # fmt: skip
+
+
+def test_failed_adaptation_drops_only_the_adapted_methods(runs, monkeypatch, capsys):
+    """An adaptation that fails: the other methods' maps are made, the adaptable ones are not
+    (no map from weights other than those asked for), and the run exits with 1 saying why."""
+    import qsmprep.app.adapt as adapt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the adaptation")
+
+    monkeypatch.setattr(adapt, "_adapt_one", broken)
+    out = runs["bids"].parent / "broken"
+    s = make_settings(runs["bids"], out, "participant", work_dir=runs["bids"].parent / "wb",
+                      methods=["tkd", "dsbn"], nprocs=1, device="cpu", dl_adapt=True)  # fmt: skip
+    assert run(s) == 1
+    anat = out / "sub-01" / "anat"
+    assert (anat / "sub-01_desc-tkd_Chimap.nii.gz").is_file()
+    assert not list(anat.glob("*dsbn*"))
+    err = capsys.readouterr().err
+    assert "--dl-adapt" in err and "out of memory in the adaptation" in err and "dsbn" in err
+    s = make_settings(runs["bids"], out, "participant", work_dir=runs["bids"].parent / "wb",
+                      methods=["dsbn"], nprocs=1, device="cpu", dl_adapt=True)  # fmt: skip
+    assert run(s) == 1  # nothing left to run: a usage error, printed
+    assert "out of memory in the adaptation" in capsys.readouterr().err
