@@ -142,8 +142,8 @@ def test_failed_adaptation_drops_only_the_adapted_methods(runs, monkeypatch, cap
         raise RuntimeError("out of memory in the adaptation")
 
     monkeypatch.setattr(adapt, "_adapt_one", broken)
-    out = runs["bids"].parent / "broken"
-    s = make_settings(runs["bids"], out, "participant", work_dir=runs["bids"].parent / "wb",
+    out, work = runs["bids"].parent / "broken", runs["bids"].parent / "work-plain"
+    s = make_settings(runs["bids"], out, "participant", work_dir=work,
                       methods=["tkd", "dsbn"], nprocs=1, device="cpu", dl_adapt=True)  # fmt: skip
     assert run(s) == 1
     anat = out / "sub-01" / "anat"
@@ -151,7 +151,7 @@ def test_failed_adaptation_drops_only_the_adapted_methods(runs, monkeypatch, cap
     assert not list(anat.glob("*dsbn*"))
     err = capsys.readouterr().err
     assert "--dl-adapt" in err and "out of memory in the adaptation" in err and "dsbn" in err
-    s = make_settings(runs["bids"], out, "participant", work_dir=runs["bids"].parent / "wb",
+    s = make_settings(runs["bids"], out, "participant", work_dir=work,
                       methods=["dsbn"], nprocs=1, device="cpu", dl_adapt=True)  # fmt: skip
     assert run(s) == 1  # nothing left to run: a usage error, printed
     assert "out of memory in the adaptation" in capsys.readouterr().err
