@@ -93,14 +93,14 @@ def _read_manifest(path: Path) -> dict | None:
         return None
 
 
-def adapt_networks(settings: Settings, subjects: list[str]) -> dict[str, Path]:
+def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> dict[str, Path]:
     """Adapt the selected adaptable networks to ``subjects``' scans; their weights files.
 
-    Returns ``{method: weights file}`` (empty when no adaptable method is selected; a warning
-    says so). Raises :class:`~qsmprep.app.settings.UsageError` when no target field could be
-    made.
+    ``run_participant`` is :func:`qsmprep.app.levels.run_participant` (given by its caller),
+    which makes the target fields. Returns ``{method: weights file}`` (empty when no
+    adaptable method is selected; a warning says so). Raises
+    :class:`~qsmprep.app.settings.UsageError` when no target field could be made.
     """
-    from qsmprep.app.levels import run_participant
     from qsmprep.dl.checkpoint import file_sha256
     from qsmprep.dl.weights import register_model, resolve_model
 
@@ -177,9 +177,15 @@ def adapt_networks(settings: Settings, subjects: list[str]) -> dict[str, Path]:
 
 
 def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path) -> Path:
-    """Train one adaptation; copy its checkpoint and model card into the output dataset."""
-    from qsmprep.app.recipe import CONVENTIONAL_SYNTH
+    """Train one adaptation; copy its checkpoint and model card into the output dataset.
+
+    The synthetic batches of ``dsbn`` are drawn as in the initial model's own training (the
+    ``synth`` settings its checkpoint records), so adaptation does not change that domain."""
+    from qsmprep.dl.checkpoint import load_checkpoint
     from qsmprep.dl.train import TrainConfig, train
+
+    _, meta = load_checkpoint(init.path)
+    synth = dict(((meta.get("extra") or {}).get("train_config") or {}).get("synth") or {})
 
     runs = settings.work_dir / "dl_adapt" / "runs" / method
     if runs.exists():
@@ -188,7 +194,7 @@ def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path
     cfg = TrainConfig(
         method=ADAPTABLE[method],
         arch="dsbn" if method == "dsbn" else None,
-        synth=dict(CONVENTIONAL_SYNTH),
+        synth=synth,
         init=str(init.path),
         steps=steps,
         lr=ADAPT_LR[method],

@@ -226,7 +226,7 @@ def _adapt(settings: Settings, acqs) -> str | None:
     from qsmprep.app.adapt import ADAPTABLE, adapt_networks
 
     try:
-        adapted = adapt_networks(settings, sorted({a.subject for a in acqs}))
+        adapted = adapt_networks(settings, sorted({a.subject for a in acqs}), run_participant)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - the other methods still run
