@@ -14,7 +14,8 @@ before its workflows run:
    norms with the data-consistency loss) and ``dcfinetune`` (QSMInvNet: fine-tuned by data
    consistency alone). Every acquisition trains (``target_holdout=0``): the protocol adapts to
    the very scans it reconstructs, which the model card says.
-3. **Weights in the output dataset.** ``<output_dir>/models/dl-adapt/<method>.pt`` with its
+3. **Weights in the output dataset.** ``<output_dir>/models/dl-adapt/<selection>/<method>.pt``
+   (:func:`selection_label`: ``sub-01+sub-02``, so array jobs do not share weights) with its
    model card (``.md``), registered with its sha256 in ``registry.json`` there, and
    ``adaptation.json`` recording what it was adapted on (the acquisitions and the sha256 of
    their local fields), from which model and with which settings. The methods then run these
@@ -25,6 +26,7 @@ before its workflows run:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -36,7 +38,7 @@ from qsmprep.__about__ import __version__
 from qsmprep.app.settings import UsageError
 from qsmprep.config import Settings
 
-__all__ = ["ADAPTABLE", "ADAPT_LR", "MODELS_DIR", "adapt_networks"]
+__all__ = ["ADAPTABLE", "ADAPT_LR", "MODELS_DIR", "adapt_networks", "selection_label"]
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -57,14 +59,33 @@ MODELS_DIR = Path("models") / "dl-adapt"
 MANIFEST = "adaptation.json"
 
 
-def _target_settings(settings: Settings, subjects: list[str]) -> Settings:
+def selection_label(settings: Settings, subjects: list[str]) -> str:
+    """The folder name of one selection's adaptation: ``sub-01+sub-02`` (up to 4 subjects,
+    no session or BIDS filter), else that or ``<N>-subjects`` with a hash of the selection.
+
+    Array jobs that each process some participants into one output folder adapt to their
+    own selection each, side by side, instead of overwriting each other's weights."""
+    subjects = sorted(subjects)
+    base = "+".join(f"sub-{s}" for s in subjects) if len(subjects) <= 4 else (
+        f"{len(subjects)}-subjects"
+    )  # fmt: skip
+    if len(subjects) <= 4 and not settings.session_label and not settings.bids_filters:
+        return base
+    key = json.dumps(
+        {"subjects": subjects, "sessions": settings.session_label,
+         "filters": settings.bids_filters}, sort_keys=True,
+    )  # fmt: skip
+    return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _target_settings(settings: Settings, subjects: list[str], label: str) -> Settings:
     """The App run that makes the target fields: the chain with the networks' background."""
     from qsmprep.dl.weights import TRAINED_BACKGROUND
 
     base = settings.work_dir / "dl_adapt"
     return dataclasses.replace(
         settings,
-        output_dir=base / "target",
+        output_dir=base / label / "target",
         work_dir=base / "work",
         participant_label=list(subjects),
         methods=["tkd"],
@@ -101,9 +122,6 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
     adaptable method is selected; a warning says so). Raises
     :class:`~qsmprep.app.settings.UsageError` when no target field could be made.
     """
-    from qsmprep.dl.checkpoint import file_sha256
-    from qsmprep.dl.weights import register_model, resolve_model
-
     methods = [m for m in settings.methods if m in ADAPTABLE]
     if not methods:
         LOGGER.warning(
@@ -111,8 +129,21 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
             " and ".join(ADAPTABLE),
         )
         return {}
+    label = selection_label(settings, subjects)
+    models = settings.output_dir / MODELS_DIR / label
+    models.mkdir(parents=True, exist_ok=True)
+    # a second run of the same selection waits here, then reuses what the first made
+    with atomic.locked(models / ".adapt.lock"):
+        return _adapt_all(settings, subjects, label, models, methods, run_participant)
+
+
+def _adapt_all(settings, subjects, label, models, methods, run_participant) -> dict[str, Path]:
+    """The target run, then each method's adaptation or reuse (under the selection's lock)."""
+    from qsmprep.dl.checkpoint import file_sha256
+    from qsmprep.dl.weights import register_model, resolve_model
+
     t0 = time.perf_counter()
-    target_settings = _target_settings(settings, subjects)
+    target_settings = _target_settings(settings, subjects, label)
     LOGGER.info(
         "--dl-adapt: making the target fields of %d subject(s) in %s",
         len(subjects),
@@ -132,8 +163,6 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
             " field(s) made",
             len(fields),
         )
-    models = settings.output_dir / MODELS_DIR
-    models.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     for method in methods:
         params = settings.params(method)
@@ -159,7 +188,8 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
                 LOGGER.info("--dl-adapt: %s reuses %s (same scans and settings)", method, weights)
                 out[method] = weights
                 continue
-        out[method] = _adapt_one(settings, method, init, record, target_settings.output_dir)
+        out[method] = _adapt_one(settings, method, init, record, target_settings.output_dir,
+                                 models)  # fmt: skip
         record.update(Sha256=file_sha256(out[method]), Seconds=round(record.pop("_seconds"), 1))
         atomic.write_text(manifest, json.dumps(record, indent=1) + "\n")
         card = models / f"{method}.md"
@@ -176,7 +206,9 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
     return out
 
 
-def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path) -> Path:
+def _adapt_one(
+    settings: Settings, method: str, init, record: dict, target: Path, models: Path
+) -> Path:
     """Train one adaptation; copy its checkpoint and model card into the output dataset.
 
     The synthetic batches of ``dsbn`` are drawn as in the initial model's own training (the
@@ -187,7 +219,7 @@ def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path
     _, meta = load_checkpoint(init.path)
     synth = dict(((meta.get("extra") or {}).get("train_config") or {}).get("synth") or {})
 
-    runs = settings.work_dir / "dl_adapt" / "runs" / method
+    runs = settings.work_dir / "dl_adapt" / models.name / "runs" / method
     if runs.exists():
         shutil.rmtree(runs)  # an interrupted or outdated run: adapt from the start
     steps = int(settings.dl_adapt_steps)
@@ -220,7 +252,6 @@ def _adapt_one(settings: Settings, method: str, init, record: dict, target: Path
     t0 = time.perf_counter()
     ckpt = train(cfg)
     record["_seconds"] = time.perf_counter() - t0
-    models = settings.output_dir / MODELS_DIR
     dest = models / f"{method}.pt"
     tmp = dest.with_suffix(".pt.tmp")
     shutil.copy2(ckpt, tmp)

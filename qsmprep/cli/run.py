@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         " acquisitions before running them, without labels: their local fields train the"
         " target batch norms with the data-consistency loss (dsbn) or fine-tune the network by"
         " data consistency (dcfinetune). The adapted weights, with model card and sha256, go"
-        f" to OUTPUT_DIR/{MODELS_DIR.as_posix()}/; a rerun on the same acquisitions reuses them",
+        f" to OUTPUT_DIR/{MODELS_DIR.as_posix()}/<selection>/ (e.g. sub-01+sub-02); a rerun"
+        " on the same acquisitions reuses them",
     )
     g.add_argument(
         "--dl-adapt-steps",

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch")
 
 from qsmprep.app import UsageError, make_settings, run  # noqa: E402
-from qsmprep.app.adapt import MODELS_DIR  # noqa: E402
+from qsmprep.app.adapt import MODELS_DIR, selection_label  # noqa: E402
 from qsmprep.dl.checkpoint import file_sha256, load_checkpoint  # noqa: E402
 from qsmprep.dl.weights import available_models, resolve_model  # noqa: E402
 from qsmprep.metrics import nrmse  # noqa: E402
@@ -60,7 +60,7 @@ def _nrmse(out, bids, method) -> float:
 
 
 def test_adapted_weights_are_in_the_output_and_run(runs):
-    models = runs["adapted"] / MODELS_DIR
+    models = runs["adapted"] / MODELS_DIR / "sub-01"
     registered = available_models(models)
     assert set(registered) == set(METHODS)
     for method in METHODS:
@@ -100,7 +100,7 @@ def test_adaptation_lowers_the_data_consistency_residual(runs):
 
 
 def test_rerun_reuses_and_new_settings_adapt_again(runs, caplog):
-    models = runs["adapted"] / MODELS_DIR
+    models = runs["adapted"] / MODELS_DIR / "sub-01"
     stamp = {m: (models / f"{m}.pt").stat().st_mtime_ns for m in METHODS}
     with caplog.at_level("INFO", logger="qsmprep"):
         runs["app"]("adapted", dl_adapt=True, dl_adapt_steps=60)
@@ -125,6 +125,22 @@ def test_command_line(runs, tmp_path):
     assert s.dl_adapt and s.dl_adapt_steps == 7
     s = settings_from_args(build_parser().parse_args(argv))
     assert not s.dl_adapt and s.dl_adapt_steps == 300
+
+
+def test_selections_adapt_side_by_side(tmp_path):
+    """Array jobs that each process some participants into one output folder adapt to their
+    own selection, in folders of their own."""
+    from qsmprep.config import Settings
+
+    s = Settings(bids_dir=tmp_path, output_dir=tmp_path / "o")
+    assert selection_label(s, ["02", "01"]) == "sub-01+sub-02"
+    assert selection_label(s, ["01"]) != selection_label(s, ["02"])
+    many = [f"{i:02d}" for i in range(10)]
+    assert selection_label(s, many).startswith("10-subjects-")
+    assert selection_label(s, many) != selection_label(s, many[1:] + ["99"])
+    ses = Settings(bids_dir=tmp_path, output_dir=tmp_path / "o", session_label=["pre"])
+    assert selection_label(ses, ["01"]).startswith("sub-01-")
+    assert selection_label(ses, ["01"]) != selection_label(s, ["01"])
 
 
 def test_bad_steps_are_a_usage_error(runs):
