@@ -2,7 +2,8 @@
 
 Each subcommand parses its options and calls a module of :mod:`qsmprep.benchmarks`:
 ``field`` (:mod:`~qsmprep.benchmarks.field`: the field chain stage by stage, in units of its
-FFTs), ``inversion`` (:mod:`~qsmprep.benchmarks.inversion`: time, FFTs and accuracy of each
+FFTs), ``fft`` (:func:`~qsmprep.benchmarks.timing.bench_fft`: the FFT engines side by
+side), ``inversion`` (:mod:`~qsmprep.benchmarks.inversion`: time, FFTs and accuracy of each
 dipole inversion), ``accuracy``, ``chain``, ``participant`` and ``space`` (the App run on
 simulated or development data and scored).
 """
@@ -43,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--device", default="cpu", help="cpu (NumPy/scipy), torch (CPU), cuda")
     f.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    t = sub.add_parser(
+        "fft", help="FFT engines of the NumPy path (torch, scipy) side by side, per grid"
+    )
+    t.add_argument(
+        "--shapes", type=int, nargs="+", metavar="N",
+        help="grids as N N N triples (default: a 2 mm head, MEDI's 1 mm grid, 224x224x160)",
+    )  # fmt: skip
+    t.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
     i = sub.add_parser("inversion", help="dipole inversion: time, FFTs and accuracy per method")
     i.add_argument("--shape", type=int, nargs=3, default=[224, 224, 160])
@@ -153,6 +165,17 @@ def main(argv=None) -> int:
             dte=args.dte, b0=args.b0, snr=args.snr, seed=args.seed, unwrap=args.unwrap,
             bg_methods=args.bg_methods, device=args.device,
         )  # fmt: skip
+    elif args.bench == "fft":
+        from qsmprep.benchmarks.timing import DEFAULT_FFT_SHAPES, bench_fft, format_fft_table
+
+        shapes = DEFAULT_FFT_SHAPES
+        if args.shapes:
+            if len(args.shapes) % 3:
+                print("qsmprep-bench fft: --shapes takes N N N triples", file=sys.stderr)
+                return 2
+            shapes = [args.shapes[k : k + 3] for k in range(0, len(args.shapes), 3)]
+        result = bench_fft(shapes, threads=args.threads, rounds=args.rounds)
+        print(format_fft_table(result))
     elif args.bench == "inversion":
         from qsmprep.benchmarks.inversion import bench_inversion
 

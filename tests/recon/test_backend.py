@@ -19,3 +19,77 @@ def test_fft_workers_setting():
         with pytest.raises(ValueError, match="workers"):
             _backend.set_fft_workers(bad)
     assert _backend.get_fft_workers() == -1
+
+
+@pytest.mark.parametrize("shape", [(8, 10, 6), (9, 7, 5)])
+def test_fft_engines_agree(shape):
+    """torch's CPU FFT (the default engine of NumPy arrays) and scipy.fft give the same
+    transforms to float32 rounding, on even and odd grids, padded or not, real and complex."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype(np.float32)
+    c = (x + 1j * rng.normal(size=shape)).astype(np.complex64)
+    padded = tuple(n + 3 for n in shape)
+    out = {}
+    for engine in _backend.FFT_ENGINES:
+        with _backend.fft_engine(engine):
+            spec = _backend.rfftn(x, s=padded)
+            out[engine] = (
+                spec,
+                _backend.irfftn(spec, s=padded),
+                _backend.fftn(c),
+                _backend.ifftn(_backend.fftn(c)),
+            )
+            assert isinstance(spec, np.ndarray) and spec.dtype == np.complex64
+    for a, b in zip(out["torch"], out["scipy"], strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max())
+    np.testing.assert_allclose(out["torch"][1][: shape[0], : shape[1], : shape[2]], x, atol=1e-5)
+    np.testing.assert_allclose(out["torch"][3], c, atol=1e-5)
+
+
+def test_fft_engine_setting_and_awkward_arrays():
+    x = np.random.default_rng(2).normal(size=(6, 8, 10)).astype(np.float32)
+    ref = _backend.rfftn(x)
+    assert _backend.get_fft_engine() == "torch"
+    # read-only, reversed and strided views are transformed like their copies
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_allclose(_backend.rfftn(ro), ref, atol=1e-5)
+    np.testing.assert_allclose(
+        _backend.rfftn(x[::-1]), _backend.rfftn(np.ascontiguousarray(x[::-1])), atol=1e-5
+    )
+    big = np.random.default_rng(3).normal(size=(12, 8, 20)).astype(np.float32)
+    np.testing.assert_allclose(
+        _backend.rfftn(big[::2, :, ::2]),
+        _backend.rfftn(np.ascontiguousarray(big[::2, :, ::2])),
+        atol=1e-5,
+    )
+    # integers go to scipy (which promotes them), the setting is restored
+    assert _backend.rfftn(np.ones((4, 4, 4), dtype=np.int16))[0, 0, 0] == 64
+    assert _backend.set_fft_engine("scipy") == "torch"
+    assert _backend.get_fft_engine() == "scipy"
+    with _backend.fft_engine("torch"):
+        assert _backend.get_fft_engine() == "torch"
+    assert _backend.set_fft_engine("torch") == "scipy"
+    with pytest.raises(ValueError, match="FFT engine"):
+        _backend.set_fft_engine("fftw")
+    # a thread count for the FFTs is honoured for torch's pool and then given back
+    import torch
+
+    before = torch.get_num_threads()
+    with _backend.fft_workers(1):
+        np.testing.assert_allclose(_backend.rfftn(x), ref, atol=1e-5)
+    assert torch.get_num_threads() == before
+
+
+def test_fft_bench_reports_both_engines(capsys):
+    from qsmprep.cli import bench
+
+    assert bench.main(["fft", "--shapes", "16", "12", "10", "--threads", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 16x12x10 | 1 |" in out
+    from qsmprep.benchmarks.timing import bench_fft
+
+    (row,) = bench_fft([(16, 12, 10)], threads=(1,), rounds=1)["rows"]
+    assert row["max_rel_diff"] < 1e-5 and row["pair_ratio"] > 0
+    assert bench.main(["fft", "--shapes", "16", "12"]) == 2
