@@ -85,7 +85,8 @@ def test_fft_engine_setting_and_awkward_arrays():
 def test_fft_bench_reports_both_engines(capsys):
     from qsmprep.cli import bench
 
-    assert bench.main(["fft", "--shapes", "16", "12", "10", "--threads", "1", "--rounds", "1"]) == 0
+    args = ["fft", "--shapes", "16", "12", "10", "--threads", "1", "--rounds", "1"]
+    assert bench.main(args) == 0
     out = capsys.readouterr().out
     assert "| 16x12x10 | 1 |" in out
     from qsmprep.benchmarks.timing import bench_fft
