@@ -3,11 +3,14 @@
 Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
 
 ``"cpu"`` (default)
-    NumPy arrays. Their FFTs run in torch's CPU FFT (``torch.fft`` on a zero-copy view of
-    the array), 1.4-2.0x faster than :mod:`scipy.fft` on our grids (``qsmprep-bench fft``);
-    :func:`set_fft_engine` (or ``QSMPREP_FFT_ENGINE=scipy``) selects :mod:`scipy.fft`. All
-    cores (``workers=-1``) unless :func:`set_fft_workers` or :func:`fft_workers` say
-    otherwise.
+    NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``) unless
+    :func:`set_fft_workers` or :func:`fft_workers` say otherwise. :func:`set_fft_engine`
+    (or ``QSMPREP_FFT_ENGINE=torch``) runs them in torch's CPU FFT instead (``torch.fft`` on
+    a zero-copy view of the array), 1.2-1.7x faster per FFT pair on our grids with one
+    thread (``qsmprep-bench fft``). It is not the default: with more than one thread, torch's
+    OpenMP pool does not survive a ``fork`` of a process that has used it, and a Nipype
+    MultiProc worker forked from such a process (a test session, a pipeline embedding
+    qsmprep) spins forever in its first multi-threaded FFT (observed in the test suite).
 ``"torch"``
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -205,7 +208,7 @@ def _record(kind: str, shape) -> None:
 
 
 FFT_ENGINES = ("torch", "scipy")
-"""FFT engines of the NumPy path: torch's CPU FFT (default) or :mod:`scipy.fft` (pocketfft)."""
+"""FFT engines of the NumPy path: :mod:`scipy.fft` (pocketfft, default) or torch's CPU FFT."""
 
 
 def _check_engine(name) -> str:
@@ -214,14 +217,14 @@ def _check_engine(name) -> str:
     return name
 
 
-_ENGINE = _check_engine(os.environ.get("QSMPREP_FFT_ENGINE", "torch") or "torch")
+_ENGINE = _check_engine(os.environ.get("QSMPREP_FFT_ENGINE", "scipy") or "scipy")
 _TORCH_DTYPES = frozenset(
     np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)
 )
 
 
 def get_fft_engine() -> str:
-    """The FFT engine of NumPy arrays: ``"torch"`` (default) or ``"scipy"``."""
+    """The FFT engine of NumPy arrays: ``"scipy"`` (default) or ``"torch"``."""
     return _ENGINE
 
 
@@ -229,7 +232,8 @@ def set_fft_engine(name: str) -> str:
     """Select the FFT engine of NumPy arrays (process-wide); return the old one.
 
     ``"torch"`` runs ``torch.fft`` on a zero-copy view of the array and returns a NumPy
-    array; ``"scipy"`` runs :mod:`scipy.fft`. Both give the same transform to floating-point
+    array (not fork-safe with more than one thread: see the module docstring); ``"scipy"``
+    runs :mod:`scipy.fft`. Both give the same transform to floating-point
     rounding (float32: relative 1e-6). The environment variable ``QSMPREP_FFT_ENGINE`` sets
     the default of a new process.
     """

@@ -23,7 +23,7 @@ def test_fft_workers_setting():
 
 @pytest.mark.parametrize("shape", [(8, 10, 6), (9, 7, 5)])
 def test_fft_engines_agree(shape):
-    """torch's CPU FFT (the default engine of NumPy arrays) and scipy.fft give the same
+    """torch's CPU FFT (an engine of NumPy arrays) and scipy.fft (the default) give the same
     transforms to float32 rounding, on even and odd grids, padded or not, real and complex."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=shape).astype(np.float32)
@@ -50,7 +50,8 @@ def test_fft_engines_agree(shape):
 def test_fft_engine_setting_and_awkward_arrays():
     x = np.random.default_rng(2).normal(size=(6, 8, 10)).astype(np.float32)
     ref = _backend.rfftn(x)
-    assert _backend.get_fft_engine() == "torch"
+    assert _backend.get_fft_engine() == "scipy"
+    old = _backend.set_fft_engine("torch")
     # read-only, reversed and strided views are transformed like their copies
     ro = x.copy()
     ro.flags.writeable = False
@@ -80,6 +81,8 @@ def test_fft_engine_setting_and_awkward_arrays():
     with _backend.fft_workers(1):
         np.testing.assert_allclose(_backend.rfftn(x), ref, atol=1e-5)
     assert torch.get_num_threads() == before
+    _backend.set_fft_engine(old)
+    assert _backend.get_fft_engine() == "scipy"
 
 
 def test_fft_bench_reports_both_engines(capsys):
