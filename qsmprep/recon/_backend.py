@@ -6,7 +6,7 @@ Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
     NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``) unless
     :func:`set_fft_workers` or :func:`fft_workers` say otherwise. :func:`set_fft_engine`
     (or ``QSMPREP_FFT_ENGINE=torch``) runs them in torch's CPU FFT instead (``torch.fft`` on
-    a zero-copy view of the array), 1.2-1.7x faster per FFT pair on our grids with one
+    a zero-copy view of the array), 1.2-1.5x faster per FFT pair on our grids with one
     thread (``qsmprep-bench fft``). It is not the default: with more than one thread, torch's
     OpenMP pool does not survive a ``fork`` of a process that has used it, and a Nipype
     MultiProc worker forked from such a process (a test session, a pipeline embedding
