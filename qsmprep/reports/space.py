@@ -62,7 +62,7 @@ def registration_figure(warped, template, template_mask, path, *, title: str = "
     from matplotlib.figure import Figure
     from skimage.feature import canny
 
-    from qsmprep.reports.figures import View, save_figure
+    from qsmprep.reports.figures import View, panel_title, save_figure
 
     mov, vs = _canonical(warped)
     tpl, _ = _canonical(template)
@@ -99,7 +99,7 @@ def registration_figure(warped, template, template_mask, path, *, title: str = "
             )  # fmt: skip
             ax.set_axis_off()
             plane = ("axial", "coronal", "sagittal")[col]
-            ax.set_title(f"{plane} {off:+.0f} mm", fontsize=7, loc="left")
+            panel_title(ax, f"{plane} {off:+.0f} mm", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
