@@ -455,13 +455,15 @@ def test_bad_inputs_raise(head3mm):
         gradient_mask(ph.m0, mask, vs, percentage=0.0)
 
 
-def test_data_mask_covers_the_whole_mask(head2mm):
+def test_data_mask_covers_the_whole_mask(head3mm):
     # the local field known only in the mask eroded by 4 mm (as after an eroding background
-    # removal): with data_mask MEDI estimates chi over the whole brain, the rim from the
-    # regulariser alone, and does better over the brain than leaving the rim at zero
+    # removal; 12 % of the brain at 3 mm): with data_mask MEDI estimates chi over the whole
+    # brain, the rim from the regulariser alone, and does better over the brain than leaving
+    # the rim at zero (measured at 3 mm: 41.5 against 65.8 % NRMSE, the rim 43 %; the same
+    # test at 2 mm, 2.8x the time: 51.2 against 74.5 %, the rim 62 %)
     from qsmprep.recon.background import erode_mask_smv
 
-    ph, mask, _, noisy = head2mm
+    ph, mask, noisy = head3mm
     inner = erode_mask_smv(mask, ph.voxel_size, 4.0)
     kw = dict(magnitude=ph.m0, noise_std=np.full(mask.shape, NOISE_PPM), delta_te=DELTA_TE)
     field = np.where(inner, noisy, 0.0)
