@@ -21,6 +21,11 @@ before its workflows run:
    their local fields), from which model and with which settings. The methods then run these
    weights (their Chimap sidecars name the file and its sha256); a rerun on the same
    acquisitions with the same settings reuses them, anything else adapts again.
+
+Each training runs in a fresh (spawned) Python process. This process forks Nipype's MultiProc
+workers afterwards, and torch's OpenMP thread pool, once used here with more than one thread,
+makes a forked child hang in its first multi-threaded torch operation: a network node given
+two threads (``--omp-nthreads 2``) after an adaptation trained in this process never ended.
 """
 
 from __future__ import annotations
@@ -139,8 +144,6 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
 
 def _adapt_all(settings, subjects, label, models, methods, run_participant) -> dict[str, Path]:
     """The target run, then each method's adaptation or reuse (under the selection's lock)."""
-    from qsmprep.dl.checkpoint import file_sha256
-    from qsmprep.dl.weights import register_model, resolve_model
 
     t0 = time.perf_counter()
     target_settings = _target_settings(settings, subjects, label)
@@ -164,6 +167,20 @@ def _adapt_all(settings, subjects, label, models, methods, run_participant) -> d
             len(fields),
         )
     out: dict[str, Path] = {}
+    fresh = _FreshProcess()
+    try:
+        _adapt_methods(settings, methods, fields, target_settings, models, out, fresh)
+    finally:
+        fresh.close()
+    LOGGER.info("--dl-adapt: done in %.0f s", time.perf_counter() - t0)
+    return out
+
+
+def _adapt_methods(settings, methods, fields, target_settings, models, out, fresh) -> None:
+    """Adapt (or reuse) each method's weights into ``out``; trainings run by ``fresh``."""
+    from qsmprep.dl.checkpoint import file_sha256
+    from qsmprep.dl.weights import register_model, resolve_model
+
     for method in methods:
         params = settings.params(method)
         init = resolve_model(method, model=params.get("model"), weights=params.get("weights"))
@@ -189,7 +206,7 @@ def _adapt_all(settings, subjects, label, models, methods, run_participant) -> d
                 out[method] = weights
                 continue
         out[method] = _adapt_one(settings, method, init, record, target_settings.output_dir,
-                                 models)  # fmt: skip
+                                 models, fresh)  # fmt: skip
         record.update(Sha256=file_sha256(out[method]), Seconds=round(record.pop("_seconds"), 1))
         atomic.write_text(manifest, json.dumps(record, indent=1) + "\n")
         card = models / f"{method}.md"
@@ -202,22 +219,51 @@ def _adapt_all(settings, subjects, label, models, methods, run_participant) -> d
             card=card if card.is_file() else None,
             description=f"{method} adapted by qsmprep --dl-adapt to {len(fields)} scan(s)",
         )
-    LOGGER.info("--dl-adapt: done in %.0f s", time.perf_counter() - t0)
-    return out
+
+
+class _FreshProcess:
+    """A spawned interpreter that runs the trainings of an adaptation, one after the other
+    (started on first use; this process's torch thread pool stays unused: see the module
+    docstring). A training's exception is raised here."""
+
+    def __init__(self):
+        self._pool = None
+
+    def __call__(self, fn, *args):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _train_adaptation(cfg) -> Path:
+    """The training of one adaptation (run in a fresh process): the synthetic batches are drawn
+    with the ``synth`` settings that the initial model's checkpoint records."""
+    from qsmprep.dl.checkpoint import load_checkpoint
+    from qsmprep.dl.train import train
+
+    _, meta = load_checkpoint(cfg.init)  # builds the network: torch work, kept out of the App
+    synth = dict(((meta.get("extra") or {}).get("train_config") or {}).get("synth") or {})
+    return train(dataclasses.replace(cfg, synth=synth))
 
 
 def _adapt_one(
-    settings: Settings, method: str, init, record: dict, target: Path, models: Path
+    settings: Settings, method: str, init, record: dict, target: Path, models: Path, fresh
 ) -> Path:
-    """Train one adaptation; copy its checkpoint and model card into the output dataset.
+    """Train one adaptation (in a fresh process); copy its checkpoint and model card into the
+    output dataset.
 
     The synthetic batches of ``dsbn`` are drawn as in the initial model's own training (the
     ``synth`` settings its checkpoint records), so adaptation does not change that domain."""
-    from qsmprep.dl.checkpoint import load_checkpoint
-    from qsmprep.dl.train import TrainConfig, train
-
-    _, meta = load_checkpoint(init.path)
-    synth = dict(((meta.get("extra") or {}).get("train_config") or {}).get("synth") or {})
+    from qsmprep.dl.train import TrainConfig
 
     runs = settings.work_dir / "dl_adapt" / models.name / "runs" / method
     if runs.exists():
@@ -226,7 +272,6 @@ def _adapt_one(
     cfg = TrainConfig(
         method=ADAPTABLE[method],
         arch="dsbn" if method == "dsbn" else None,
-        synth=synth,
         init=str(init.path),
         steps=steps,
         lr=ADAPT_LR[method],
@@ -250,7 +295,7 @@ def _adapt_one(
     LOGGER.info("--dl-adapt: adapting %s (%s, %d steps) from %s", method, cfg.method, steps,
                 init.path)  # fmt: skip
     t0 = time.perf_counter()
-    ckpt = train(cfg)
+    ckpt = fresh(_train_adaptation, cfg)
     record["_seconds"] = time.perf_counter() - t0
     dest = models / f"{method}.pt"
     tmp = dest.with_suffix(".pt.tmp")

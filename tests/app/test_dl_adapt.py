@@ -1,6 +1,6 @@
 """``qsmprep ... --dl-adapt``: the networks adapt to the data being processed, then infer.
 
-One simulated head (48 x 48 x 40 voxels of 3 mm, three echoes), the App run as a library,
+One simulated head (64 x 64 x 48 voxels of 2 mm, three echoes), the App run as a library,
 without and with adaptation. The bounds were written before the first measurement: adapting
 QSMInvNet (data-consistency fine-tuning) to the head's own field must lower the
 data-consistency residual of its map (at most 0.98 of the shipped network's), and neither
@@ -10,6 +10,8 @@ adapted network may be worse against the true susceptibility by more than 1 NRMS
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -113,6 +115,24 @@ def test_rerun_reuses_and_new_settings_adapt_again(runs, caplog):
     assert _sidecar(runs["adapted"], "dsbn")["Parameters"]["WeightsSha256"] == file_sha256(
         models / "dsbn.pt"
     )
+
+
+def test_networks_use_two_threads_after_adaptation(runs, tmp_path):
+    """The adaptation trains in a process of its own, so the App's torch thread pool stays
+    unused and the network nodes that Nipype forks afterwards may use several threads. When it
+    trained in the App's process, a network node given two threads hung forever (torch's
+    OpenMP pool does not survive a fork). A command-line run, as users start it: this test
+    process has used torch's threads already."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "qsmprep", str(runs["bids"]), str(out), "participant",
+            "-w", str(tmp_path / "work"), "--methods", "dsbn", "--outputs", "chi",
+            "--dl-adapt", "--dl-adapt-steps", "2", "--nprocs", "2", "--omp-nthreads", "2",
+            "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "sub-01" / "anat" / "sub-01_desc-dsbn_Chimap.nii.gz").is_file()
+    params = _sidecar(out, "dsbn")["Parameters"]
+    assert params["WeightsSha256"] == file_sha256(out / MODELS_DIR / "sub-01" / "dsbn.pt")
 
 
 def test_command_line(runs, tmp_path):
