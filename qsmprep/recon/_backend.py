@@ -3,14 +3,16 @@
 Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
 
 ``"cpu"`` (default)
-    NumPy arrays, FFTs by :mod:`scipy.fft` with all cores (``workers=-1``) unless
-    :func:`set_fft_workers` or :func:`fft_workers` say otherwise. :func:`set_fft_engine`
-    (or ``QSMPREP_FFT_ENGINE=torch``) runs them in torch's CPU FFT instead (``torch.fft`` on
-    a zero-copy view of the array), 1.2-1.5x faster per FFT pair on our grids with one
-    thread (``qsmprep-bench fft``). It is not the default: with more than one thread, torch's
-    OpenMP pool does not survive a ``fork`` of a process that has used it, and a Nipype
-    MultiProc worker forked from such a process (a test session, a pipeline embedding
-    qsmprep) spins forever in its first multi-threaded FFT (observed in the test suite).
+    NumPy arrays, FFTs with all cores (``workers=-1``) unless :func:`set_fft_workers` or
+    :func:`fft_workers` say otherwise (a Nipype node sets its own thread count). The engine
+    (:func:`set_fft_engine`, or ``QSMPREP_FFT_ENGINE``) is :mod:`scipy.fft` or torch's CPU FFT
+    (``torch.fft`` on a zero-copy view of the array), which is 1.2-1.5x faster per FFT pair
+    on our grids with one thread (``qsmprep-bench fft``). The default, ``"auto"``, runs torch
+    for single-threaded FFTs and scipy for the others: torch's OpenMP pool, once used with
+    more than one thread, does not survive a ``fork``, and a Nipype MultiProc worker forked
+    from such a process (a test session, a pipeline embedding qsmprep) spins forever in its
+    first multi-threaded torch operation (observed in the test suite), whereas a single
+    thread never starts that pool.
 ``"torch"``
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -208,23 +210,30 @@ def _record(kind: str, shape) -> None:
 
 
 FFT_ENGINES = ("torch", "scipy")
-"""FFT engines of the NumPy path: :mod:`scipy.fft` (pocketfft, default) or torch's CPU FFT."""
+"""FFT engines of the NumPy path: :mod:`scipy.fft` (pocketfft) or torch's CPU FFT."""
+
+FFT_ENGINE_CHOICES = ("auto", *FFT_ENGINES)
+"""Settings of :func:`set_fft_engine`: an engine, or ``"auto"`` (default: torch for FFTs with
+one thread, scipy otherwise; see the module docstring)."""
 
 
 def _check_engine(name) -> str:
-    if name not in FFT_ENGINES:
-        raise ValueError(f"FFT engine must be one of {', '.join(FFT_ENGINES)}, got {name!r}")
+    if name not in FFT_ENGINE_CHOICES:
+        raise ValueError(
+            f"FFT engine must be one of {', '.join(FFT_ENGINE_CHOICES)}, got {name!r}"
+        )
     return name
 
 
-_ENGINE = _check_engine(os.environ.get("QSMPREP_FFT_ENGINE", "scipy") or "scipy")
+_ENGINE = _check_engine(os.environ.get("QSMPREP_FFT_ENGINE", "auto") or "auto")
 _TORCH_DTYPES = frozenset(
     np.dtype(t) for t in (np.float32, np.float64, np.complex64, np.complex128)
 )
 
 
 def get_fft_engine() -> str:
-    """The FFT engine of NumPy arrays: ``"scipy"`` (default) or ``"torch"``."""
+    """The FFT engine setting of NumPy arrays: ``"auto"`` (default), ``"scipy"`` or
+    ``"torch"``."""
     return _ENGINE
 
 
@@ -233,7 +242,8 @@ def set_fft_engine(name: str) -> str:
 
     ``"torch"`` runs ``torch.fft`` on a zero-copy view of the array and returns a NumPy
     array (not fork-safe with more than one thread: see the module docstring); ``"scipy"``
-    runs :mod:`scipy.fft`. Both give the same transform to floating-point
+    runs :mod:`scipy.fft`; ``"auto"`` (default) runs torch when the FFTs have one thread
+    (:func:`set_fft_workers`), scipy otherwise. Both give the same transform to floating-point
     rounding (float32: relative 1e-6). The environment variable ``QSMPREP_FFT_ENGINE`` sets
     the default of a new process.
     """
@@ -255,7 +265,8 @@ def fft_engine(name: str) -> Iterator[None]:
 def _numpy_fft(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One FFT of a NumPy array by the selected engine (``kind``: rfftn, irfftn, fftn, ifftn)."""
     x = np.asarray(x)
-    if _ENGINE == "torch" and x.dtype in _TORCH_DTYPES:
+    torch_engine = _ENGINE == "torch" or (_ENGINE == "auto" and _WORKERS == 1)
+    if torch_engine and x.dtype in _TORCH_DTYPES:
         import torch
 
         if not x.flags.writeable or any(st < 0 for st in x.strides):

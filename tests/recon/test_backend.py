@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -10,7 +14,10 @@ def test_fft_workers_setting():
     assert _backend.get_fft_workers() == -1
     with _backend.fft_workers(1):
         assert _backend.get_fft_workers() == 1
-        np.testing.assert_array_equal(_backend.rfftn(x), ref)
+        # the default engine: torch with one thread, scipy with more; equal to float32 rounding
+        np.testing.assert_allclose(_backend.rfftn(x), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+        with _backend.fft_engine("scipy"):  # one engine: the thread count changes nothing
+            np.testing.assert_array_equal(_backend.rfftn(x), ref)
     assert _backend.get_fft_workers() == -1
     assert _backend.set_fft_workers(2) == -1
     assert _backend.set_fft_workers(None) == 2
@@ -23,7 +30,7 @@ def test_fft_workers_setting():
 
 @pytest.mark.parametrize("shape", [(8, 10, 6), (9, 7, 5)])
 def test_fft_engines_agree(shape):
-    """torch's CPU FFT (an engine of NumPy arrays) and scipy.fft (the default) give the same
+    """torch's CPU FFT and scipy.fft (the two engines of NumPy arrays) give the same
     transforms to float32 rounding, on even and odd grids, padded or not, real and complex."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=shape).astype(np.float32)
@@ -50,7 +57,7 @@ def test_fft_engines_agree(shape):
 def test_fft_engine_setting_and_awkward_arrays():
     x = np.random.default_rng(2).normal(size=(6, 8, 10)).astype(np.float32)
     ref = _backend.rfftn(x)
-    assert _backend.get_fft_engine() == "scipy"
+    assert _backend.get_fft_engine() == "auto"
     old = _backend.set_fft_engine("torch")
     # read-only, reversed and strided views are transformed like their copies
     ro = x.copy()
@@ -82,7 +89,65 @@ def test_fft_engine_setting_and_awkward_arrays():
         np.testing.assert_allclose(_backend.rfftn(x), ref, atol=1e-5)
     assert torch.get_num_threads() == before
     _backend.set_fft_engine(old)
-    assert _backend.get_fft_engine() == "scipy"
+    assert _backend.get_fft_engine() == "auto"
+
+
+def test_auto_engine_uses_torch_for_one_thread_only(monkeypatch):
+    """``auto``: torch's FFT for single-threaded FFTs (a node given one thread), scipy for the
+    others, whose torch pool would not survive a fork."""
+    import scipy.fft
+    import torch
+
+    calls = []
+    for mod, name in ((torch.fft, "rfftn"), (scipy.fft, "rfftn")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _mod=mod.__name__, **k):
+            calls.append(_mod)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+    x = np.ones((4, 6, 8), np.float32)
+    with _backend.fft_engine("auto"):
+        for workers, engine in ((1, "torch.fft"), (2, "scipy.fft"), (-1, "scipy.fft")):
+            calls.clear()
+            with _backend.fft_workers(workers):
+                _backend.rfftn(x)
+            assert calls == [engine], (workers, calls)
+
+
+_FORK_SCRIPT = """
+import os, sys, time
+import numpy as np
+import torch
+from qsmprep.recon import _backend
+
+torch.set_num_threads(2)  # the parent uses torch's pool, as a test session or an adaptation
+x = torch.randn(1, 4, 48, 48, 48)
+for _ in range(3):
+    torch.nn.functional.conv3d(x, torch.randn(8, 4, 3, 3, 3)).sum()
+pid = os.fork()
+if pid == 0:  # a Nipype worker: a node given one thread, FFTs by the default engine
+    with _backend.fft_workers(1):
+        y = np.random.default_rng(0).normal(size=(64, 64, 64)).astype(np.float32)
+        for _ in range(10):
+            _backend.irfftn(_backend.rfftn(y), s=y.shape)
+    os._exit(0)
+t = time.time()
+while time.time() - t < 120:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        sys.exit(0)
+    time.sleep(0.1)
+os.kill(pid, 9)
+sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_default_engine_survives_a_fork_after_torch_used_threads():
+    """A forked worker's single-threaded FFTs end (with two threads, torch's pool hangs)."""
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], timeout=300)
+    assert proc.returncode == 0, "the forked worker's FFTs never ended"
 
 
 def test_fft_bench_reports_both_engines(capsys):
