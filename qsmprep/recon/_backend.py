@@ -46,6 +46,7 @@ from qsmprep.devices import resolve_device
 
 __all__ = [
     "FFTCounter",
+    "active_fft_engine",
     "asarray",
     "axpy",
     "count_ffts",
@@ -252,6 +253,14 @@ def set_fft_engine(name: str) -> str:
     return old
 
 
+def active_fft_engine() -> str:
+    """The engine (``"torch"`` or ``"scipy"``) that an FFT of a float array runs now: the
+    setting, with ``"auto"`` resolved by the current thread count."""
+    if _ENGINE == "auto":
+        return "torch" if _WORKERS == 1 else "scipy"
+    return _ENGINE
+
+
 @contextlib.contextmanager
 def fft_engine(name: str) -> Iterator[None]:
     """Within the ``with`` block, NumPy FFTs use the engine ``name`` (:func:`set_fft_engine`)."""
@@ -265,8 +274,7 @@ def fft_engine(name: str) -> Iterator[None]:
 def _numpy_fft(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One FFT of a NumPy array by the selected engine (``kind``: rfftn, irfftn, fftn, ifftn)."""
     x = np.asarray(x)
-    torch_engine = _ENGINE == "torch" or (_ENGINE == "auto" and _WORKERS == 1)
-    if torch_engine and x.dtype in _TORCH_DTYPES:
+    if active_fft_engine() == "torch" and x.dtype in _TORCH_DTYPES:
         import torch
 
         if not x.flags.writeable or any(st < 0 for st in x.strides):

@@ -113,7 +113,10 @@ def test_auto_engine_uses_torch_for_one_thread_only(monkeypatch):
             calls.clear()
             with _backend.fft_workers(workers):
                 _backend.rfftn(x)
+                assert _backend.active_fft_engine() == engine.split(".")[0]
             assert calls == [engine], (workers, calls)
+    with _backend.fft_engine("torch"), _backend.fft_workers(2):
+        assert _backend.active_fft_engine() == "torch"
 
 
 _FORK_SCRIPT = """

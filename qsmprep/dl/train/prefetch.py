@@ -10,10 +10,13 @@ process with one torch thread and one FFT thread, so it takes one core from the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qsmprep.dl.synth import SyntheticQSMData
+from qsmprep.recon._backend import active_fft_engine
 
 __all__ = ["Prefetched"]
 
@@ -29,11 +32,14 @@ class _Batches(Dataset):
         return self.synth.batch(self.batch_size, index=int(index))
 
 
-def _init_worker(_worker_id: int) -> None:
-    from qsmprep.recon._backend import set_fft_workers
+def _init_worker(engine: str, _worker_id: int) -> None:
+    """One thread, and the FFT engine that the inline batches use (the default engine picks
+    by thread count, and engines agree only to rounding: batches must be bit-identical)."""
+    from qsmprep.recon._backend import set_fft_engine, set_fft_workers
 
     torch.set_num_threads(1)
     set_fft_workers(1)
+    set_fft_engine(engine)
 
 
 class Prefetched:
@@ -71,7 +77,7 @@ class Prefetched:
                 sampler=range(start, self._stop),
                 num_workers=1,
                 prefetch_factor=int(ahead),
-                worker_init_fn=_init_worker,
+                worker_init_fn=functools.partial(_init_worker, active_fft_engine()),
             )
             self._iter = iter(loader)
 
