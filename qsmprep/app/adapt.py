@@ -144,7 +144,6 @@ def adapt_networks(settings: Settings, subjects: list[str], run_participant) -> 
 
 def _adapt_all(settings, subjects, label, models, methods, run_participant) -> dict[str, Path]:
     """The target run, then each method's adaptation or reuse (under the selection's lock)."""
-
     t0 = time.perf_counter()
     target_settings = _target_settings(settings, subjects, label)
     LOGGER.info(

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qsmprep.dl.synth import SyntheticQSMData
-from qsmprep.recon._backend import active_fft_engine
+from qsmprep.recon._backend import active_fft_engine, set_fft_engine, set_fft_workers
 
 __all__ = ["Prefetched"]
 
@@ -35,8 +35,6 @@ class _Batches(Dataset):
 def _init_worker(engine: str, _worker_id: int) -> None:
     """One thread, and the FFT engine that the inline batches use (the default engine picks
     by thread count, and engines agree only to rounding: batches must be bit-identical)."""
-    from qsmprep.recon._backend import set_fft_engine, set_fft_workers
-
     torch.set_num_threads(1)
     set_fft_workers(1)
     set_fft_engine(engine)
