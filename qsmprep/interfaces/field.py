@@ -371,11 +371,11 @@ class _BackgroundInputSpec(ThreadsInputSpec):
     extra_meta = traits.Dict(desc="sidecar entries of earlier steps to pass on (e.g. reliability)")
     brain_mask = File(
         exists=True,
-        desc="brain mask of the cross-check (RESHARP) of a method that keeps its mask"
-        " (background.remove_background_checked); default: mask",
+        desc="brain mask of the cross-check (V-SHARP) and the fallback (RESHARP) of a method"
+        " that keeps its mask (background.remove_background_checked); default: mask",
     )
     cross_check = traits.Bool(
-        True, usedefault=True, desc="cross-check lbv/pdf against RESHARP and fall back to it"
+        True, usedefault=True, desc="cross-check lbv/pdf against V-SHARP, fall back to RESHARP"
     )
 
 

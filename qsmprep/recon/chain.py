@@ -235,8 +235,8 @@ def remove_background(
 
     :func:`~qsmprep.recon.background.remove_background_checked`: a method of
     :data:`~qsmprep.recon.background.KEEPS_MASK` (given the brain mask less its unreliable
-    rim) is cross-checked against RESHARP on ``brain_mask`` and falls back to it when they
-    disagree by more than :data:`~qsmprep.recon.background.MAX_DISAGREEMENT` %.
+    rim) is cross-checked against V-SHARP on ``brain_mask`` and falls back to RESHARP there
+    when they disagree by more than :data:`~qsmprep.recon.background.MAX_DISAGREEMENT` %.
 
     Parameters
     ----------
@@ -298,7 +298,8 @@ def compute_local_field(
 ) -> FieldMaps:
     """Total and local field (Hz) from multi-echo GRE magnitude and wrapped phase.
 
-    A method of :data:`~qsmprep.recon.background.KEEPS_MASK` is cross-checked against RESHARP
+    A method of :data:`~qsmprep.recon.background.KEEPS_MASK` is cross-checked against V-SHARP
+    and falls back to RESHARP
     (:func:`~qsmprep.recon.background.remove_background_checked`); ``settings["bg_method"]``
     names the method whose result is returned and ``settings["bg_check"]`` the check.
 

@@ -304,9 +304,9 @@ def _background_sentences(s: Mapping, mp: Mapping, cite: _Cite, bg: str) -> list
             f"Background fields were removed with {spec.label}{cite(*_keys(spec, mp))} "
             f"({_join(spec.description, params)}) on the brain mask less the unreliable voxels "
             "within 6 mm of its edge, which defined the local-field mask. Its local field was "
-            f"checked against RESHARP's{cite('resharp')} inside the latter's mask, and RESHARP's "
-            "was used instead where the two differed by more than 75 % (NRMSE); the sidecar of "
-            "each local field names the method used."
+            f"checked against V-SHARP's{cite('vsharp')} inside the latter's mask, and "
+            f"RESHARP's{cite('resharp')} was used instead where the two differed by more than "
+            "75 % (NRMSE); the sidecar of each local field names the method used."
         )
     elif spec is not None:
         out.append(

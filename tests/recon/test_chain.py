@@ -29,8 +29,9 @@ def test_chain_on_phantom(phantom2mm, gre2mm):
         profile=profile,
     )
     assert set(profile) == {"mask", "unwrap", "echo_fit", "reliability", "background_lbv"}
-    # the default LBV disagrees with RESHARP on this phantom (tissue of -0.5 ppm borders its
-    # brain; measured 181 %, limit 75 %), so the chain falls back to RESHARP
+    # the default LBV disagrees with V-SHARP on this phantom (tissue of -0.5 ppm borders its
+    # brain; measured 157 %, limit 75 %; 181 % against RESHARP), so the chain falls back to
+    # RESHARP
     check = maps.settings["bg_check"]
     assert check["fell_back"] and check["method"] == maps.settings["bg_method"] == "resharp"
     assert check["disagreement"] > 150
@@ -106,7 +107,7 @@ def test_chain_on_external_development_data(subject):
 def test_default_chain_keeps_the_brain_on_external_data():
     # Targets of the field-chain work, written before measuring: the default background removal
     # keeps >= 97 % of the true brain, the local field has slope 0.95-1.05 against the truth,
-    # and the chain does not fall back (LBV agrees with RESHARP inside RESHARP's mask).
+    # and the chain does not fall back (LBV agrees with V-SHARP inside V-SHARP's mask).
     if not (SHARED / "qsmdev").is_dir():
         pytest.skip("../shared/data is not available")
     mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", "01")

@@ -422,21 +422,29 @@ def test_resharp_on_oblique_simulation_is_as_good_as_axial(phantom):
 
 def test_cross_check_falls_back_where_lbv_fails(phantom, phantom_fields):
     # our phantom: tissue of -0.5 ppm borders the brain and LBV is far off (xfail above); the
-    # cross-check against RESHARP catches it and returns RESHARP's result
+    # cross-check against V-SHARP catches it and returns RESHARP's result
     vs, brain = phantom.voxel_size, phantom.brain_mask
     total = phantom_fields["total_hz"]
     local, m, check = bg.remove_background_checked(total, brain, vs, method="lbv")
     ref, ref_m = bg.resharp(total, brain, vs)
-    assert check["fell_back"] and check["method"] == "resharp"
+    assert check["fell_back"] and check["method"] == "resharp" and check["against"] == "vsharp"
     assert check["disagreement"] > bg.MAX_DISAGREEMENT
     np.testing.assert_array_equal(local, ref)
     np.testing.assert_array_equal(m, ref_m)
+    # compared with the fallback itself, its one result serves both (the earlier default)
+    local2, m2, check2 = bg.remove_background_checked(
+        total, brain, vs, method="lbv", check_with="resharp"
+    )
+    assert check2["fell_back"] and check2["against"] == "resharp"
+    assert check2["disagreement"] > bg.MAX_DISAGREEMENT
+    np.testing.assert_array_equal(local2, ref)
+    np.testing.assert_array_equal(m2, ref_m)
     # eroding methods are not checked
     _, _, c2 = bg.remove_background_checked(total, brain, vs, method="sharp")
     assert c2 == {"method": "sharp"}
 
 
-def test_cross_check_keeps_lbv_where_it_holds():
+def test_cross_check_keeps_lbv_where_it_holds(monkeypatch):
     # a local field that vanishes on the mask boundary plus a harmonic background: LBV is
     # exact there, RESHARP close, so no fallback
     shape, vs = (48, 48, 40), (2.0, 2.0, 2.0)
@@ -449,6 +457,16 @@ def test_cross_check_keeps_lbv_where_it_holds():
     # zero on the boundary layer: LBV's assumption holds exactly
     local = np.where(inner, local, 0.0)
     background = 3.0 * x - 2.0 * z + 0.05 * (x**2 - y**2)
+    calls = []
+    run = bg.remove_background
+
+    def spy(*args, method, **kwargs):
+        calls.append(method)
+        return run(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(bg, "remove_background", spy)
     out, m, check = bg.remove_background_checked(local + background, brain, vs, method="lbv")
     assert not check["fell_back"] and check["method"] == "lbv", check
     np.testing.assert_array_equal(m, brain)
+    # the check costs one V-SHARP; RESHARP, the fallback, runs only when it is needed
+    assert calls == ["lbv", "vsharp"], calls

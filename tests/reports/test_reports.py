@@ -344,12 +344,14 @@ def test_methods_paragraph_follows_options():
         cosmos=True,
     )
     assert "PDF" in other and "Liu T, Khalidov I" in other and "max_iter 77" in other
-    # PDF keeps its mask, so it is cross-checked against RESHARP, which is cited for it
-    assert "checked against RESHARP" in other and "Sun H, Wilman AH" in other
+    # PDF keeps its mask, so it is cross-checked against V-SHARP and falls back to RESHARP,
+    # both cited for it
+    assert "checked against V-SHARP" in other and "Sun H, Wilman AH" in other
+    assert "Wu B, Li W" in other
     assert "Shmueli K, de Zwart" not in other
     assert "TV estimated susceptibility over the whole brain mask" in other
     lbv = methods_paragraph({**base, "bg_method": "lbv", "methods": ["tkd", "medi", "unet"]})
-    assert "LBV" in lbv and "Zhou D" in lbv and "checked against RESHARP" in lbv
+    assert "LBV" in lbv and "Zhou D" in lbv and "checked against V-SHARP" in lbv
     assert "MEDI estimated susceptibility over the whole brain mask" in lbv
     assert "networks were given a local field made with RESHARP" in lbv
     assert "networks were given" not in text and "checked against" not in text

@@ -116,7 +116,8 @@ def test_field_wf_graph(mask_method, unwrap_method, bg_method):
     ]:
         assert link in links, link
     # a method that keeps its mask gets the brain mask less its unreliable rim, and the brain
-    # mask for its cross-check against RESHARP; the eroding methods get the brain mask
+    # mask for its cross-check (V-SHARP) and fallback (RESHARP); the eroding methods get the
+    # brain mask
     if bg_method in ("lbv", "pdf"):
         assert (p + "field_reliability", "trimmed_mask", p + "remove_background", "mask") in links
         assert (p + "brain_mask", "out_file", p + "remove_background", "brain_mask") in links
