@@ -210,6 +210,12 @@ def _record(kind: str, shape) -> None:
         c.calls.append((kind, tuple(int(n) for n in shape)))
 
 
+def record_dst1(shape: Sequence[int]) -> None:
+    """Count one type-I DST of ``shape`` run outside this module (e.g. :mod:`scipy.fft`): a
+    real FFT of ``2 (n + 1)`` points along each axis, the transform it is computed by."""
+    _record("r", tuple(2 * (int(n) + 1) for n in shape))
+
+
 FFT_ENGINES = ("torch", "scipy")
 """FFT engines of the NumPy path: :mod:`scipy.fft` (pocketfft) or torch's CPU FFT."""
 

@@ -1,4 +1,4 @@
-"""LBV: Laplacian boundary value background removal (sparse CG in SciPy on the CPU).
+"""LBV: Laplacian boundary value background removal (sparse PCG in SciPy on the CPU).
 
 Notation as in :mod:`qsmprep.recon.background`.
 """
@@ -8,9 +8,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import fft as sp_fft
 from scipy import ndimage, sparse
+from scipy.sparse.linalg import LinearOperator
 from scipy.sparse.linalg import cg as sparse_cg
 
+from qsmprep.recon._backend import get_fft_workers, record_dst1
 from qsmprep.recon._checks import check_field
 from qsmprep.recon.background.common import fill_info
 
@@ -25,6 +28,46 @@ def _peeled(m: np.ndarray, vs, peel: float) -> np.ndarray:
     return m & (dist > peel)
 
 
+def _box_preconditioner(inner: np.ndarray, vs, workers: int) -> LinearOperator:
+    """The inverse of ``-L`` with zero values around a box that holds the interior, restricted
+    to the interior voxels: ``P^T (-L_box)^-1 P`` with ``P`` the embedding in the box.
+
+    ``-L_box`` (the 7-point Laplacian in mm with Dirichlet boundaries) is diagonal in the
+    type-I DST: eigenvalues ``sum_i (2 - 2 cos(pi k_i / (n_i + 1))) / dx_i^2``, so one DST pair
+    applies its inverse. The operator is symmetric positive definite, as CG needs. The system
+    matrix is ``-L_box`` restricted to the interior with zero Dirichlet values on the mask's
+    boundary instead of the box's, so they differ only near the boundary: on a 1 mm head
+    (1.2 million unknowns) CG took 29 iterations to 1e-6 instead of 309, at 1.5 mm 26
+    instead of 229. Each box side is padded to a fast DST length (``2 (n + 1)`` 5-smooth);
+    float32 is enough for a preconditioner. The DSTs are counted as the real FFTs of doubled
+    length they are computed by (:func:`qsmprep.recon._backend.record_dst1`).
+    """
+    idx = np.nonzero(inner)
+    lo = [int(i.min()) for i in idx]
+    ext = [int(i.max()) + 1 - low for i, low in zip(idx, lo, strict=True)]
+    shape = tuple(sp_fft.next_fast_len(e + 1, real=True) - 1 for e in ext)
+    flat = np.ravel_multi_index(tuple(i - low for i, low in zip(idx, lo, strict=True)), shape)
+    eig = np.zeros(shape)
+    for axis, (n, d) in enumerate(zip(shape, vs, strict=True)):
+        k = np.arange(1, n + 1)
+        e = (2.0 - 2.0 * np.cos(np.pi * k / (n + 1))) / (d * d)
+        eig = eig + e.reshape([n if a == axis else 1 for a in range(3)])
+    inv = (1.0 / eig).astype(np.float32)
+    buf = np.zeros(shape, dtype=np.float32)  # only the interior's entries are ever written
+    view = buf.reshape(-1)
+
+    def apply(r):
+        record_dst1(shape)
+        record_dst1(shape)
+        view[flat] = r
+        y = sp_fft.dstn(buf, type=1, workers=workers)
+        y *= inv
+        y = sp_fft.idstn(y, type=1, workers=workers, overwrite_x=True)
+        return y.reshape(-1)[flat].astype(np.float64)
+
+    return LinearOperator((flat.size, flat.size), matvec=apply, dtype=np.float64)
+
+
 def lbv(
     field,
     mask,
@@ -33,6 +76,7 @@ def lbv(
     tol: float = 1e-6,
     max_iter: int = 3000,
     peel: float = 0.0,
+    precondition: bool = True,
     device: str | None = "cpu",
     info: dict | None = None,
 ):
@@ -47,8 +91,9 @@ def lbv(
 
     with ``L`` the 7-point Laplacian with spacing ``dx, dy, dz`` (mm, so anisotropic voxels are
     honoured). The linear system (symmetric positive definite, one unknown per interior voxel)
-    is solved by SciPy's conjugate gradients in float64 on the CPU. No voxel is lost to a
-    kernel: the output covers the whole mask, less ``peel`` mm if asked.
+    is solved by SciPy's conjugate gradients in float64 on the CPU, preconditioned by the
+    inverse Laplacian of a box around the mask (one pair of type-I DSTs per iteration). No
+    voxel is lost to a kernel: the output covers the whole mask, less ``peel`` mm if asked.
 
     The zero boundary condition is the method's approximation: the true local field is not
     zero at the brain edge, and the error it leaves is the harmonic function with the true
@@ -67,6 +112,14 @@ def lbv(
     peel : float
         Distance from the mask edge (mm) within which the result is discarded after the solve
         (default 0: the whole mask; Zhou et al. offer the same as a number of layers).
+    precondition : bool
+        Precondition CG with the box's inverse Laplacian (default True). Measured on one
+        machine, two runs each, same process: a 1 mm simulated head (160 x 186 x 149, 1.2
+        million unknowns) 12.7-13.2 s without, 7.9 s with (309 against 29 iterations);
+        qsmdev sub-01 (1.5 mm, 0.5 million) 3.7-4.2 against 2.7-3.2 s (229 against 26);
+        qsmdev-aniso (1 x 1 x 2.5 mm, 0.7 million) 5.7-6.2 against 4.4-5.6 s (260 against
+        31). Both stop at the same relative residual; the local fields agreed to 3e-5 of
+        their norm.
     device : str
         Accepted for a uniform signature; the solve always runs on the CPU.
     info : dict, optional
@@ -128,7 +181,10 @@ def lbv(
         nonlocal iterations
         iterations += 1
 
-    x, flag = sparse_cg(a, rhs, rtol=tol, atol=0.0, maxiter=int(max_iter), callback=count)
+    pre = None
+    if precondition:
+        pre = _box_preconditioner(inner, vs, get_fft_workers())
+    x, flag = sparse_cg(a, rhs, rtol=tol, atol=0.0, maxiter=int(max_iter), M=pre, callback=count)
     bnorm = float(np.linalg.norm(rhs))
     res = float(np.linalg.norm(rhs - a @ x)) / bnorm if bnorm > 0 else 0.0
     local = np.zeros(m.shape, dtype=np.float32)
