@@ -83,6 +83,11 @@ in their records): they take the field at the mask's edge at face value, so the 
 the brain mask less its unreliable rim (:func:`qsmprep.recon.mask.field_reliability`)."""
 
 
+def _key(method: str) -> str:
+    """A background method's registry name (case, hyphens and underscores ignored)."""
+    return str(method).lower().replace("-", "").replace("_", "")
+
+
 def remove_background(field, mask, voxel_size, *, method: str = "resharp", **kwargs):
     """Background field removal by name: one of :data:`METHODS`.
 
@@ -90,7 +95,7 @@ def remove_background(field, mask, voxel_size, *, method: str = "resharp", **kwa
     :func:`lbv`).
     Returns ``(local_field, mask_out)`` in the unit of ``field``.
     """
-    key = str(method).lower().replace("-", "").replace("_", "")
+    key = _key(method)
     if key not in _registry.names("background"):
         raise ValueError(
             f"unknown background removal method {method!r}; choose from "
@@ -186,7 +191,3 @@ def remove_background_checked(
     if fb == against:
         return ref, ref_out, check
     return (*run(fb), check)
-
-
-def _key(method: str) -> str:
-    return str(method).lower().replace("-", "").replace("_", "")
