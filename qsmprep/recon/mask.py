@@ -117,20 +117,49 @@ def largest_component(mask) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def _box(mask: np.ndarray, margin=(0, 0, 0)) -> tuple[slice, ...] | None:
+    """Slices of the mask's bounding box grown by ``margin`` voxels per axis, clipped to the
+    array (None for an empty mask).
+
+    The morphology below works inside this box: the distance transforms cost time in
+    proportion to the array, and at 1 mm a brain fills about 40 % of its field of view. The
+    results are the same as on the whole array: every voxel outside the bounding box is
+    outside the mask, so the box's outer layer holds the nearest outside voxel of any voxel
+    within (clamping an outside point to the box does not lengthen its distance).
+    """
+    idx = [
+        np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != i))) for i in range(3)
+    ]
+    if any(v.size == 0 for v in idx):
+        return None
+    return tuple(
+        slice(max(int(v[0]) - int(g), 0), min(int(v[-1]) + 1 + int(g), n))
+        for v, g, n in zip(idx, margin, mask.shape, strict=True)
+    )
+
+
 def _erode(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
     """Erosion by a ball of ``radius_mm`` (voxels whose distance to the outside exceeds it)."""
     if radius_mm <= 0:
         return mask.copy()
+    out = np.zeros(mask.shape, bool)
+    sl = _box(mask)
+    if sl is None:
+        return out
     # pad by one voxel so the array border counts as outside
-    d = ndi.distance_transform_edt(np.pad(mask, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
-    return d > radius_mm
+    d = ndi.distance_transform_edt(np.pad(mask[sl], 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+    out[sl] = d > radius_mm
+    return out
 
 
 def _dilate(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
     """Dilation by a ball of ``radius_mm``."""
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
-    return ndi.distance_transform_edt(~mask, sampling=vs) <= radius_mm
+    sl = _box(mask, [int(np.ceil(radius_mm / v)) + 1 for v in vs])
+    out = np.zeros(mask.shape, bool)
+    out[sl] = ndi.distance_transform_edt(~mask[sl], sampling=vs) <= radius_mm
+    return out
 
 
 def field_reliability(
@@ -208,9 +237,11 @@ def field_reliability(
         return m.copy(), m.copy(), info
     thr = med + float(threshold) * mad
     bad = m & (r > thr)
-    trimmed = m & ~(bad & ~deep)
-    trimmed = ndi.binary_opening(trimmed)
-    trimmed = ndi.binary_fill_holes(largest_component(trimmed))
+    trimmed = np.zeros_like(m)
+    sl = _box(m, (1, 1, 1))  # the opening and hole filling within the mask's box (see _box)
+    if sl is not None:
+        t = m[sl] & ~(bad[sl] & ~deep[sl])
+        trimmed[sl] = ndi.binary_fill_holes(largest_component(ndi.binary_opening(t)))
     if not trimmed.any():
         trimmed = m.copy()
     info = {

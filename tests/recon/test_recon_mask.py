@@ -201,3 +201,31 @@ def test_field_reliability_trims_the_unreliable_rim_only(voxel_size):
     # no residual (one or two echoes): nothing is judged
     t0, r0, i0 = field_reliability(brain, np.zeros(shape), tuple(vs))
     assert np.array_equal(t0, brain) and np.array_equal(r0, brain) and i0["unreliable"] == 0
+
+
+def test_ball_morphology_in_the_box_equals_the_whole_array():
+    """_erode and _dilate work inside the mask's bounding box; the result must be that of the
+    distance transform of the whole array (array border = outside), masks touching the
+    border, empty masks and anisotropic voxels included."""
+    from qsmprep.recon.mask import _dilate, _erode
+
+    rng = np.random.default_rng(7)
+    for trial in range(24):
+        shape = tuple(int(n) for n in rng.integers(6, 26, 3))
+        vs = tuple(float(v) for v in rng.uniform(0.7, 3.0, 3))
+        m = ndi.gaussian_filter(rng.random(shape), 2) > 0.5
+        lo = [int(rng.integers(0, n // 3 + 1)) for n in shape]  # blobs in a random sub-box
+        hi = [int(rng.integers(2 * n // 3, n + 1)) for n in shape]
+        inner = np.zeros(shape, bool)
+        inner[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+        m &= inner
+        if trial % 3 == 0:
+            m[:, :, :2] = True
+        if trial % 8 == 0:
+            m[:] = False
+        for r in (1.0, 2.5, 6.0):
+            whole = ndi.distance_transform_edt(np.pad(m, 1), sampling=vs)[1:-1, 1:-1, 1:-1]
+            np.testing.assert_array_equal(_erode(m, r, vs), whole > r)
+            if m.any():
+                near = ndi.distance_transform_edt(~m, sampling=vs) <= r
+                np.testing.assert_array_equal(_dilate(m, r, vs), near)
