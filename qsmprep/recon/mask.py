@@ -122,7 +122,8 @@ def _box(mask: np.ndarray, margin=(0, 0, 0)) -> tuple[slice, ...] | None:
     array (None for an empty mask).
 
     The morphology below works inside this box: the distance transforms cost time in
-    proportion to the array, and at 1 mm a brain fills about 40 % of its field of view. The
+    proportion to the array, and the bounding box of a brain is about a third of a whole-head
+    field of view (35 % of 224 x 224 x 160 at 1 mm; the brain itself 16 %). The
     results are the same as on the whole array: every voxel outside the bounding box is
     outside the mask, so the box's outer layer holds the nearest outside voxel of any voxel
     within (clamping an outside point to the box does not lengthen its distance).
