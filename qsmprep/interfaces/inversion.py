@@ -150,8 +150,10 @@ class DipoleInversion(ThreadedInterface):
         if "magnitude" in needs:
             extra["magnitude"] = combine_magnitude(load(inp.magnitude)[0])
         if "noise_std" in needs and noise is not None:
-            # outside the data mask the weight is zero: any positive value serves there
-            extra["noise_std"] = np.where(data & np.isfinite(noise) & (noise > 0), noise, 1.0)
+            # in ppm, as the field (MEDI's lam="noise" reads its level); outside the data
+            # mask the weight is zero and any positive value serves there
+            ok = data & np.isfinite(noise) & (noise > 0)
+            extra["noise_std"] = hz_to_ppm(np.where(ok, noise, 1.0), inp.b0)
         if "data_mask" in needs and weighted:
             extra["data_mask"] = data
         if "weight" in needs and weighted and "weight" not in params:

@@ -384,6 +384,29 @@ def test_dipole_inversion_on_the_whole_brain(data, loaded, method, tmp_path):
         assert np.corrcoef(chi[brain], data["chi"][brain])[0, 1] > 0.8
 
 
+def test_medi_noise_lambda_reads_the_noise_map_in_ppm(data, loaded, tmp_path):
+    # --config {"medi": {"lam": "noise"}}: the noise map on disk is in Hz; MEDI's lambda
+    # 0.01 ppm^2 / sigma^2 needs it in ppm. The same run with that lambda given as a number
+    # must give the same map (a noise map passed in Hz would give a 1.6e4 x smaller lambda).
+    brain = data["brain"]
+    affine = nib.load(data["brain_file"]).affine
+    noise_file = str(tmp_path / "noise.nii.gz")
+    nib.save(nib.Nifti1Image(np.where(brain, 0.5, 0.0).astype(np.float32), affine), noise_file)
+    sigma_ppm = 0.5 / (B0 * 42.57747892)
+    maps = []
+    for lam in ("noise", 0.01 / sigma_ppm**2):
+        out = tmp_path / str(lam)
+        out.mkdir()
+        res = DipoleInversion(
+            local_field=data["local_file"], mask=data["brain_file"], method="medi",
+            params={"lam": lam, "max_iter": 2}, b0=B0, b0_dir=data["b0_dir"],
+            echo_times=list(TE), magnitude=loaded.magnitude, noise_field=noise_file,
+        ).run(cwd=str(out))  # fmt: skip
+        assert res.outputs.parameters["lam"] == lam
+        maps.append(_img(res.outputs.out_file))
+    assert np.abs(maps[0] - maps[1]).max() <= 1e-6 * np.abs(maps[1]).max()
+
+
 def test_r2star_map(tmp_path, monkeypatch):
     """R2StarMap: the recon fit on a NIfTI decay, 0 outside the mask, counts in the sidecar."""
     monkeypatch.chdir(tmp_path)

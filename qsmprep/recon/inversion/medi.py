@@ -108,6 +108,7 @@ __all__ = [
     "IRLS_EPSILON_RAD",
     "LAMBDA_CSF_RAD",
     "LAMBDA_RAD",
+    "NOISE_LAMBDA_PPM2",
     "delta_te_of",
     "gradient_mask",
     "medi",
@@ -122,6 +123,12 @@ LAMBDA_CSF_RAD = 100.0
 
 IRLS_EPSILON_RAD = 1e-6
 """MEDI's IRLS smoothing ``e`` on ``|w_G grad x|^2`` (rad^2/mm^2)."""
+
+NOISE_LAMBDA_PPM2 = 0.01
+"""``lam="noise"``: ``lam = NOISE_LAMBDA_PPM2 / sigma^2`` (``sigma`` the median noise std of the
+field in ppm over the data voxels), at most the toolbox's ``1000 c``. A data term weighted by
+``1 / sigma^2``, as a maximum a posteriori estimate weights it; the constant was measured
+(see :func:`medi`, ``lam``)."""
 
 DEFAULT_DELTA_TE = 5e-3
 """Default echo spacing (s) when none is given: a typical multi-echo GRE spacing at 3 T."""
@@ -335,8 +342,8 @@ def _data_weight(noise_std, m: np.ndarray, data_mask=None) -> np.ndarray:
     check_finite(n, "noise_std", where=d)
     if np.any(n[d] <= 0):
         raise ValueError(
-            "noise_std must be positive inside the mask (a noise standard deviation map,"
-            " any unit); remove voxels without an estimate from the mask"
+            "noise_std must be positive inside the mask (a noise standard deviation map in"
+            " ppm); remove voxels without an estimate from the mask"
         )
     w = np.zeros(m.shape)
     w[d] = 1.0 / n[d]
@@ -352,7 +359,7 @@ def medi(
     b0_dir=(0.0, 0.0, 1.0),
     noise_std=None,
     data_mask=None,
-    lam: float | None = None,
+    lam: float | str | None = None,
     delta_te: float = DEFAULT_DELTA_TE,
     b0: float = 3.0,
     percentage: float = 0.9,
@@ -390,15 +397,24 @@ def medi(
     b0_dir : 3 floats
         B0 direction in voxel coordinates (default the third axis).
     noise_std : (X, Y, Z) array, optional
-        Noise standard deviation of the field (any unit; only its relative values matter),
-        positive inside the mask. Default: uniform weight in the mask.
+        Noise standard deviation of the field in ppm, positive inside the mask. The data
+        weight uses its relative values only; ``lam="noise"`` its level. Default: uniform
+        weight in the mask.
     data_mask : (X, Y, Z) array, optional
         Where the local field is known (e.g. the background removal's mask less unreliable
         voxels): the data weight is zero elsewhere in ``mask``, where chi comes from the
         regulariser alone, so the map covers the whole ``mask``. Default: the whole mask.
-    lam : float, optional
+    lam : float or "noise", optional
         Data-term weight for ppm fields (1/ppm^2 up to the unit-free TV term; see above).
-        Default ``1000 * c``, the toolbox's ``lambda = 1000`` for radian fields.
+        Default ``1000 * c``, the toolbox's ``lambda = 1000`` for radian fields. ``"noise"``
+        (needs ``noise_std``): ``NOISE_LAMBDA_PPM2 / sigma^2``, ``sigma`` the median of
+        ``noise_std`` over the data voxels, at most ``1000 * c``. The toolbox's value
+        regularises too little at the noise of our 2 mm phantom with 0.38 Hz noise and of the
+        development data (0.32-0.36 Hz): there 0.2-0.3 times it gave 26-27 % against 32-34 %
+        NRMSE, and 55.6-60.4 % against 57.7-64.4 % (docs: "Dipole inversion"); the constant
+        0.01 ppm^2 puts those cases at 0.22-0.43 times the toolbox's value, and keeps it for
+        noise below 0.20 Hz at 3 T with a 5 ms echo spacing. At 0.6 Hz (qsmdev-multi) it
+        over-regularises (HFEN 49.1 against 42.9 %), so it is an option, not the default.
     delta_te : float
         Echo spacing in s (the phase accrual time of the field: for a single echo, its TE).
         Sets ``c`` and so the nonlinearity and the default ``lam`` (default 5 ms).
@@ -428,7 +444,8 @@ def medi(
         its ``rel_change_history``, ``cg_iterations`` and ``cg_residuals`` per outer
         iteration, ``data_cost`` (``||w (exp(iDx) - exp(if))||`` in radians, before each
         iteration and at the end) and ``reg_cost`` (``||w_G grad chi||_1``, ppm/mm, before
-        each iteration), ``lam``, ``lam_rad``, ``lambda_csf``, ``rad_per_ppm``, ``grid``.
+        each iteration), ``lam``, ``lam_rad``, ``lam_noise_ppm`` (``sigma`` of
+        ``lam="noise"``, else None), ``lambda_csf``, ``rad_per_ppm``, ``grid``.
 
     Returns
     -------
@@ -457,7 +474,14 @@ def medi(
         "local_field", f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask
     )
     c = rad_per_ppm(delta_te, b0)
-    lam_ppm = LAMBDA_RAD * c if lam is None else _check_positive(lam, "lam")
+    if isinstance(lam, str):
+        if lam != "noise":
+            raise ValueError(f'lam must be a positive number or "noise", got {lam!r}')
+        if noise_std is None:
+            raise ValueError('lam="noise" needs noise_std (the field\'s noise std in ppm)')
+        lam_ppm = None
+    else:
+        lam_ppm = LAMBDA_RAD * c if lam is None else _check_positive(lam, "lam")
     max_iter = _check_positive(max_iter, "max_iter", integer=True)
     cg_max_iter = _check_positive(cg_max_iter, "cg_max_iter", integer=True)
     tol = _check_positive(tol, "tol")
@@ -478,6 +502,10 @@ def medi(
             if not (math.isfinite(lam_csf_ppm) and lam_csf_ppm >= 0):
                 raise ValueError(f"lambda_csf must be >= 0 and finite, got {lambda_csf!r}")
     w_data = _data_weight(noise_std, m, data_mask)
+    sigma = None
+    if lam_ppm is None:
+        sigma = float(np.median(to_numpy(noise_std)[w_data > 0]))
+        lam_ppm = min(NOISE_LAMBDA_PPM2 / sigma**2, LAMBDA_RAD * c)
     w_grad = gradient_mask(magnitude, m, vs, percentage)
     if data_mask is not None:
         # without data a voxel has nothing but the regulariser: keep its edges regularised, or
@@ -575,6 +603,7 @@ def medi(
             reg_cost=hist["reg"],
             lam=lam_ppm,
             lam_rad=lam_rad,
+            lam_noise_ppm=sigma,
             lambda_csf=lam_csf_ppm,
             rad_per_ppm=c,
             grid=tuple(shape),
