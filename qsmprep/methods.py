@@ -672,8 +672,8 @@ register(Method(
     )),
     parameters=(
         Parameter("lam", None, "", "data-term weight for ppm fields (default 1000 c, c the "
-                  "radians per ppm over delta_te); \"noise\": 0.01 ppm^2 / sigma^2, sigma the "
-                  "field's median noise std, at most 1000 c", key=True),
+                  "radians per ppm over delta_te); \"noise\": 4 / sigma, sigma the field's "
+                  "median noise std in ppm, at most 1000 c", key=True),
         Parameter("delta_te", 0.005, "s", "echo spacing (default: from the echo times)"),
         Parameter("b0", 3.0, "T", "field strength (default: the acquisition's)"),
         Parameter("percentage", 0.9, "", "edge fraction of the magnitude gradient mask",

@@ -386,15 +386,15 @@ def test_dipole_inversion_on_the_whole_brain(data, loaded, method, tmp_path):
 
 def test_medi_noise_lambda_reads_the_noise_map_in_ppm(data, loaded, tmp_path):
     # --config {"medi": {"lam": "noise"}}: the noise map on disk is in Hz; MEDI's lambda
-    # 0.01 ppm^2 / sigma^2 needs it in ppm. The same run with that lambda given as a number
-    # must give the same map (a noise map passed in Hz would give a 1.6e4 x smaller lambda).
+    # 4 / sigma needs it in ppm. The same run with that lambda given as a number must give
+    # the same map (a noise map passed in Hz would give a 128 x smaller lambda).
     brain = data["brain"]
     affine = nib.load(data["brain_file"]).affine
     noise_file = str(tmp_path / "noise.nii.gz")
     nib.save(nib.Nifti1Image(np.where(brain, 0.5, 0.0).astype(np.float32), affine), noise_file)
     sigma_ppm = 0.5 / (B0 * 42.57747892)
     maps = []
-    for lam in ("noise", 0.01 / sigma_ppm**2):
+    for lam in ("noise", 4.0 / sigma_ppm):
         out = tmp_path / str(lam)
         out.mkdir()
         res = DipoleInversion(

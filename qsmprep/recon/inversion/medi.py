@@ -108,7 +108,7 @@ __all__ = [
     "IRLS_EPSILON_RAD",
     "LAMBDA_CSF_RAD",
     "LAMBDA_RAD",
-    "NOISE_LAMBDA_PPM2",
+    "NOISE_LAMBDA",
     "delta_te_of",
     "gradient_mask",
     "medi",
@@ -124,11 +124,11 @@ LAMBDA_CSF_RAD = 100.0
 IRLS_EPSILON_RAD = 1e-6
 """MEDI's IRLS smoothing ``e`` on ``|w_G grad x|^2`` (rad^2/mm^2)."""
 
-NOISE_LAMBDA_PPM2 = 0.01
-"""``lam="noise"``: ``lam = NOISE_LAMBDA_PPM2 / sigma^2`` (``sigma`` the median noise std of the
-field in ppm over the data voxels), at most the toolbox's ``1000 c``. A data term weighted by
-``1 / sigma^2``, as a maximum a posteriori estimate weights it; the constant was measured
-(see :func:`medi`, ``lam``)."""
+NOISE_LAMBDA = 4.0
+"""``lam="noise"``: ``lam = NOISE_LAMBDA / sigma`` (``sigma`` the median noise std of the field
+in ppm over the data voxels), at most the toolbox's ``1000 c``. Measured on five noisy cases
+(see :func:`medi`, ``lam``); ``1 / sigma^2``, the law of a maximum a posteriori estimate with
+a fixed prior, over-regularised the noisiest of them."""
 
 DEFAULT_DELTA_TE = 5e-3
 """Default echo spacing (s) when none is given: a typical multi-echo GRE spacing at 3 T."""
@@ -407,14 +407,14 @@ def medi(
     lam : float or "noise", optional
         Data-term weight for ppm fields (1/ppm^2 up to the unit-free TV term; see above).
         Default ``1000 * c``, the toolbox's ``lambda = 1000`` for radian fields. ``"noise"``
-        (needs ``noise_std``): ``NOISE_LAMBDA_PPM2 / sigma^2``, ``sigma`` the median of
+        (needs ``noise_std``): ``NOISE_LAMBDA / sigma``, ``sigma`` the median of
         ``noise_std`` over the data voxels, at most ``1000 * c``. The toolbox's value
         regularises too little at the noise of our 2 mm phantom with 0.38 Hz noise and of the
-        development data (0.32-0.36 Hz): there 0.2-0.3 times it gave 26-27 % against 32-34 %
-        NRMSE, and 55.6-60.4 % against 57.7-64.4 % (docs: "Dipole inversion"); the constant
-        0.01 ppm^2 puts those cases at 0.22-0.43 times the toolbox's value, and keeps it for
-        noise below 0.20 Hz at 3 T with a 5 ms echo spacing. At 0.6 Hz (qsmdev-multi) it
-        over-regularises (HFEN 49.1 against 42.9 %), so it is an option, not the default.
+        development data (0.32-0.60 Hz): 0.15-0.5 times it lowered NRMSE there (docs: "Dipole
+        inversion"), while noise-free data want the toolbox's value. The rule puts those
+        cases at 0.15-0.44 times the toolbox's value and keeps it for noise below 0.13 Hz at
+        3 T with a 5 ms echo spacing. HFEN rises by 1-2 points on the development data, so
+        it is an option, not the default.
     delta_te : float
         Echo spacing in s (the phase accrual time of the field: for a single echo, its TE).
         Sets ``c`` and so the nonlinearity and the default ``lam`` (default 5 ms).
@@ -505,7 +505,7 @@ def medi(
     sigma = None
     if lam_ppm is None:
         sigma = float(np.median(to_numpy(noise_std)[w_data > 0]))
-        lam_ppm = min(NOISE_LAMBDA_PPM2 / sigma**2, LAMBDA_RAD * c)
+        lam_ppm = min(NOISE_LAMBDA / sigma, LAMBDA_RAD * c)
     w_grad = gradient_mask(magnitude, m, vs, percentage)
     if data_mask is not None:
         # without data a voxel has nothing but the regulariser: keep its edges regularised, or
