@@ -114,6 +114,8 @@ class DipoleInversion(ThreadedInterface):
         m = (load(inp.brain_mask, bool)[0] | local) if whole else local
         weighted = whole or isdefined(inp.reliable_mask)
         extra = self._extra_inputs(record, params, data, noise, weighted)
+        if params.get("lam") == "noise":  # MEDI's lambda from the noise: record its value
+            extra["info"] = solver_info = {}
         chi = func(field, m, vs, b0_dir=b0_dir, device=inp.device, **extra, **params)
         chi = reference_mean(chi, m)
         self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
@@ -126,6 +128,12 @@ class DipoleInversion(ThreadedInterface):
             "Mask": "desc-brain_mask" if whole else "desc-local_mask",
             "Reference": "mean of brain mask" if whole else "mean of local mask",
         }
+        if params.get("lam") == "noise":
+            self._results["meta"]["NoiseLambda"] = {
+                "Lambda": solver_info["lam"],
+                "NoiseStd": solver_info["lam_noise_ppm"],
+                "Units": "lambda for ppm fields; noise std in ppm",
+            }
         if isdefined(inp.bg_meta) and "Method" in inp.bg_meta:
             self._results["meta"]["BackgroundMethod"] = inp.bg_meta["Method"]
         if whole or isdefined(inp.reliable_mask):

@@ -403,6 +403,13 @@ def test_medi_noise_lambda_reads_the_noise_map_in_ppm(data, loaded, tmp_path):
             echo_times=list(TE), magnitude=loaded.magnitude, noise_field=noise_file,
         ).run(cwd=str(out))  # fmt: skip
         assert res.outputs.parameters["lam"] == lam
+        if lam == "noise":  # the value it chose, in the sidecar
+            chosen = res.outputs.meta["NoiseLambda"]
+            assert chosen["Lambda"] == pytest.approx(4.0 / sigma_ppm, rel=1e-6)
+            assert chosen["NoiseStd"] == pytest.approx(sigma_ppm, rel=1e-6)
+            json.dumps(res.outputs.meta)
+        else:
+            assert "NoiseLambda" not in res.outputs.meta
         maps.append(_img(res.outputs.out_file))
     assert np.abs(maps[0] - maps[1]).max() <= 1e-6 * np.abs(maps[1]).max()
 
