@@ -173,6 +173,9 @@ class Method:
     whole_brain : bool
         Inversion with a per-voxel data weight: given the brain mask it covers all of it, with
         zero data weight where the local field is unknown or unreliable.
+    field : str
+        The field an inversion takes: ``"local"`` (after background removal) or ``"total"``
+        (a total field inversion, which needs no background removal).
     keeps_mask : bool
         Background removal whose local field covers its whole input mask (no kernel erosion):
         it gets the brain mask less its unreliable rim, and is cross-checked.
@@ -195,6 +198,7 @@ class Method:
     kind: str = "classical"
     default: bool = False
     whole_brain: bool = False
+    field: str = "local"
     keeps_mask: bool = False
     arch: str | None = None
     weights: str | None = None
@@ -216,6 +220,8 @@ class Method:
                 f"{self.name}: unknown inputs {unknown} of a {self.stage} method; one of "
                 f"{list(offered)}"
             )
+        if self.field not in ("local", "total"):
+            raise ValueError(f"{self.name}: field must be 'local' or 'total', got {self.field!r}")
         if self.kind == "dl" and not (self.arch and self.weights):
             raise ValueError(f"{self.name}: a deep-learning method needs arch and weights")
 
@@ -649,6 +655,14 @@ register(Method(
     ),
     inputs=("weight",), default=True, whole_brain=True,
 ))  # fmt: skip
+_MEDI2012 = Reference(
+    "medi2012",
+    "Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion for "
+    "quantitative susceptibility mapping using structural consistency between the "
+    "magnitude image and the susceptibility map. NeuroImage 2012;59:2560-2568.",
+)
+"""MEDI's edge mask (MEDI and TFI)."""
+
 register(Method(
     "medi", "inversion", "qsmprep.recon.inversion.medi:medi", "MEDI",
     "morphology enabled dipole inversion, nonlinear data term",
@@ -659,12 +673,7 @@ register(Method(
         "Liu T, Liu J, de Rochefort L, et al. Morphology enabled dipole inversion (MEDI) from "
         "a single-angle acquisition: comparison with COSMOS in human brain imaging. Magn Reson "
         "Med 2011;66:777-783.",
-    ), Reference(
-        "medi2012",
-        "Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion for "
-        "quantitative susceptibility mapping using structural consistency between the "
-        "magnitude image and the susceptibility map. NeuroImage 2012;59:2560-2568.",
-    ), Reference(
+    ), _MEDI2012, Reference(
         "medi2013",
         "Liu T, Wisnieff C, Lou M, Chen W, Spincemaille P, Wang Y. Nonlinear formulation of "
         "the magnetic field to source relationship for robust quantitative susceptibility "
@@ -694,6 +703,36 @@ register(Method(
     ),
     inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0"), default=True,
     whole_brain=True,
+))  # fmt: skip
+register(Method(
+    "tfi", "inversion", "qsmprep.recon.inversion.tfi:tfi", "TFI",
+    "preconditioned total field inversion, no background removal",
+    "preconditioned total field inversion of the total field, without background field "
+    "removal (TFI; Liu et al., 2017), with MEDI's edge mask",
+    citations=(Reference(
+        "tfi",
+        "Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion "
+        "(TFI) method for quantitative susceptibility mapping. Magn Reson Med "
+        "2017;78:303-315.",
+    ), _MEDI2012),
+    parameters=(
+        Parameter("lam", None, "", "data-term weight for ppm fields (default with a noise map "
+                  "\"noise\": 4 / sigma, sigma the field's median noise std in ppm, at most "
+                  "1000 c; else 1000 c)", key=True),
+        Parameter("p_b", 30.0, "", "preconditioner of the background sources outside the "
+                  "brain mask", key=True),
+        Parameter("pad", None, "voxels", "margin of background sources around the mask's "
+                  "bounding box per axis (default 12 mm)"),
+        Parameter("delta_te", 0.005, "s", "echo spacing (default: from the echo times)"),
+        Parameter("b0", 3.0, "T", "field strength (default: the acquisition's)"),
+        Parameter("percentage", 0.9, "", "edge fraction of the magnitude gradient mask"),
+        Parameter("max_iter", 10, "", "Gauss-Newton iteration limit", key=True),
+        Parameter("tol", 0.1, "", "stop at this relative update"),
+        Parameter("cg_tol", 0.01, "", "inner CG relative residual"),
+        Parameter("cg_max_iter", 100, "", "inner CG iteration limit"),
+    ),
+    inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0"), whole_brain=True,
+    field="total",
 ))  # fmt: skip
 register(Method(
     "cosmos", "inversion", "qsmprep.recon.inversion.cosmos:cosmos", "COSMOS",

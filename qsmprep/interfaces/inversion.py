@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from nipype.interfaces.base import (
     File,
@@ -54,6 +56,7 @@ _USE_GPU_DESC = "schedule as GPU work: Nipype's MultiProc counts nodes with use_
 class _InversionInputSpec(ThreadsInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (Hz)")
     mask = File(exists=True, mandatory=True, desc="mask where the local field is valid")
+    total_field = File(exists=True, desc="total field (Hz): the input of a total field inversion")
     method = MethodName("inversion", kind="classical", mandatory=True, desc="inversion method")
     params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
     b0 = traits.Float(mandatory=True, desc="field strength (T)")
@@ -104,19 +107,32 @@ class DipoleInversion(ThreadedInterface):
         record = registry.get(method, "inversion")
         func = registry.resolve(method)
         params = dict(inp.params)
+        total = record.field == "total"
+        if total and not (isdefined(inp.total_field) and isdefined(inp.brain_mask)):
+            raise ValueError(
+                f"{record.label} inverts the total field: give the total_field and brain_mask"
+                " inputs"
+            )
+        reliable = load(inp.reliable_mask, bool)[0] if isdefined(inp.reliable_mask) else None
         data = local
-        if isdefined(inp.reliable_mask):
-            data = local & load(inp.reliable_mask, bool)[0]
+        if reliable is not None:
+            data = local & reliable
             if not data.any():
                 data = local  # nothing judged reliable: fall back to the local mask
         noise = load(inp.noise_field)[0] if isdefined(inp.noise_field) else None
         whole = record.whole_brain and isdefined(inp.brain_mask)
         m = (load(inp.brain_mask, bool)[0] | local) if whole else local
-        weighted = whole or isdefined(inp.reliable_mask)
-        extra = self._extra_inputs(record, params, data, noise, weighted)
-        if params.get("lam") == "noise":  # MEDI's lambda from the noise: record its value
+        data_in = data
+        if total:  # the total field is known on the whole brain mask, less unreliable voxels
+            data_in = m & reliable if reliable is not None and (m & reliable).any() else m
+            field = hz_to_ppm(load(inp.total_field)[0], inp.b0)
+        weighted = whole or reliable is not None
+        extra = self._extra_inputs(record, params, data_in, noise, weighted)
+        if "info" in inspect.signature(func).parameters:  # a lambda from the noise: record it
             extra["info"] = solver_info = {}
         chi = func(field, m, vs, b0_dir=b0_dir, device=inp.device, **extra, **params)
+        if total:  # the data consistency below is against the local field, as for the others
+            field = hz_to_ppm(field_hz, inp.b0)
         chi = reference_mean(chi, m)
         self._results["out_file"] = save(chi, img, out_path(inp.local_field, f"_{method}_chi"))
         dc = data_consistency(chi, field, data, vs, b0_dir=b0_dir, device=inp.device)
@@ -128,12 +144,21 @@ class DipoleInversion(ThreadedInterface):
             "Mask": "desc-brain_mask" if whole else "desc-local_mask",
             "Reference": "mean of brain mask" if whole else "mean of local mask",
         }
-        if params.get("lam") == "noise":
+        if "info" in extra and extra["info"].get("lam_noise_ppm") is not None:
             self._results["meta"]["NoiseLambda"] = {
                 "Lambda": solver_info["lam"],
                 "NoiseStd": solver_info["lam_noise_ppm"],
                 "Units": "lambda for ppm fields; noise std in ppm",
             }
+        if total:
+            self._results["meta"]["FieldInput"] = "desc-total_fieldmap"
+            self._results["meta"]["BackgroundMethod"] = "none (total field inversion)"
+            self._results["meta"]["DataWeight"] = (
+                "zero outside desc-brain_mask and where the multi-echo fit residual marks the"
+                " field unreliable"
+                + ("; 1 / desc-noise_fieldmap elsewhere" if noise is not None else "")
+            )
+            return runtime
         if isdefined(inp.bg_meta) and "Method" in inp.bg_meta:
             self._results["meta"]["BackgroundMethod"] = inp.bg_meta["Method"]
         if whole or isdefined(inp.reliable_mask):

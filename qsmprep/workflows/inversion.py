@@ -68,6 +68,8 @@ def init_inversion_wf(
     ----------------------
     local_field, local_mask
         Local field (Hz) and its mask.
+    total_field
+        Total field (Hz), the input of a total field inversion (``Method.field == "total"``).
     brain_mask, reliable_mask
         Brain mask (what TV and MEDI cover) and the brain voxels with a reliable field.
     bg_meta
@@ -96,7 +98,8 @@ def init_inversion_wf(
     records = [registry.get(m) for m in methods]
 
     workflow = pe.Workflow(name=name)
-    inputs = ["local_field", "local_mask", "magnitude", "noise_field", "b0", "b0_dir",
+    inputs = ["local_field", "local_mask", "total_field", "magnitude", "noise_field", "b0",
+              "b0_dir",
               "brain_mask", "reliable_mask", "bg_meta",
               "dl_local_field", "dl_local_mask", "dl_bg_meta"]  # fmt: skip
     inputnode = pe.Node(IdentityInterface(fields=[*inputs, "echo_times"]), name="inputnode")
@@ -148,6 +151,8 @@ def init_inversion_wf(
                     ("brain_mask", "brain_mask"), ("reliable_mask", "reliable_mask"),
                 ]),
             ])  # fmt: skip
+        if record.field == "total":
+            workflow.connect(inputnode, "total_field", node, "total_field")
         for field, made in _NODE_INPUTS.items():
             if set(made) & set(record.inputs):
                 workflow.connect(inputnode, field, node, field)

@@ -253,6 +253,7 @@ def init_qsm_wf(
         (field_wf, inversion_wf, [
             ("outputnode.local_field", "inputnode.local_field"),
             ("outputnode.local_mask", "inputnode.local_mask"),
+            ("outputnode.total_field", "inputnode.total_field"),
             ("outputnode.magnitude", "inputnode.magnitude"),
             ("outputnode.noise_field", "inputnode.noise_field"),
             ("outputnode.brain_mask", "inputnode.brain_mask"),
