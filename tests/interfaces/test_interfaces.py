@@ -450,3 +450,44 @@ def test_messages_name_the_acquisition_of_a_work_file():
         "sub-02_ses-a_acq-swi"
     )
     assert _acquisition_of("field.nii") == "field.nii"
+
+
+def test_tfi_inverts_the_total_field(data, loaded, tmp_path):
+    # a total field inversion reads total_field (Hz), not local_field: its map is the function's
+    # on the total field in ppm over the brain mask, with data on the brain's reliable voxels
+    from qsmprep.recon.inversion.tfi import tfi
+    from qsmprep.recon.mask import combine_magnitude
+
+    brain = data["brain"]
+    reliable = brain.copy()
+    reliable[10:13, 10:13, 8:11] = False
+    affine = nib.load(data["brain_file"]).affine
+    files = {}
+    for name, arr in (("reliable", reliable), ("noise", np.where(brain, 0.3, 0.0))):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), files[name])
+    kw = dict(
+        local_field=data["local_file"], mask=data["brain_file"], brain_mask=data["brain_file"],
+        reliable_mask=files["reliable"], method="tfi", params={"max_iter": 2}, b0=B0,
+        b0_dir=data["b0_dir"], echo_times=list(TE), magnitude=loaded.magnitude,
+        noise_field=files["noise"], bg_meta={"Method": "lbv"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="total_field"):
+        DipoleInversion(**kw).run(cwd=str(tmp_path))
+    res = DipoleInversion(total_field=data["total_file"], **kw).run(cwd=str(tmp_path))
+    meta = res.outputs.meta
+    assert meta["FieldInput"] == "desc-total_fieldmap"
+    assert meta["BackgroundMethod"] == "none (total field inversion)"
+    assert meta["Mask"] == "desc-brain_mask"
+    sigma_ppm = 0.3 / (B0 * 42.57747892)
+    assert meta["NoiseLambda"]["NoiseStd"] == pytest.approx(sigma_ppm, rel=1e-5)
+    total_ppm = _img(data["total_file"]) / (B0 * 42.57747892)
+    want = tfi(
+        total_ppm, brain, data["phantom"].voxel_size, b0_dir=data["b0_dir"],
+        magnitude=combine_magnitude(_img(loaded.magnitude)),
+        noise_std=np.full(brain.shape, sigma_ppm), data_mask=reliable,
+        delta_te=TE[1] - TE[0], b0=B0, max_iter=2,
+    )  # fmt: skip
+    want[brain] -= want[brain].mean()
+    got = _img(res.outputs.out_file)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
