@@ -90,6 +90,8 @@ def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
 
 def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz):
     """``method`` on a given field and mask with the App's parameters and extra inputs."""
+    from qsmprep.recon.kernels import hz_to_ppm
+
     func, needs = resolve(method), get(method).inputs
     params = dict(params)
     extra = {}
@@ -102,8 +104,8 @@ def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids
         params.setdefault("b0", float(meta["B0"]))
     if "magnitude" in needs:
         extra["magnitude"] = _magnitude(bids, meta.get("Sources", []))
-    if "noise_std" in needs:
-        extra["noise_std"] = noise_hz
+    if "noise_std" in needs:  # in ppm, as the App gives it (lam="noise" reads its level)
+        extra["noise_std"] = hz_to_ppm(noise_hz, float(meta["B0"]))
     return func(field_ppm, mask, vs, b0_dir=b0_dir, **extra, **params)
 
 

@@ -86,3 +86,27 @@ def test_chain_passes_dl_adapt_to_the_app(tmp_path, monkeypatch):
     bench.main(["chain", str(ds), "--out", str(tmp_path / "o"), "--methods", "dsbn"])
     assert [s.dl_adapt for s in seen] == [True, False]
     assert seen[0].methods == ["dsbn"]
+
+
+def test_oracle_runs_get_the_noise_map_in_ppm(phantom, phantom_fields, tmp_path):
+    """The oracle inversions read the noise map in ppm, as the App gives it: a lambda chosen
+    from the noise (MEDI's and TFI's "noise") sees the noise std in ppm, not in Hz."""
+    import nibabel as nib
+
+    from qsmprep.benchmarks.chain import _oracle_inversion
+    from qsmprep.recon.kernels import hz_to_ppm
+
+    mag = tmp_path / "sub-01" / "anat" / "sub-01_echo-1_part-mag_MEGRE.nii.gz"
+    mag.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(phantom.m0.astype(np.float32), phantom.affine), mag)
+    meta = {"B0": 3.0, "EchoTime": [0.004, 0.008], "Sources": [str(mag.relative_to(tmp_path))]}
+    mask = phantom.brain_mask
+    noise_hz = np.where(mask, 0.4, 0.0)
+    for method in ("medi", "tfi"):
+        info = {}
+        _oracle_inversion(
+            method, phantom_fields["local_ppm"], mask, phantom.voxel_size, (0.0, 0.0, 1.0),
+            {"lam": "noise", "max_iter": 1, "cg_max_iter": 2, "info": info},
+            meta=meta, bids=tmp_path, noise_hz=noise_hz,
+        )  # fmt: skip
+        assert info["lam_noise_ppm"] == pytest.approx(hz_to_ppm(0.4, 3.0), rel=1e-5), method

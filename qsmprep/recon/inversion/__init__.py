@@ -1,4 +1,4 @@
-"""Dipole inversion: local field (ppm) to susceptibility (ppm).
+"""Dipole inversion: local field (ppm) to susceptibility (ppm); ``tfi`` takes the total field.
 
 =============  ==========================================================  ==================
 function       method                                                      module
@@ -8,6 +8,7 @@ function       method                                                      modul
 ``l2``         closed-form Tikhonov / gradient-regularised L2 (Bilgic)     ``direct``
 ``tv``         total variation by ADMM (FANSI-style; weighted option)      ``tv``
 ``medi``       morphology-enabled dipole inversion (Liu 2011/2012)         ``medi``
+``tfi``        preconditioned total field inversion (Liu Z 2017)           ``tfi``
 ``cosmos``     multi-orientation closed form (Liu 2009)                    ``cosmos``
 =============  ==========================================================  ==================
 
@@ -20,10 +21,11 @@ from qsmprep.recon.inversion.cosmos import cosmos
 from qsmprep.recon.inversion.direct import l2, tkd, tsvd
 from qsmprep.recon.inversion.medi import gradient_mask, medi
 from qsmprep.recon.inversion.reference import reference_mean, reference_roi
+from qsmprep.recon.inversion.tfi import tfi
 from qsmprep.recon.inversion.tv import tv
 
 # Eager imports: a lazy ``__getattr__`` would be shadowed by the submodules of the same name
-# (``cosmos``, ``medi``, ``tv``) once they are imported.
+# (``cosmos``, ``medi``, ``tfi``, ``tv``) once they are imported.
 __all__ = [
     "cosmos",
     "data_consistency",
@@ -32,6 +34,7 @@ __all__ = [
     "medi",
     "reference_mean",
     "reference_roi",
+    "tfi",
     "tkd",
     "tsvd",
     "tv",
