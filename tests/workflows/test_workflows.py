@@ -146,6 +146,7 @@ METHOD_SETS = [
     ["tkd", "l2"],
     ["tv", "medi", "tsvd"],
     ["tkd", "l2", "tv", "medi"],
+    ["tv", "tfi"],
 ]
 
 
@@ -162,6 +163,9 @@ def test_inversion_wf_graph(methods):
         assert node.inputs.params == params.get(m, {})
         assert (f"inversion_wf.inversion_{m}", "out_file", "inversion_wf.merge_chimaps",
                 f"in{i}") in links  # fmt: skip
+    # only a total field inversion reads the total field
+    total_to = {d for (_, o, d, i) in links if i == "total_field" and ".inversion_" in d}
+    assert total_to == {f"inversion_wf.inversion_{m}" for m in methods if m == "tfi"}
     medi_inputs = {(d, i) for (_, _, d, i) in links if d.endswith("inversion_medi")}
     assert ("medi" in methods) == (("inversion_wf.inversion_medi", "magnitude") in medi_inputs)
     for m in methods:
@@ -480,7 +484,7 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
 
     def run():
-        wf = init_qsm_wf(acquisition=acq, output_dir=out, methods=["tkd", "l2"])
+        wf = init_qsm_wf(acquisition=acq, output_dir=out, methods=["tkd", "l2", "tfi"])
         wf.base_dir = str(work)
         wf.config["execution"] = {
             "crashdump_dir": str(tmp_path / "crash"),
@@ -527,6 +531,15 @@ def test_qsm_wf_runs_and_resumes(tmp_path):
         assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.5, m
     rows = (anat / "sub-01_metrics.tsv").read_text().splitlines()
     assert rows[1].split("\t")[:3] == ["tkd", "none", "n/a"]
+    # TFI inverts the total field over the brain mask, with no background removal
+    side = json.loads((anat / "sub-01_desc-tfi_Chimap.json").read_text())
+    assert side["FieldInput"] == "desc-total_fieldmap" and side["Mask"] == "desc-brain_mask"
+    assert side["BackgroundMethod"] == "none (total field inversion)"
+    assert side["NoiseLambda"]["NoiseStd"] > 0
+    chi = nib.load(anat / "sub-01_desc-tfi_Chimap.nii.gz").get_fdata()
+    brain = nib.load(anat / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert np.count_nonzero(chi[brain]) >= 0.99 * brain.sum() and not chi[~brain].any()
+    assert np.corrcoef(chi[mask], truth[mask])[0, 1] > 0.5
 
     # SWI, minIP (a grid of its own: full 16 mm slabs of 4 mm slices) and SMWI from TKD
     swi = nib.load(anat / "sub-01_desc-swi_T2starw.nii.gz")
