@@ -571,6 +571,35 @@ register(Method(
     keeps_mask=True, default=True,
 ))  # fmt: skip
 
+_TFI = Reference(
+    "tfi",
+    "Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion (TFI) "
+    "method for quantitative susceptibility mapping. Magn Reson Med 2017;78:303-315.",
+)
+"""Total field inversion (the TFI inversion and TFI's background)."""
+
+register(Method(
+    "tfibg", "background", "qsmprep.recon.background.total_field:tfibg", "TFI background",
+    "the field of the sources a total field inversion places outside the brain",
+    "subtracting the field of the sources that a preconditioned total field inversion places "
+    "outside the brain (TFI; Liu et al., 2017)",
+    citations=(_TFI,),
+    parameters=(
+        Parameter("lam", None, "", "TFI's data-term weight for ppm fields (default with a "
+                  "noise map \"noise\": 4 / sigma, sigma the median noise std in ppm)", key=True),
+        Parameter("p_b", 30.0, "", "preconditioner of the sources outside the brain", key=True),
+        Parameter("pad", None, "voxels", "margin of sources around the mask's bounding box per "
+                  "axis (default 12 mm)"),
+        Parameter("delta_te", 0.005, "s", "echo spacing (default: from the echo times)"),
+        Parameter("b0", 3.0, "T", "field strength (default: the acquisition's)"),
+        Parameter("max_iter", 10, "", "Gauss-Newton iteration limit", key=True),
+        Parameter("tol", 0.1, "", "stop at this relative update"),
+        Parameter("cg_tol", 0.01, "", "inner CG relative residual"),
+        Parameter("cg_max_iter", 100, "", "inner CG iteration limit"),
+    ),
+    inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0", "b0_dir"),
+))  # fmt: skip
+
 register(Method(
     "tkd", "inversion", "qsmprep.recon.inversion.direct:tkd", "TKD",
     "truncated k-space division", "truncated k-space division (TKD; Shmueli et al., 2009)",
@@ -709,12 +738,7 @@ register(Method(
     "preconditioned total field inversion, no background removal",
     "preconditioned total field inversion of the total field, without background field "
     "removal (TFI; Liu et al., 2017), with MEDI's edge mask",
-    citations=(Reference(
-        "tfi",
-        "Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion "
-        "(TFI) method for quantitative susceptibility mapping. Magn Reson Med "
-        "2017;78:303-315.",
-    ), _MEDI2012),
+    citations=(_TFI, _MEDI2012),
     parameters=(
         Parameter("lam", None, "", "data-term weight for ppm fields (default with a noise map "
                   "\"noise\": 4 / sigma, sigma the field's median noise std in ppm, at most "

@@ -377,6 +377,11 @@ class _BackgroundInputSpec(ThreadsInputSpec):
     cross_check = traits.Bool(
         True, usedefault=True, desc="cross-check lbv/pdf against V-SHARP, fall back to RESHARP"
     )
+    magnitude = File(exists=True, desc="4D or 3D magnitude (the edge mask of tfibg)")
+    noise_field = File(exists=True, desc="field std map (Hz; the data weight of tfibg)")
+    reliable_mask = File(exists=True, desc="brain voxels with a reliable field (tfibg's data)")
+    echo_times = traits.List(traits.Float, desc="echo times (s); tfibg's echo spacing")
+    b0 = traits.Float(desc="field strength (T), for tfibg")
 
 
 class _BackgroundOutputSpec(TraitedSpec):
@@ -397,6 +402,8 @@ class RemoveBackground(ThreadedInterface):
         brain, _ = load(self.inputs.mask, bool)
         params = dict(self.inputs.params)
         ref = load(self.inputs.brain_mask, bool)[0] if isdefined(self.inputs.brain_mask) else None
+        needs = registry.get(self.inputs.method, "background").inputs
+        inputs = self._extra_inputs(needs, brain, params)
         local, local_mask, check = chain.remove_background(
             total,
             brain,
@@ -407,10 +414,13 @@ class RemoveBackground(ThreadedInterface):
             brain_mask=ref,
             cross_check=self.inputs.cross_check,
             device=self.inputs.device,
+            inputs=inputs,
         )
         func = getattr(background, check["method"])
         used = effective_params(
-            func, params if check["method"] == self.inputs.method else {}, exclude=("b0_dir",)
+            func,
+            params if check["method"] == self.inputs.method else {},
+            exclude=("b0_dir", "magnitude", "noise_std", "data_mask"),
         )
         self._results["meta"] = {"Method": check["method"], "Parameters": used}
         self._results["mask_meta"] = {"BackgroundMethod": check["method"]}
@@ -431,3 +441,35 @@ class RemoveBackground(ThreadedInterface):
             local_mask, img, out_path(self.inputs.mask, "_local"), np.uint8
         )
         return runtime
+
+    def _extra_inputs(self, needs, brain, params: dict) -> dict:
+        """The extra inputs a method's record lists (:data:`qsmprep.methods.INPUTS`), from this
+        node's inputs; its scalar ones (``delta_te``, ``b0``) go into ``params`` unless given
+        there, so the sidecar records them."""
+        from qsmprep.recon.inversion.medi import delta_te_of
+
+        inp, out = self.inputs, {}
+        given = {
+            "magnitude": isdefined(inp.magnitude),
+            "noise_std": isdefined(inp.noise_field),
+            "data_mask": isdefined(inp.reliable_mask),
+            "delta_te": isdefined(inp.echo_times) and bool(inp.echo_times),
+            "b0": isdefined(inp.b0),
+        }
+        missing = [k for k in needs if k in given and not given[k] and k not in params]
+        if missing:
+            raise ValueError(
+                f"background method {inp.method!r} needs the node inputs for {missing}"
+                " (magnitude, noise_field, reliable_mask, echo_times, b0)"
+            )
+        if "magnitude" in needs:
+            out["magnitude"] = mask.combine_magnitude(load(inp.magnitude)[0])
+        if "noise_std" in needs and given["noise_std"]:
+            out["noise_std"] = load(inp.noise_field)[0]
+        if "data_mask" in needs and given["data_mask"]:
+            out["data_mask"] = load(inp.reliable_mask, bool)[0] & brain
+        if "delta_te" in needs and given["delta_te"]:
+            params.setdefault("delta_te", delta_te_of(inp.echo_times))
+        if "b0" in needs and given["b0"]:
+            params.setdefault("b0", float(inp.b0))
+        return out

@@ -24,6 +24,7 @@ from qsmprep import methods as registry
 from qsmprep.recon import background, echo, mask, unwrap
 from qsmprep.recon._backend import count_ffts
 from qsmprep.recon._checks import check_echo_times, check_volume, check_voxel_size
+from qsmprep.recon.inversion.medi import delta_te_of
 
 __all__ = [
     "FITS",
@@ -230,6 +231,7 @@ def remove_background(
     brain_mask=None,
     cross_check: bool = True,
     device: str | None = "cpu",
+    inputs: dict | None = None,
 ):
     """Background removal of the chain (stage ``background_<method>``).
 
@@ -258,6 +260,10 @@ def remove_background(
         False runs the method unchecked.
     device : str
         ``"cpu"``, ``"torch"``, ``"cuda"`` or ``"auto"``.
+    inputs : dict, optional
+        Extra inputs (:data:`qsmprep.methods.INPUTS`: ``magnitude``, ``noise_std`` in Hz,
+        ``data_mask``, ``delta_te``, ``b0``) for a method whose record lists them (TFI's
+        background); a value in ``params`` wins over a scalar here.
 
     Returns
     -------
@@ -265,8 +271,12 @@ def remove_background(
         As :func:`~qsmprep.recon.background.remove_background_checked`.
     """
     params = dict(params or {})
-    if "b0_dir" in registry.get(method, "background").inputs:  # PDF fits dipoles along B0
+    needs = registry.get(method, "background").inputs
+    if "b0_dir" in needs:  # PDF and TFI fit dipoles along B0
         params.setdefault("b0_dir", tuple(b0_dir))
+    for k in needs:
+        if k in (inputs or {}):
+            params.setdefault(k, inputs[k])
     return background.remove_background_checked(
         total,
         mask,
@@ -293,6 +303,7 @@ def compute_local_field(
     bg_method: str = "lbv",
     bg_params: dict | None = None,
     reliability_params: dict | None = None,
+    b0: float = 3.0,
     device: str | None = "cpu",
     profile: dict | None = None,
 ) -> FieldMaps:
@@ -334,6 +345,8 @@ def compute_local_field(
         Keyword arguments of :func:`qsmprep.recon.mask.field_reliability` (unreliable voxels
         from the fit residual; a background method of
         :data:`~qsmprep.recon.background.KEEPS_MASK` gets the mask less its unreliable rim).
+    b0 : float
+        Field strength (T), for a background method that inverts the field (``tfibg``).
     device : str
         ``"cpu"``, ``"torch"`` or ``"cuda"`` for the FFT-based stages.
     profile : dict, optional
@@ -375,6 +388,13 @@ def compute_local_field(
             b0_dir=b0_dir,
             brain_mask=brain,
             device=device,
+            inputs={
+                "magnitude": mask.combine_magnitude(magnitude),
+                "noise_std": std,
+                "data_mask": reliable & brain,
+                "delta_te": delta_te_of(te),
+                "b0": float(b0),
+            },
         )
 
     return FieldMaps(

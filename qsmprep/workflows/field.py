@@ -123,6 +123,8 @@ def init_field_wf(
         ``"rad"`` or ``"integer"``; +1 or -1.
     b0_dir
         B0 direction in voxel coordinates (3 floats).
+    b0
+        Field strength (T), for a background method that inverts the field (``tfibg``).
     brain_mask, total_field
         The provided brain mask and total field (Hz) files, with ``provided_mask`` /
         ``provided_field``.
@@ -160,6 +162,7 @@ def init_field_wf(
                 "phase_units",
                 "phase_sign",
                 "b0_dir",
+                "b0",
                 "brain_mask",
                 "total_field",
             ]
@@ -258,6 +261,17 @@ def init_field_wf(
             (inputnode, node, [("b0_dir", "b0_dir")]),
             (fit_field, node, [("total_field", "total_field")]),
         ])  # fmt: skip
+        needs = _BG[method].inputs
+        if "magnitude" in needs:
+            workflow.connect(load_echoes, "magnitude", node, "magnitude")
+        if "noise_std" in needs:
+            workflow.connect(fit_field, "noise_field", node, "noise_field")
+        if "data_mask" in needs:
+            workflow.connect(field_reliability, "reliable_mask", node, "reliable_mask")
+        if "delta_te" in needs:
+            workflow.connect(inputnode, "echo_times", node, "echo_times")
+        if "b0" in needs:
+            workflow.connect(inputnode, "b0", node, "b0")
         return node
 
     remove_background = background_node(bg_method, "remove_background")

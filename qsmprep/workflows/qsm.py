@@ -245,6 +245,7 @@ def init_qsm_wf(
             ("magnitude", "inputnode.magnitude"), ("phase", "inputnode.phase"),
             ("echo_times", "inputnode.echo_times"), ("phase_units", "inputnode.phase_units"),
             ("phase_sign", "inputnode.phase_sign"), ("b0_dir", "inputnode.b0_dir"),
+            ("b0", "inputnode.b0"),
         ]),
         (inputnode, inversion_wf, [
             ("b0", "inputnode.b0"), ("b0_dir", "inputnode.b0_dir"),

@@ -1,4 +1,4 @@
-"""Background field removal: SHARP, V-SHARP, RESHARP, PDF and LBV.
+"""Background field removal: SHARP, V-SHARP, RESHARP, PDF, LBV and TFI's background.
 
 Every method takes a total field map and a brain mask and returns ``(local_field, mask_out)``:
 the field of the sources inside the mask, zero outside ``mask_out`` (the mask the local field is
@@ -35,6 +35,7 @@ from qsmprep import methods as _registry
 from qsmprep.recon.background.boundary_value import lbv
 from qsmprep.recon.background.projection import pdf
 from qsmprep.recon.background.smv import erode_mask_smv, resharp, sharp, vsharp, vsharp_radii
+from qsmprep.recon.background.total_field import tfibg
 
 __all__ = [
     "CHECK_METHOD",
@@ -48,6 +49,7 @@ __all__ = [
     "remove_background_checked",
     "resharp",
     "sharp",
+    "tfibg",
     "vsharp",
     "vsharp_radii",
 ]

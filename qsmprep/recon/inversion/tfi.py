@@ -97,7 +97,7 @@ from qsmprep.recon.inversion.medi import (
 from qsmprep.recon.kernels import dipole_kernel
 from qsmprep.recon.operators import cg
 
-__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "tfi"]
+__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "background_field", "tfi"]
 
 DEFAULT_P_B = 30.0
 """TFI's preconditioner outside the brain mask (Liu Z et al. 2017)."""
@@ -114,7 +114,7 @@ def _on_grid(grid: Grid, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def tfi(
+def _solve(
     total_field,
     mask,
     voxel_size,
@@ -135,60 +135,11 @@ def tfi(
     cg_max_iter: int = 100,
     device: str | None = "cpu",
     info: dict | None = None,
-) -> np.ndarray:
-    """Preconditioned total field inversion (L1, MEDI's edge mask; module docstring).
+    background: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The solver of :func:`tfi`; with ``background``, also the background field (ppm).
 
-    Parameters
-    ----------
-    total_field : (X, Y, Z) array
-        Total field in ppm (unwrapped, before background removal); finite inside the mask.
-    mask : (X, Y, Z) array
-        Brain mask (nonzero inside): the map covers it.
-    voxel_size : float or 3 floats
-        mm.
-    magnitude : (X, Y, Z) array
-        Magnitude image for the edge mask (e.g. the root sum of squares over echoes).
-    b0_dir : 3 floats
-        B0 direction in voxel coordinates (default the third axis).
-    noise_std : (X, Y, Z) array, optional
-        Noise std of the field in ppm, positive on the data voxels: the data weight, and the
-        level of ``lam="noise"``. Default: uniform weight.
-    data_mask : (X, Y, Z) array, optional
-        Where the field is reliable (e.g. the brain less voxels whose phase does not evolve
-        linearly over the echoes); zero data weight elsewhere in ``mask``. Default: ``mask``.
-    lam : float or "noise", optional
-        Data-term weight for ppm fields, as MEDI's. Default: ``"noise"`` with a noise map,
-        else ``1000 c`` (the toolbox's ``lambda = 1000``).
-    delta_te : float
-        Echo spacing in s: sets ``c`` (radians per ppm), the unit of the solver and of the
-        default ``lam`` (default 5 ms).
-    b0 : float
-        Field strength in T (default 3).
-    percentage : float
-        Edge fraction of the gradient mask (default 0.9, MEDI's).
-    p_b : float
-        Preconditioner outside the mask (default 30).
-    pad : int or 3 ints, optional
-        Margin of background sources in voxels per axis (default 12 mm rounded up).
-    max_iter, tol : int, float
-        Gauss-Newton iteration limit (default 10) and stop at ``||dy|| / ||y|| <= tol``
-        (default 0.1).
-    cg_tol, cg_max_iter : float, int
-        Inner CG relative residual (default 0.01) and iteration limit (default 100).
-    device : str
-        ``"cpu"`` (NumPy), ``"torch"`` or ``"cuda"``.
-    info : dict, optional
-        Filled with ``iterations``, ``converged``, ``rel_change_history``,
-        ``cg_iterations``, ``lam``, ``lam_rad``, ``lam_noise_ppm`` (``sigma`` of
-        ``lam="noise"``, else None), ``p_b``, ``pad`` and ``grid``.
-
-    Returns
-    -------
-    chi : (X, Y, Z) float32 NumPy array, ppm, 0 outside the mask.
-
-    Reference: Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field
-    inversion (TFI) method for quantitative susceptibility mapping. Magn Reson Med
-    2017;78:303-315.
+    Returns ``(chi, background field or None)``.
     """
     check_volume(total_field, "total_field")
     m = to_numpy(check_mask(mask, "mask", shape=total_field.shape)) != 0
@@ -286,7 +237,12 @@ def tfi(
         hist["rel"].append(ratio)
         hist["cg_it"].append(int(cg_info["iterations"]))
 
-    chi = grid.extract(precond * y * (1.0 / c)) * m
+    x = precond * y
+    chi = grid.extract(x * (1.0 / c)) * m
+    bg = None
+    if background:  # the field of the sources outside the mask, in the mask (ppm)
+        x *= asarray(~inside, device=device, dtype=np.float32)
+        bg = grid.extract(conv(x, dk) * (1.0 / c)) * m
     if info is not None:
         info.update(
             iterations=it,
@@ -300,4 +256,91 @@ def tfi(
             pad=pads,
             grid=tuple(shape),
         )
-    return chi.astype(np.float32)
+    return chi.astype(np.float32), bg
+
+
+def tfi(
+    total_field,
+    mask,
+    voxel_size,
+    *,
+    magnitude,
+    b0_dir=(0.0, 0.0, 1.0),
+    noise_std=None,
+    data_mask=None,
+    lam: float | str | None = None,
+    delta_te: float = DEFAULT_DELTA_TE,
+    b0: float = 3.0,
+    percentage: float = 0.9,
+    p_b: float = DEFAULT_P_B,
+    pad=None,
+    max_iter: int = 10,
+    tol: float = 0.1,
+    cg_tol: float = 0.01,
+    cg_max_iter: int = 100,
+    device: str | None = "cpu",
+    info: dict | None = None,
+) -> np.ndarray:
+    """Preconditioned total field inversion (L1, MEDI's edge mask; module docstring).
+
+    Parameters
+    ----------
+    total_field : (X, Y, Z) array
+        Total field in ppm (unwrapped, before background removal); finite inside the mask.
+    mask : (X, Y, Z) array
+        Brain mask (nonzero inside): the map covers it.
+    voxel_size : float or 3 floats
+        mm.
+    magnitude : (X, Y, Z) array
+        Magnitude image for the edge mask (e.g. the root sum of squares over echoes).
+    b0_dir : 3 floats
+        B0 direction in voxel coordinates (default the third axis).
+    noise_std : (X, Y, Z) array, optional
+        Noise std of the field in ppm, positive on the data voxels: the data weight, and the
+        level of ``lam="noise"``. Default: uniform weight.
+    data_mask : (X, Y, Z) array, optional
+        Where the field is reliable (e.g. the brain less voxels whose phase does not evolve
+        linearly over the echoes); zero data weight elsewhere in ``mask``. Default: ``mask``.
+    lam : float or "noise", optional
+        Data-term weight for ppm fields, as MEDI's. Default: ``"noise"`` with a noise map,
+        else ``1000 c`` (the toolbox's ``lambda = 1000``).
+    delta_te : float
+        Echo spacing in s: sets ``c`` (radians per ppm), the unit of the solver and of the
+        default ``lam`` (default 5 ms).
+    b0 : float
+        Field strength in T (default 3).
+    percentage : float
+        Edge fraction of the gradient mask (default 0.9, MEDI's).
+    p_b : float
+        Preconditioner outside the mask (default 30).
+    pad : int or 3 ints, optional
+        Margin of background sources in voxels per axis (default 12 mm rounded up).
+    max_iter, tol : int, float
+        Gauss-Newton iteration limit (default 10) and stop at ``||dy|| / ||y|| <= tol``
+        (default 0.1).
+    cg_tol, cg_max_iter : float, int
+        Inner CG relative residual (default 0.01) and iteration limit (default 100).
+    device : str
+        ``"cpu"`` (NumPy), ``"torch"`` or ``"cuda"``.
+    info : dict, optional
+        Filled with ``iterations``, ``converged``, ``rel_change_history``,
+        ``cg_iterations``, ``lam``, ``lam_rad``, ``lam_noise_ppm`` (``sigma`` of
+        ``lam="noise"``, else None), ``p_b``, ``pad`` and ``grid``.
+
+    Returns
+    -------
+    chi : (X, Y, Z) float32 NumPy array, ppm, 0 outside the mask.
+
+    Reference: Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field
+    inversion (TFI) method for quantitative susceptibility mapping. Magn Reson Med
+    2017;78:303-315.
+    """
+    return _solve(**locals())[0]
+
+
+def background_field(total_field, mask, voxel_size, **kwargs) -> np.ndarray:
+    """The background field that TFI finds: the field, in ``mask``, of the sources it places
+    outside ``mask`` (ppm; 0 outside the mask). ``total_field - background_field`` is the
+    field of the sources inside the mask, with the part that is harmonic there (which a
+    background removal takes away) kept. Arguments as :func:`tfi`."""
+    return _solve(total_field, mask, voxel_size, background=True, **kwargs)[1]

@@ -1,0 +1,123 @@
+"""Background removal by total field inversion: the field of the sources outside the brain.
+
+:func:`tfibg` runs the preconditioned total field inversion
+(:func:`qsmprep.recon.inversion.tfi.tfi`; Liu Z et al. 2017) over the brain mask and keeps
+what it finds outside: the field, inside the brain, of the susceptibility sources it places in
+a margin around the brain. The local field is the total field less that background. Unlike a
+harmonic background removal (SHARP, V-SHARP, RESHARP, LBV, PDF), it does not take away the part
+of the brain's own field that is harmonic inside the brain: the regulariser decides, source by
+source, which side of the brain's edge a field belongs to. It covers the whole mask (no erosion)
+and needs no trimmed rim: voxels without data (the unreliable rim, ``data_mask``) stay in the
+inversion, carried by its regulariser.
+
+Measured on the development data (``../shared/data``, the pipeline's total field and masks,
+local field scored over the true brain less unreliable voxels inside LBV's mask): NRMSE 37.3 /
+37.5 / 39.5 / 40.4 % and slope 0.950 / 0.931 / 0.943 / 0.954 on qsmdev sub-01, sub-02,
+qsmdev-aniso and qsmdev-multi ori1, against LBV's 52.0 / 53.3 / 50.4 / 51.6 % and 0.897 /
+0.873 / 0.891 / 0.905; on our noise-free 2 mm head 29.7 % over the whole brain against
+RESHARP's 37.4 % over 74 % of it (LBV fails there). Given the mask less its unreliable rim
+instead of the whole brain it did worse (sub-01: 40.8 %, slope 0.915), and stopping after two
+Gauss-Newton steps instead of ten cost 2.5 points (43.3 %).
+
+Cost: one TFI, a MEDI-like solve on the brain's box plus a 12 mm margin.
+
+Reference: Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion
+(TFI) method for quantitative susceptibility mapping. Magn Reson Med 2017;78:303-315.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qsmprep.recon._backend import to_numpy
+from qsmprep.recon._checks import check_mask, check_volume
+from qsmprep.recon.inversion.medi import DEFAULT_DELTA_TE
+from qsmprep.recon.inversion.tfi import DEFAULT_P_B, background_field
+from qsmprep.recon.kernels import hz_to_ppm, ppm_to_hz
+
+__all__ = ["tfibg"]
+
+
+def tfibg(
+    field,
+    mask,
+    voxel_size,
+    *,
+    magnitude=None,
+    b0: float = 3.0,
+    b0_dir=(0.0, 0.0, 1.0),
+    noise_std=None,
+    data_mask=None,
+    delta_te: float = DEFAULT_DELTA_TE,
+    lam: float | str | None = None,
+    p_b: float = DEFAULT_P_B,
+    pad=None,
+    max_iter: int = 10,
+    tol: float = 0.1,
+    cg_tol: float = 0.01,
+    cg_max_iter: int = 100,
+    device: str | None = "cpu",
+    info: dict | None = None,
+):
+    """Local field = total field - the field of TFI's sources outside the mask (module doc).
+
+    Parameters
+    ----------
+    field : (X, Y, Z) array
+        Total field in Hz (unwrapped), finite in the mask.
+    mask : (X, Y, Z) array
+        Brain mask: the local field covers all of it.
+    voxel_size : 3 floats
+        mm.
+    magnitude : (X, Y, Z) array
+        Magnitude image (TFI's edge mask); required.
+    b0 : float
+        Field strength (T): converts the field to ppm for the inversion.
+    b0_dir : 3 floats
+        B0 direction in voxel coordinates.
+    noise_std : (X, Y, Z) array, optional
+        Noise std of the field in Hz (data weight; the level of ``lam="noise"``).
+    data_mask : (X, Y, Z) array, optional
+        Voxels of the mask whose field is reliable (zero data weight elsewhere).
+    delta_te, lam, p_b, pad, max_iter, tol, cg_tol, cg_max_iter, device, info
+        As :func:`qsmprep.recon.inversion.tfi.tfi` (``lam`` for ppm fields; default
+        ``"noise"`` with a noise map).
+
+    Returns
+    -------
+    local_field : (X, Y, Z) float32, Hz, 0 outside the mask.
+    mask_out : (X, Y, Z) bool, the mask.
+    """
+    check_volume(field, "field")
+    m = to_numpy(check_mask(mask, "mask", shape=field.shape)) != 0
+    if magnitude is None:
+        raise ValueError(
+            "tfibg needs the magnitude (its edge mask): pass magnitude=, the root sum of squares"
+            " over the echoes"
+        )
+    f = to_numpy(field).astype(np.float64)
+    if noise_std is not None:  # unusable values carry no weight: they count as 1 Hz
+        n = to_numpy(noise_std).astype(np.float64)
+        noise_std = np.where(np.isfinite(n) & (n > 0), n, 1.0)
+    background = background_field(
+        hz_to_ppm(np.where(m, f, 0.0), b0),
+        m,
+        voxel_size,
+        magnitude=magnitude,
+        b0_dir=b0_dir,
+        noise_std=None if noise_std is None else hz_to_ppm(noise_std, b0),
+        data_mask=data_mask,
+        lam=lam,
+        delta_te=delta_te,
+        b0=b0,
+        p_b=p_b,
+        pad=pad,
+        max_iter=max_iter,
+        tol=tol,
+        cg_tol=cg_tol,
+        cg_max_iter=cg_max_iter,
+        device=device,
+        info=info,
+    )
+    local = np.where(m, f - ppm_to_hz(background, b0), 0.0)
+    return local.astype(np.float32), m.copy()
