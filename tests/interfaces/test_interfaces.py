@@ -491,3 +491,35 @@ def test_tfi_inverts_the_total_field(data, loaded, tmp_path):
     want[brain] -= want[brain].mean()
     got = _img(res.outputs.out_file)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_remove_background_tfibg(data, loaded, tmp_path):
+    # TFI's background gets the magnitude, noise map, reliable voxels, echo times and B0 from
+    # the node; its local field covers the whole brain mask and beats RESHARP inside RESHARP's
+    # mask (RESHARP: 47 % there, the bound of test_remove_background)
+    brain = data["brain"]
+    affine = nib.load(data["brain_file"]).affine
+    noise_file = str(tmp_path / "noise.nii.gz")
+    nib.save(nib.Nifti1Image(np.where(brain, 0.3, 0.0).astype(np.float32), affine), noise_file)
+    kw = dict(total_field=data["total_file"], mask=data["brain_file"], method="tfibg",
+              b0_dir=data["b0_dir"])  # fmt: skip
+    with pytest.raises(ValueError, match="magnitude"):
+        RemoveBackground(**kw).run(cwd=str(tmp_path))
+    res = RemoveBackground(
+        **kw, magnitude=loaded.magnitude, noise_field=noise_file,
+        reliable_mask=data["brain_file"], echo_times=list(TE), b0=B0,
+    ).run(cwd=str(tmp_path))  # fmt: skip
+    local, lmask = _img(res.outputs.local_field), _img(res.outputs.local_mask) > 0
+    assert np.array_equal(lmask, brain)
+    (tmp_path / "resharp").mkdir()
+    ref = RemoveBackground(
+        total_field=data["total_file"], mask=data["brain_file"], method="resharp",
+        b0_dir=data["b0_dir"],
+    ).run(cwd=str(tmp_path / "resharp"))
+    rmask = _img(ref.outputs.local_mask) > 0
+    truth = data["gre"].local_field_hz
+    assert nrmse(local, truth, rmask) <= nrmse(_img(ref.outputs.local_field), truth, rmask)
+    used = res.outputs.meta["Parameters"]
+    assert used["b0"] == B0 and used["delta_te"] == pytest.approx(TE[1] - TE[0])
+    assert "magnitude" not in used and "noise_std" not in used
+    json.dumps(res.outputs.meta)

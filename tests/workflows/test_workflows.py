@@ -82,7 +82,7 @@ def _nodes(wf) -> dict:
 @pytest.mark.parametrize(
     ("mask_method", "unwrap_method", "bg_method"),
     list(itertools.product(("magnitude", "phase"), ("quality", "laplacian"),
-                           ("resharp", "vsharp", "sharp", "pdf", "lbv"))),
+                           ("resharp", "vsharp", "sharp", "pdf", "lbv", "tfibg"))),
 )  # fmt: skip
 def test_field_wf_graph(mask_method, unwrap_method, bg_method):
     params = {bg_method: {"tol": 1e-3}, "mask": {"factor": 0.9}}
@@ -123,11 +123,22 @@ def test_field_wf_graph(mask_method, unwrap_method, bg_method):
         assert (p + "brain_mask", "out_file", p + "remove_background", "brain_mask") in links
     else:
         assert (p + "brain_mask", "out_file", p + "remove_background", "mask") in links
+    # TFI's background inverts the field: it gets the magnitude, the noise map, the reliable
+    # voxels, the echo times and B0; the others none of them
+    extra = {
+        (p + "load_echoes", "magnitude", p + "remove_background", "magnitude"),
+        (p + "fit_field", "noise_field", p + "remove_background", "noise_field"),
+        (p + "field_reliability", "reliable_mask", p + "remove_background", "reliable_mask"),
+        (p + "inputnode", "echo_times", p + "remove_background", "echo_times"),
+        (p + "inputnode", "b0", p + "remove_background", "b0"),
+    }
+    assert {link for link in extra if link in links} == (extra if bg_method == "tfibg" else set())
     desc = wf.__desc__
-    labels = {"resharp": "RESHARP", "vsharp": "V-SHARP", "sharp": "SHARP", "pdf": "PDF"}
+    labels = {"resharp": "RESHARP", "vsharp": "V-SHARP", "sharp": "SHARP", "pdf": "PDF",
+              "tfibg": "total field inversion"}
     assert {**labels, "lbv": "LBV"}[bg_method] in desc
     assert ("ROMEO" if unwrap_method == "quality" else "Laplacian") in desc
-    assert bg_method in wf.__citations__
+    assert {"tfibg": "tfi"}.get(bg_method, bg_method) in wf.__citations__
 
 
 def test_field_wf_rejects_unknown_options():
