@@ -513,7 +513,9 @@ def test_remove_background_tfibg(data, loaded, tmp_path):
     assert np.array_equal(lmask, brain)
     (tmp_path / "resharp").mkdir()
     ref = RemoveBackground(
-        total_field=data["total_file"], mask=data["brain_file"], method="resharp",
+        total_field=data["total_file"],
+        mask=data["brain_file"],
+        method="resharp",
         b0_dir=data["b0_dir"],
     ).run(cwd=str(tmp_path / "resharp"))
     rmask = _img(ref.outputs.local_mask) > 0

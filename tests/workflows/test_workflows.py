@@ -134,8 +134,13 @@ def test_field_wf_graph(mask_method, unwrap_method, bg_method):
     }
     assert {link for link in extra if link in links} == (extra if bg_method == "tfibg" else set())
     desc = wf.__desc__
-    labels = {"resharp": "RESHARP", "vsharp": "V-SHARP", "sharp": "SHARP", "pdf": "PDF",
-              "tfibg": "total field inversion"}
+    labels = {
+        "resharp": "RESHARP",
+        "vsharp": "V-SHARP",
+        "sharp": "SHARP",
+        "pdf": "PDF",
+        "tfibg": "total field inversion",
+    }
     assert {**labels, "lbv": "LBV"}[bg_method] in desc
     assert ("ROMEO" if unwrap_method == "quality" else "Laplacian") in desc
     assert {"tfibg": "tfi"}.get(bg_method, bg_method) in wf.__citations__
