@@ -3,8 +3,10 @@
 Every method takes a total field map and a brain mask and returns ``(local_field, mask_out)``:
 the field of the sources inside the mask, zero outside ``mask_out`` (the mask the local field is
 valid in: eroded by the kernel radius for the spherical-mean-value methods). The field may be in
-Hz, ppm or radians; all five methods are linear and homogeneous in the field, so the output is
-in the unit of the input and no parameter depends on that unit.
+Hz, ppm or radians for the five harmonic methods: they are linear and homogeneous in the field,
+so the output is in the unit of the input and no parameter depends on that unit. ``tfibg``
+(:mod:`~qsmprep.recon.background.total_field`) inverts the field for its sources: it takes Hz
+and the field strength, and the magnitude, noise map and reliable voxels as TFI does.
 
 LBV (:func:`lbv`) solves a sparse Poisson problem on the mask with SciPy on the CPU whatever
 the ``device``. The other methods are FFT-only and written once for NumPy (``device="cpu"``)
@@ -15,8 +17,8 @@ spherical-mean-value convolutions are then linear, not circular, inside the box.
 float32, except the PDF iterations (float64, see :func:`pdf`). Outputs are float32 NumPy arrays
 on the input grid.
 
-Modules: ``smv`` (SHARP, V-SHARP, RESHARP, the SMV erosion), ``projection`` (PDF) and
-``boundary_value`` (LBV); this package holds the dispatchers (:func:`remove_background`,
+Modules: ``smv`` (SHARP, V-SHARP, RESHARP, the SMV erosion), ``projection`` (PDF),
+``boundary_value`` (LBV) and ``total_field`` (TFI's background); this package holds the dispatchers (:func:`remove_background`,
 :func:`remove_background_checked`) and re-exports the methods.
 
 Notation: ``f`` total field, ``M`` mask, ``s_r`` the
