@@ -18,8 +18,9 @@ float32, except the PDF iterations (float64, see :func:`pdf`). Outputs are float
 on the input grid.
 
 Modules: ``smv`` (SHARP, V-SHARP, RESHARP, the SMV erosion), ``projection`` (PDF),
-``boundary_value`` (LBV) and ``total_field`` (TFI's background); this package holds the dispatchers (:func:`remove_background`,
-:func:`remove_background_checked`) and re-exports the methods.
+``boundary_value`` (LBV) and ``total_field`` (TFI's background); this package holds the
+dispatchers (:func:`remove_background`, :func:`remove_background_checked`) and re-exports the
+methods.
 
 Notation: ``f`` total field, ``M`` mask, ``s_r`` the
 normalised binary ball of radius ``r`` mm, ``S_r = F{s_r}``, ``C = (delta - s_r) *`` the SMV
