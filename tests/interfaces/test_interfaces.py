@@ -495,22 +495,26 @@ def test_tfi_inverts_the_total_field(data, loaded, tmp_path):
 
 def test_remove_background_tfibg(data, loaded, tmp_path):
     # TFI's background gets the magnitude, noise map, reliable voxels, echo times and B0 from
-    # the node; its local field covers the whole brain mask and beats RESHARP inside RESHARP's
-    # mask (RESHARP: 47 % there, the bound of test_remove_background)
+    # the node; its local field covers the brain's reliable voxels and beats RESHARP inside
+    # RESHARP's mask (RESHARP: 47 % there, the bound of test_remove_background)
     brain = data["brain"]
     affine = nib.load(data["brain_file"]).affine
     noise_file = str(tmp_path / "noise.nii.gz")
     nib.save(nib.Nifti1Image(np.where(brain, 0.3, 0.0).astype(np.float32), affine), noise_file)
+    reliable = brain.copy()
+    reliable[10:13, 10:13, 8:11] = False  # unreliable voxels: no local field there
+    reliable_file = str(tmp_path / "reliable.nii.gz")
+    nib.save(nib.Nifti1Image(reliable.astype(np.uint8), affine), reliable_file)
     kw = dict(total_field=data["total_file"], mask=data["brain_file"], method="tfibg",
               b0_dir=data["b0_dir"])  # fmt: skip
     with pytest.raises(ValueError, match="magnitude"):
         RemoveBackground(**kw).run(cwd=str(tmp_path))
     res = RemoveBackground(
         **kw, magnitude=loaded.magnitude, noise_field=noise_file,
-        reliable_mask=data["brain_file"], echo_times=list(TE), b0=B0,
+        reliable_mask=reliable_file, echo_times=list(TE), b0=B0,
     ).run(cwd=str(tmp_path))  # fmt: skip
     local, lmask = _img(res.outputs.local_field), _img(res.outputs.local_mask) > 0
-    assert np.array_equal(lmask, brain)
+    assert np.array_equal(lmask, reliable) and not local[~reliable].any()
     (tmp_path / "resharp").mkdir()
     ref = RemoveBackground(
         total_field=data["total_file"],

@@ -8,7 +8,7 @@ harmonic background removal (SHARP, V-SHARP, RESHARP, LBV, PDF), it does not tak
 of the brain's own field that is harmonic inside the brain: the regulariser decides, source by
 source, which side of the brain's edge a field belongs to. It covers the whole mask (no erosion)
 and needs no trimmed rim: voxels without data (the unreliable rim, ``data_mask``) stay in the
-inversion, carried by its regulariser.
+inversion, carried by its regulariser; the local field it returns leaves them out.
 
 Measured on the development data (``../shared/data``, the pipeline's total field and masks,
 local field scored over the true brain less unreliable voxels inside LBV's mask): NRMSE 37.3 /
@@ -85,8 +85,10 @@ def tfibg(
 
     Returns
     -------
-    local_field : (X, Y, Z) float32, Hz, 0 outside the mask.
-    mask_out : (X, Y, Z) bool, the mask.
+    local_field : (X, Y, Z) float32, Hz, 0 outside ``mask_out``.
+    mask_out : (X, Y, Z) bool, the mask less the voxels outside ``data_mask``, where the total
+        field, and so the local field, is unreliable (on qsmdev sub-01 the local field over the
+        whole brain mask scored 389 % NRMSE against the truth, TKD on it 358 %).
     """
     check_volume(field, "field")
     m = to_numpy(check_mask(mask, "mask", shape=field.shape)) != 0
@@ -119,5 +121,8 @@ def tfibg(
         device=device,
         info=info,
     )
-    local = np.where(m, f - ppm_to_hz(background, b0), 0.0)
-    return local.astype(np.float32), m.copy()
+    # the field is known where the data are: elsewhere (the unreliable rim) the total field is
+    # off by several Hz, and the inversions fill those voxels from their regulariser
+    known = m if data_mask is None else m & (to_numpy(data_mask) != 0)
+    local = np.where(known, f - ppm_to_hz(background, b0), 0.0)
+    return local.astype(np.float32), known
