@@ -31,6 +31,13 @@ def _nrmse(chi, ph, mask):
     return metrics.nrmse(chi, ph.chi, mask)
 
 
+def _run(method, field, ph, mask, **kw):
+    """``method`` (tfi or medi) with the recipe's uniform noise map and echo spacing."""
+    noise = np.full(mask.shape, NOISE_PPM)
+    return method(field, mask, ph.voxel_size, magnitude=ph.m0, noise_std=noise,
+                  delta_te=DELTA_TE, **kw)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def head2mm(phantom2mm, phantom2mm_fields):
     mask = phantom2mm.brain_mask
@@ -43,30 +50,14 @@ def head2mm(phantom2mm, phantom2mm_fields):
 def tfi2mm(head2mm):
     ph, mask, total, _ = head2mm
     info = {}
-    chi = tfi(
-        total,
-        mask,
-        ph.voxel_size,
-        magnitude=ph.m0,
-        noise_std=np.full(mask.shape, NOISE_PPM),
-        delta_te=DELTA_TE,
-        info=info,
-    )
-    return chi, info
+    return _run(tfi, total, ph, mask, info=info), info
 
 
 @pytest.fixture(scope="module")
 def medi_oracle2mm(head2mm):
     """MEDI on the true local field with the same noise level (the noise-matched oracle)."""
     ph, mask, _, local = head2mm
-    return medi(
-        local,
-        mask,
-        ph.voxel_size,
-        magnitude=ph.m0,
-        noise_std=np.full(mask.shape, NOISE_PPM),
-        delta_te=DELTA_TE,
-    )
+    return _run(medi, local, ph, mask)
 
 
 def test_tfi_covers_the_brain_and_beats_resharp_then_medi(head2mm, tfi2mm):
@@ -77,15 +68,7 @@ def test_tfi_covers_the_brain_and_beats_resharp_then_medi(head2mm, tfi2mm):
     assert np.count_nonzero(chi[mask]) >= 0.99 * mask.sum()
     assert not chi[~mask].any()
     local, local_mask = resharp(total, mask, ph.voxel_size)
-    chained = medi(
-        local,
-        mask,
-        ph.voxel_size,
-        magnitude=ph.m0,
-        noise_std=np.full(mask.shape, NOISE_PPM),
-        data_mask=local_mask,
-        delta_te=DELTA_TE,
-    )
+    chained = _run(medi, local, ph, mask, data_mask=local_mask)
     assert _nrmse(chi, ph, mask) < _nrmse(chained, ph, mask)
 
 
@@ -93,14 +76,7 @@ def test_tfi_covers_the_brain_and_beats_resharp_then_medi(head2mm, tfi2mm):
 def tfi_oracle2mm(head2mm):
     """TFI on the true local field with the same noise level (its noise-matched oracle)."""
     ph, mask, _, local = head2mm
-    return tfi(
-        local,
-        mask,
-        ph.voxel_size,
-        magnitude=ph.m0,
-        noise_std=np.full(mask.shape, NOISE_PPM),
-        delta_te=DELTA_TE,
-    )
+    return _run(tfi, local, ph, mask)
 
 
 def test_tfi_chain_penalty_on_the_2mm_head(head2mm, tfi2mm, tfi_oracle2mm):

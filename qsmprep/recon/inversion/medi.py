@@ -309,6 +309,25 @@ def _check_positive(value, name: str, integer: bool = False):
     return int(v) if integer else v
 
 
+def _parse_lam(lam, noise_std, c: float) -> float | None:
+    """``lam`` for ppm fields: the toolbox's ``1000 c`` for None, the number given, or None for
+    ``"noise"`` (chosen by :func:`_noise_lambda` once the data weight is known)."""
+    if isinstance(lam, str):
+        if lam != "noise":
+            raise ValueError(f'lam must be a positive number or "noise", got {lam!r}')
+        if noise_std is None:
+            raise ValueError('lam="noise" needs noise_std (the field\'s noise std in ppm)')
+        return None
+    return LAMBDA_RAD * c if lam is None else _check_positive(lam, "lam")
+
+
+def _noise_lambda(noise_std, w_data: np.ndarray, c: float) -> tuple[float, float]:
+    """``lam="noise"``: ``NOISE_LAMBDA / sigma`` at most ``1000 c``, and ``sigma`` (the median
+    noise std in ppm over the data voxels)."""
+    sigma = float(np.median(to_numpy(noise_std)[w_data > 0]))
+    return min(NOISE_LAMBDA / sigma, LAMBDA_RAD * c), sigma
+
+
 def _pad_voxels(pad) -> tuple[int, int, int]:
     msg = f"pad must be 1 or 3 non-negative whole numbers of voxels, got {pad!r}"
     try:
@@ -474,14 +493,7 @@ def medi(
         "local_field", f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask
     )
     c = rad_per_ppm(delta_te, b0)
-    if isinstance(lam, str):
-        if lam != "noise":
-            raise ValueError(f'lam must be a positive number or "noise", got {lam!r}')
-        if noise_std is None:
-            raise ValueError('lam="noise" needs noise_std (the field\'s noise std in ppm)')
-        lam_ppm = None
-    else:
-        lam_ppm = LAMBDA_RAD * c if lam is None else _check_positive(lam, "lam")
+    lam_ppm = _parse_lam(lam, noise_std, c)
     max_iter = _check_positive(max_iter, "max_iter", integer=True)
     cg_max_iter = _check_positive(cg_max_iter, "cg_max_iter", integer=True)
     tol = _check_positive(tol, "tol")
@@ -504,8 +516,7 @@ def medi(
     w_data = _data_weight(noise_std, m, data_mask)
     sigma = None
     if lam_ppm is None:
-        sigma = float(np.median(to_numpy(noise_std)[w_data > 0]))
-        lam_ppm = min(NOISE_LAMBDA / sigma, LAMBDA_RAD * c)
+        lam_ppm, sigma = _noise_lambda(noise_std, w_data, c)
     w_grad = gradient_mask(magnitude, m, vs, percentage)
     if data_mask is not None:
         # without data a voxel has nothing but the regulariser: keep its edges regularised, or

@@ -86,10 +86,11 @@ from qsmprep.recon.inversion.medi import (
     DEFAULT_DELTA_TE,
     IRLS_EPSILON_RAD,
     LAMBDA_RAD,
-    NOISE_LAMBDA,
     _check_positive,
     _data_weight,
     _irls_weights,
+    _noise_lambda,
+    _parse_lam,
     _weighted_laplacian,
     gradient_mask,
     rad_per_ppm,
@@ -158,14 +159,7 @@ def _solve(
     c = rad_per_ppm(delta_te, b0)
     if lam is None:
         lam = "noise" if noise_std is not None else LAMBDA_RAD * c
-    if isinstance(lam, str):
-        if lam != "noise":
-            raise ValueError(f'lam must be a positive number or "noise", got {lam!r}')
-        if noise_std is None:
-            raise ValueError('lam="noise" needs noise_std (the field\'s noise std in ppm)')
-        lam_ppm = None
-    else:
-        lam_ppm = _check_positive(lam, "lam")
+    lam_ppm = _parse_lam(lam, noise_std, c)
     p_b = _check_positive(p_b, "p_b")
     max_iter = _check_positive(max_iter, "max_iter", integer=True)
     cg_max_iter = _check_positive(cg_max_iter, "cg_max_iter", integer=True)
@@ -176,8 +170,7 @@ def _solve(
     w_data = _data_weight(noise_std, m, data_mask)
     sigma = None
     if lam_ppm is None:
-        sigma = float(np.median(to_numpy(noise_std)[w_data > 0]))
-        lam_ppm = min(NOISE_LAMBDA / sigma, LAMBDA_RAD * c)
+        lam_ppm, sigma = _noise_lambda(noise_std, w_data, c)
     lam_rad = lam_ppm / c
     w_grad = gradient_mask(magnitude, m, vs, percentage)
     w_grad |= (w_data == 0)[None] & m[None]
