@@ -53,11 +53,11 @@ reliable brain) 250 (51.5, 53.6, 59.2 %).
 
 What it costs. The free sources outside the brain also absorb part of the brain's own field
 near its surface: on the noisy true *local* field of our 2 mm head TFI scores 47.7 % against
-MEDI's 32.6 %, and 45.6 % from the total field (RESHARP then MEDI: 77.4 %). A shell of 1-3 mm
-around the brain kept free of sources (chi fixed at 0 there) lowered that (36.6-45.8 % on the
-local field) and helped qsmdev (sub-01 50.4 -> 49.6 %, sub-02 53.6 -> 51.1 % at 1.5 mm) but
-broke the total field of our head, where tissue of -0.5 ppm and air border the brain (203 %
-at 2 mm), so it is not offered.
+MEDI's 32.6 %, and 45.6 % from the total field (RESHARP then MEDI: 77.4 %). A shell around
+the brain kept free of sources (chi fixed at 0 there) lowered that (45.8, 40.8 and 36.6 % on
+that local field for 2, 4 and 6 mm) and helped qsmdev a little (1.5 mm: sub-01 50.4 -> 49.6 %,
+sub-02 53.6 -> 51.1 %; 3 mm: 51.3 and 53.8 %) but broke the total field of our head, where
+tissue of -0.5 ppm and air border the brain (203 % at 2 mm), so it is not offered.
 
 Reference
 ---------
