@@ -55,8 +55,8 @@ What it costs. The free sources outside the brain also absorb part of the brain'
 near its surface: on the noisy true *local* field of our 2 mm head TFI scores 47.7 % against
 MEDI's 32.6 %, and 45.6 % from the total field (RESHARP then MEDI: 77.4 %). A shell around
 the brain kept free of sources (chi fixed at 0 there) lowered that (45.8, 40.8 and 36.6 % on
-that local field for 2, 4 and 6 mm) and helped qsmdev a little (1.5 mm: sub-01 50.4 -> 49.6 %,
-sub-02 53.6 -> 51.1 %; 3 mm: 51.3 and 53.8 %) but broke the total field of our head, where
+that local field for 2, 4 and 6 mm) and helped qsmdev a little (1.5 mm: sub-01 49.6 % against 50.4,
+sub-02 51.1 % against 52.0; 3 mm: 51.3 and 53.8 %) but broke the total field of our head, where
 tissue of -0.5 ppm and air border the brain (203 % at 2 mm), so it is not offered.
 
 Reference
