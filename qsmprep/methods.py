@@ -596,6 +596,9 @@ register(Method(
         Parameter("tol", 0.1, "", "stop at this relative update"),
         Parameter("cg_tol", 0.01, "", "inner CG relative residual"),
         Parameter("cg_max_iter", 100, "", "inner CG iteration limit"),
+        Parameter("fill", True, "", "where the field is unreliable, the local field is the "
+                  "field of TFI's sources inside the brain (else left out of the local mask)",
+                  key=True),
     ),
     inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0", "b0_dir"),
 ))  # fmt: skip

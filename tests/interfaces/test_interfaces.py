@@ -495,14 +495,15 @@ def test_tfi_inverts_the_total_field(data, loaded, tmp_path):
 
 def test_remove_background_tfibg(data, loaded, tmp_path):
     # TFI's background gets the magnitude, noise map, reliable voxels, echo times and B0 from
-    # the node; its local field covers the brain's reliable voxels and beats RESHARP inside
-    # RESHARP's mask (RESHARP: 47 % there, the bound of test_remove_background)
+    # the node; its local field covers the whole brain (TFI's model field on the unreliable
+    # voxels) and beats RESHARP inside RESHARP's mask (RESHARP: 47 % there, the bound of
+    # test_remove_background)
     brain = data["brain"]
     affine = nib.load(data["brain_file"]).affine
     noise_file = str(tmp_path / "noise.nii.gz")
     nib.save(nib.Nifti1Image(np.where(brain, 0.3, 0.0).astype(np.float32), affine), noise_file)
     reliable = brain.copy()
-    reliable[10:13, 10:13, 8:11] = False  # unreliable voxels: no local field there
+    reliable[10:13, 10:13, 8:11] = False  # unreliable voxels: the model's field there
     reliable_file = str(tmp_path / "reliable.nii.gz")
     nib.save(nib.Nifti1Image(reliable.astype(np.uint8), affine), reliable_file)
     kw = dict(total_field=data["total_file"], mask=data["brain_file"], method="tfibg",
@@ -514,7 +515,8 @@ def test_remove_background_tfibg(data, loaded, tmp_path):
         reliable_mask=reliable_file, echo_times=list(TE), b0=B0,
     ).run(cwd=str(tmp_path))  # fmt: skip
     local, lmask = _img(res.outputs.local_field), _img(res.outputs.local_mask) > 0
-    assert np.array_equal(lmask, reliable) and not local[~reliable].any()
+    assert np.array_equal(lmask, brain) and np.all(local[brain & ~reliable] != 0)
+    assert not local[~brain].any()
     (tmp_path / "resharp").mkdir()
     ref = RemoveBackground(
         total_field=data["total_file"],
@@ -527,5 +529,6 @@ def test_remove_background_tfibg(data, loaded, tmp_path):
     assert nrmse(local, truth, rmask) <= nrmse(_img(ref.outputs.local_field), truth, rmask)
     used = res.outputs.meta["Parameters"]
     assert used["b0"] == B0 and used["delta_te"] == pytest.approx(TE[1] - TE[0])
+    assert used["fill"] is True
     assert "magnitude" not in used and "noise_std" not in used
     json.dumps(res.outputs.meta)

@@ -79,3 +79,49 @@ def test_tfibg_torch_is_as_accurate_as_numpy(phantom, phantom_fields):
         torch.set_num_threads(n_threads)
     truth = phantom_fields["local_hz"]
     assert abs(_fit(a, truth, m)[0] - _fit(b, truth, m)[0]) <= 0.5
+
+
+@pytest.fixture(scope="module")
+def unreliable2mm(head2mm):
+    """The noisy 2 mm head with an unreliable region: the brain within 6 mm of its edge in the
+    lower third of the head (where air and bone border it), its total field corrupted there."""
+    from scipy import ndimage
+
+    ph, mask, _, noisy, local = head2mm
+    rim = mask & ~ndimage.binary_erosion(mask, iterations=3)
+    low = np.zeros_like(mask)
+    z = np.nonzero(mask.any(axis=(0, 1)))[0]
+    low[..., : z[0] + (z[-1] - z[0]) // 3] = True
+    bad = rim & low
+    rng = np.random.default_rng(1)
+    total = np.where(bad, noisy + rng.normal(0, 20.0, mask.shape), noisy).astype(np.float32)
+    kw = dict(
+        magnitude=ph.m0, noise_std=np.full(mask.shape, NOISE_HZ), data_mask=mask & ~bad,
+        delta_te=0.004,
+    )  # fmt: skip
+    return ph, mask, bad, local, tfibg(total, mask, ph.voxel_size, **kw), kw, total
+
+
+def test_tfibg_fills_the_unreliable_voxels(unreliable2mm):
+    """The filled voxels are a better estimate of the local field than none (NRMSE < 100 %
+    there, where zero scores 100 %), and the local field covers the whole mask."""
+    ph, mask, bad, local, (est, out), _, _ = unreliable2mm
+    assert bad.sum() > 0.05 * mask.sum()
+    assert np.array_equal(out, mask) and np.all(est[bad] != 0)
+    assert _fit(est, local, bad)[0] < 100.0
+
+
+def test_tkd_gains_from_the_filled_field(unreliable2mm):
+    """TKD, which has no data weight, is more accurate over the whole brain on the filled
+    local field than on the reliable voxels alone (``fill=False``)."""
+    from qsmprep.metrics import evaluate
+    from qsmprep.recon.inversion.direct import tkd
+    from qsmprep.recon.kernels import hz_to_ppm
+
+    ph, mask, bad, _, (est, out), kw, total = unreliable2mm
+    part, part_mask = tfibg(total, mask, ph.voxel_size, fill=False, **kw)
+    assert np.array_equal(part_mask, mask & ~bad) and not part[bad].any()
+    vs, chi = ph.voxel_size, ph.chi
+    whole = evaluate(tkd(hz_to_ppm(est, 3.0), out, vs), chi, mask)["nrmse"]
+    reliable = evaluate(tkd(hz_to_ppm(part, 3.0), part_mask, vs), chi, mask)["nrmse"]
+    assert whole < reliable

@@ -98,7 +98,7 @@ from qsmprep.recon.inversion.medi import (
 from qsmprep.recon.kernels import dipole_kernel
 from qsmprep.recon.operators import cg
 
-__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "background_field", "tfi"]
+__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "background_field", "source_fields", "tfi"]
 
 DEFAULT_P_B = 30.0
 """TFI's preconditioner outside the brain mask (Liu Z et al. 2017)."""
@@ -137,10 +137,12 @@ def _solve(
     device: str | None = "cpu",
     info: dict | None = None,
     background: bool = False,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The solver of :func:`tfi`; with ``background``, also the background field (ppm).
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """The solver of :func:`tfi`; with ``background``, also the fields of its sources.
 
-    Returns ``(chi, background field or None)``.
+    Returns ``(chi, None)``, or with ``background`` ``(chi, (outside, inside))``: the field,
+    in the mask (ppm, 0 outside it), of the sources outside the mask (the background) and of
+    those inside it (the model of the local field).
     """
     check_volume(total_field, "total_field")
     m = to_numpy(check_mask(mask, "mask", shape=total_field.shape)) != 0
@@ -232,10 +234,12 @@ def _solve(
 
     x = precond * y
     chi = grid.extract(x * (1.0 / c)) * m
-    bg = None
-    if background:  # the field of the sources outside the mask, in the mask (ppm)
-        x *= asarray(~inside, device=device, dtype=np.float32)
-        bg = grid.extract(conv(x, dk) * (1.0 / c)) * m
+    fields = None
+    if background:  # the fields of the sources outside and inside the mask, in the mask (ppm)
+        inner = asarray(inside, device=device, dtype=np.float32)
+        own = grid.extract(conv(x * inner, dk) * (1.0 / c)) * m
+        x *= 1.0 - inner
+        fields = grid.extract(conv(x, dk) * (1.0 / c)) * m, own
     if info is not None:
         info.update(
             iterations=it,
@@ -249,7 +253,7 @@ def _solve(
             pad=pads,
             grid=tuple(shape),
         )
-    return chi.astype(np.float32), bg
+    return chi.astype(np.float32), fields
 
 
 def tfi(
@@ -331,9 +335,16 @@ def tfi(
     return _solve(**locals())[0]
 
 
-def background_field(total_field, mask, voxel_size, **kwargs) -> np.ndarray:
-    """The background field that TFI finds: the field, in ``mask``, of the sources it places
-    outside ``mask`` (ppm; 0 outside the mask). ``total_field - background_field`` is the
-    field of the sources inside the mask, with the part that is harmonic there (which a
-    background removal takes away) kept. Arguments as :func:`tfi`."""
+def source_fields(total_field, mask, voxel_size, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """The two parts of the field that TFI fits, in ``mask`` (ppm; 0 outside the mask):
+    ``(background, own)``, the field of the sources it places outside ``mask`` and that of
+    those inside it. ``total_field - background`` is the field of the sources inside the mask,
+    with the part that is harmonic there (which a background removal takes away) kept;
+    ``own`` is TFI's model of it, defined where the total field is not (outside
+    ``data_mask``). Arguments as :func:`tfi`."""
     return _solve(total_field, mask, voxel_size, background=True, **kwargs)[1]
+
+
+def background_field(total_field, mask, voxel_size, **kwargs) -> np.ndarray:
+    """The background field that TFI finds: the first part of :func:`source_fields`."""
+    return source_fields(total_field, mask, voxel_size, **kwargs)[0]
