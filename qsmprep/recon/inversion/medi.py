@@ -309,6 +309,35 @@ def _check_positive(value, name: str, integer: bool = False):
     return int(v) if integer else v
 
 
+def _check_inputs(who, name, field, mask, voxel_size, b0_dir, *, magnitude, noise_std, data_mask):
+    """Validate the inputs of the Gauss-Newton solvers (MEDI, TFI); returns ``(field as NumPy,
+    mask as bool, voxel size, B0 direction)``. ``who`` names the method in the errors, ``name``
+    the field argument."""
+    check_volume(field, name)
+    m = to_numpy(check_mask(mask, "mask", shape=field.shape)) != 0
+    vs = check_voxel_size(voxel_size)
+    b = check_b0_dir(b0_dir)
+    f = to_numpy(field)
+    if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
+        raise ValueError(f"{name} must be a real array in ppm, got dtype {f.dtype}")
+    check_finite(f, name, where=m)
+    if magnitude is None:
+        raise ValueError(f"magnitude is required: {who}'s edge mask comes from the magnitude")
+    check_volume(magnitude, "magnitude")
+    check_same_shape(name, f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask)
+    return f, m, vs, b
+
+
+def _check_iterations(max_iter, tol, cg_max_iter, cg_tol) -> tuple[int, float, int, float]:
+    """The Gauss-Newton and CG limits and tolerances, checked positive."""
+    return (
+        _check_positive(max_iter, "max_iter", integer=True),
+        _check_positive(tol, "tol"),
+        _check_positive(cg_max_iter, "cg_max_iter", integer=True),
+        _check_positive(cg_tol, "cg_tol"),
+    )
+
+
 def _parse_lam(lam, noise_std, c: float) -> float | None:
     """``lam`` for ppm fields: the toolbox's ``1000 c`` for None, the number given, or None for
     ``"noise"`` (chosen by :func:`_noise_lambda` once the data weight is known)."""
@@ -478,26 +507,13 @@ def medi(
     2018;79:2795-2803 (MEDI+0). Full titles in the module docstring.
     """
     # ---- validation
-    check_volume(local_field, "local_field")
-    m = to_numpy(check_mask(mask, "mask", shape=local_field.shape)).astype(bool)
-    vs = check_voxel_size(voxel_size)
-    b = check_b0_dir(b0_dir)
-    f = to_numpy(local_field)
-    if not np.issubdtype(f.dtype, np.floating) and not np.issubdtype(f.dtype, np.integer):
-        raise ValueError(f"local_field must be a real array in ppm, got dtype {f.dtype}")
-    check_finite(f, "local_field", where=m)
-    if magnitude is None:
-        raise ValueError("magnitude is required: MEDI's edge mask comes from the magnitude")
-    check_volume(magnitude, "magnitude")
-    check_same_shape(
-        "local_field", f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask
-    )
+    f, m, vs, b = _check_inputs(
+        "MEDI", "local_field", local_field, mask, voxel_size, b0_dir,
+        magnitude=magnitude, noise_std=noise_std, data_mask=data_mask,
+    )  # fmt: skip
     c = rad_per_ppm(delta_te, b0)
     lam_ppm = _parse_lam(lam, noise_std, c)
-    max_iter = _check_positive(max_iter, "max_iter", integer=True)
-    cg_max_iter = _check_positive(cg_max_iter, "cg_max_iter", integer=True)
-    tol = _check_positive(tol, "tol")
-    cg_tol = _check_positive(cg_tol, "cg_tol")
+    max_iter, tol, cg_max_iter, cg_tol = _check_iterations(max_iter, tol, cg_max_iter, cg_tol)
     pads = _pad_voxels(pad)
     csf = None
     lam_csf_ppm = None

@@ -71,21 +71,15 @@ import math
 
 import numpy as np
 
-from qsmprep.recon._backend import asarray, irfftn, namespace, rfftn, to_numpy
-from qsmprep.recon._checks import (
-    check_b0_dir,
-    check_finite,
-    check_mask,
-    check_same_shape,
-    check_volume,
-    check_voxel_size,
-)
+from qsmprep.recon._backend import asarray, irfftn, namespace, rfftn
 from qsmprep.recon.grid import Grid, pad_voxels
 from qsmprep.recon.inversion.medi import (
     _SLICES,
     DEFAULT_DELTA_TE,
     IRLS_EPSILON_RAD,
     LAMBDA_RAD,
+    _check_inputs,
+    _check_iterations,
     _check_positive,
     _data_weight,
     _irls_weights,
@@ -144,29 +138,16 @@ def _solve(
     in the mask (ppm, 0 outside it), of the sources outside the mask (the background) and of
     those inside it (the model of the local field).
     """
-    check_volume(total_field, "total_field")
-    m = to_numpy(check_mask(mask, "mask", shape=total_field.shape)) != 0
-    vs = check_voxel_size(voxel_size)
-    b = check_b0_dir(b0_dir)
-    f = to_numpy(total_field)
-    if not (np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)):
-        raise ValueError(f"total_field must be a real array in ppm, got dtype {f.dtype}")
-    check_finite(f, "total_field", where=m)
-    if magnitude is None:
-        raise ValueError("magnitude is required: TFI's edge mask comes from the magnitude")
-    check_volume(magnitude, "magnitude")
-    check_same_shape(
-        "total_field", f, magnitude=magnitude, noise_std=noise_std, data_mask=data_mask
-    )
+    f, m, vs, b = _check_inputs(
+        "TFI", "total_field", total_field, mask, voxel_size, b0_dir,
+        magnitude=magnitude, noise_std=noise_std, data_mask=data_mask,
+    )  # fmt: skip
     c = rad_per_ppm(delta_te, b0)
     if lam is None:
         lam = "noise" if noise_std is not None else LAMBDA_RAD * c
     lam_ppm = _parse_lam(lam, noise_std, c)
     p_b = _check_positive(p_b, "p_b")
-    max_iter = _check_positive(max_iter, "max_iter", integer=True)
-    cg_max_iter = _check_positive(cg_max_iter, "cg_max_iter", integer=True)
-    tol = _check_positive(tol, "tol")
-    cg_tol = _check_positive(cg_tol, "cg_tol")
+    max_iter, tol, cg_max_iter, cg_tol = _check_iterations(max_iter, tol, cg_max_iter, cg_tol)
     pads = pad_voxels(pad, vs, DEFAULT_PAD_MM)
 
     w_data = _data_weight(noise_std, m, data_mask)
