@@ -597,8 +597,7 @@ register(Method(
         Parameter("cg_tol", 0.01, "", "inner CG relative residual"),
         Parameter("cg_max_iter", 100, "", "inner CG iteration limit"),
         Parameter("fill", True, "", "where the field is unreliable, the local field is the "
-                  "field of TFI's sources inside the brain (else left out of the local mask)",
-                  key=True),
+                  "field of TFI's sources inside the brain (else left out of the local mask)"),
     ),
     inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0", "b0_dir"),
 ))  # fmt: skip

@@ -308,6 +308,19 @@ def _background_sentences(s: Mapping, mp: Mapping, cite: _Cite, bg: str) -> list
             f"RESHARP's{cite('resharp')} was used instead where the two differed by more than "
             "75 % (NRMSE); the sidecar of each local field names the method used."
         )
+    elif spec is not None and bg == "tfibg":
+        fill = bool((mp.get(bg) or {}).get("fill", True))
+        out.append(
+            f"Background fields were removed with {spec.label}{cite(*_keys(spec, mp))} "
+            f"({_join(spec.description, params)}) over the whole brain mask, with no data "
+            "weight on the unreliable voxels; "
+            + (
+                "there, the local field was the field of the sources the inversion placed "
+                "inside the brain, and the local-field mask was the brain mask."
+                if fill
+                else "these were left out of the local-field mask."
+            )
+        )
     elif spec is not None:
         out.append(
             f"Background fields were removed with {spec.label}{cite(*_keys(spec, mp))} "

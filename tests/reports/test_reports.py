@@ -360,8 +360,15 @@ def test_methods_paragraph_follows_options():
     assert "scanner integers were rescaled" in other and "scanner integers" not in text
     assert "sub-01_Chimap.nii.gz" in other and "Milovic C, Tejos C" in other
     assert "COSMOS map" in other and "Liu T, Spincemaille P" in other and "newnet" in other
+    tfibg = methods_paragraph({**base, "bg_method": "tfibg"})
+    assert "Liu Z, Kee Y" in tfibg and "checked against" not in tfibg
+    assert "the local-field mask was the brain mask" in tfibg
+    unfilled = methods_paragraph({**base, "bg_method": "tfibg",
+                                  "method_params": {"tfibg": {"fill": False}}})  # fmt: skip
+    assert "left out of the local-field mask" in unfilled
+    assert "the local-field mask was the brain mask" not in unfilled
     # every cited number has its reference, in order
-    for body, refs in (t.split("\n\nReferences\n") for t in (text, other, lbv)):
+    for body, refs in (t.split("\n\nReferences\n") for t in (text, other, lbv, tfibg)):
         cited = {int(n) for grp in re.findall(r"\[([\d, ]+)\]", body) for n in grp.split(",")}
         assert cited == set(range(1, len(refs.splitlines()) + 1))
 

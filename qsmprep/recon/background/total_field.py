@@ -18,8 +18,9 @@ scored 69.9 and 65.9 % NRMSE against the truth on the unreliable voxels (leaving
 scores 100 %), and the local field over the whole brain 42.7 and 38.7 % against 39.9 and 37.3 %
 on the reliable voxels alone. An inversion that has no data weight of its own gains the most:
 TKD on the filled field scored 57.7 and 55.8 % over the true brain against 80.0 and 61.2 % on
-the reliable voxels alone (LBV's: 70.8 and 63.7 %; ``qsmprep-bench chain``, docs/field-chain.md). The inversions with a data weight (TV,
-MEDI, L2) give the filled voxels none, as before: their maps do not change.
+the reliable voxels alone (LBV's: 70.8 and 63.7 %; ``qsmprep-bench chain``,
+docs/field-chain.md). The inversions with a data weight (TV, MEDI, L2) give the filled voxels
+none, as before: their maps do not change.
 
 Measured on the development data (``../shared/data``, the pipeline's total field and masks,
 local field scored over the true brain less unreliable voxels inside LBV's mask): NRMSE 37.3 /
