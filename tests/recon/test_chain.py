@@ -150,3 +150,54 @@ def test_default_chain_local_field_slope_on_external_data():
     t = truth["desc-local_fieldmap"][m] - truth["desc-local_fieldmap"][m].mean()
     slope = float(e @ t / (t @ t))
     assert 0.95 <= slope <= 1.05, slope
+
+
+@pytest.fixture(scope="module")
+def tfibg_on_qsmdev():
+    """The field chain with ``tfibg`` on qsmdev sub-01, and the truth."""
+    if not (SHARED / "qsmdev").is_dir():
+        pytest.skip("../shared/data is not available")
+    mag, phase, te, affine, zooms, truth = _load_shared("qsmdev", "01")
+    maps = compute_local_field(
+        mag, phase, te, zooms, b0_dir=b0_dir_from_affine(affine), bg_method="tfibg", b0=3.0
+    )
+    return maps, truth
+
+
+def _local_fit(maps, truth):
+    """NRMSE (%) and slope of the local field against the truth over the true brain it covers."""
+    m = maps.local_mask & (truth["desc-brain_mask"] > 0)
+    e = maps.local_hz[m] - maps.local_hz[m].mean()
+    t = truth["desc-local_fieldmap"][m] - truth["desc-local_fieldmap"][m].mean()
+    return 100 * float(np.linalg.norm(e - t) / np.linalg.norm(t)), float(e @ t / (t @ t))
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_tfibg_chain_targets_on_external_data(tfibg_on_qsmdev):
+    """The field-chain targets, written before the work: >= 97 % of the true brain kept, and
+    a local-field NRMSE at most 1.15x that of the noise-matched oracle field (the true local
+    field plus white noise at the chain's own noise map; `qsmprep-bench chain`)."""
+    maps, truth = tfibg_on_qsmdev
+    true_mask = truth["desc-brain_mask"] > 0
+    assert (maps.local_mask & true_mask).sum() >= 0.97 * true_mask.sum()
+    local = truth["desc-local_fieldmap"]
+    inside = maps.mask & (maps.field_std_hz > 0) & np.isfinite(maps.field_std_hz)
+    sd = np.where(inside, maps.field_std_hz, np.median(maps.field_std_hz[inside]))
+    noisy = local + sd * np.random.default_rng(0).standard_normal(local.shape)
+    e = noisy[true_mask] - noisy[true_mask].mean()
+    t = local[true_mask] - local[true_mask].mean()
+    oracle = 100 * float(np.linalg.norm(e - t) / np.linalg.norm(t))
+    assert _local_fit(maps, truth)[0] <= 1.15 * oracle
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="tfibg's local-field slope on qsmdev sub-01 is 0.938 over the whole brain"
+    " (`qsmprep-bench chain`; 0.950 on its reliable voxels alone); target 0.95-1.05",
+)
+def test_tfibg_local_field_slope_on_external_data(tfibg_on_qsmdev):
+    slope = _local_fit(*tfibg_on_qsmdev)[1]
+    assert 0.95 <= slope <= 1.05, slope
