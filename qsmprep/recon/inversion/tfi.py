@@ -92,7 +92,7 @@ from qsmprep.recon.inversion.medi import (
 from qsmprep.recon.kernels import dipole_kernel
 from qsmprep.recon.operators import cg
 
-__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "background_field", "source_fields", "tfi"]
+__all__ = ["DEFAULT_P_B", "DEFAULT_PAD_MM", "source_fields", "tfi"]
 
 DEFAULT_P_B = 30.0
 """TFI's preconditioner outside the brain mask (Liu Z et al. 2017)."""
@@ -324,8 +324,3 @@ def source_fields(total_field, mask, voxel_size, **kwargs) -> tuple[np.ndarray, 
     ``own`` is TFI's model of it, defined where the total field is not (outside
     ``data_mask``). Arguments as :func:`tfi`."""
     return _solve(total_field, mask, voxel_size, background=True, **kwargs)[1]
-
-
-def background_field(total_field, mask, voxel_size, **kwargs) -> np.ndarray:
-    """The background field that TFI finds: the first part of :func:`source_fields`."""
-    return source_fields(total_field, mask, voxel_size, **kwargs)[0]
