@@ -16,6 +16,12 @@ Per acquisition:
   local field in the true brain mask ("oracle"); and on the noise-matched oracle field, the true
   local field plus white Gaussian noise drawn with the pipeline's own noise map
   (``desc-noise_fieldmap``). The chain penalty is end-to-end NRMSE / noise-matched NRMSE.
+- with ``background`` (``--background-oracle``): the App's background removal on the *true
+  total field* (noise-free, the true brain mask, every voxel reliable, the same parameters and
+  cross-check as the App), its local field scored against the truth, and each method run on
+  that local field: what the background removal alone costs, without noise, unwrapping, echo
+  fit or brain mask. The background penalty is that NRMSE / the method's NRMSE on the true
+  local field.
 
 The oracle runs use the method functions of :mod:`qsmprep.recon.inversion` with the App's
 parameters (``--config`` sections), so they differ from the App's only in their input field and
@@ -52,6 +58,7 @@ class ChainScore:
     local_slope: float
     oracle_field_nrmse: float
     methods: dict
+    background: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -88,8 +95,12 @@ def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
     return combine_magnitude(np.stack([load_data(p) for p in mags], axis=-1))
 
 
-def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz):
-    """``method`` on a given field and mask with the App's parameters and extra inputs."""
+def _oracle_inversion(
+    method, field_ppm, mask, vs, b0_dir, params, *, meta, bids, noise_hz, data_mask=None
+):
+    """``method`` on a given field and mask with the App's parameters and extra inputs
+    (``data_mask``: where the field is known, for a method that takes one; one that does not
+    gets the field in ``mask & data_mask``, as the App gives it the local mask)."""
     from qsmprep.recon.kernels import hz_to_ppm
 
     func, needs = resolve(method), get(method).inputs
@@ -106,7 +117,32 @@ def _oracle_inversion(method, field_ppm, mask, vs, b0_dir, params, *, meta, bids
         extra["magnitude"] = _magnitude(bids, meta.get("Sources", []))
     if "noise_std" in needs:  # in ppm, as the App gives it (lam="noise" reads its level)
         extra["noise_std"] = hz_to_ppm(noise_hz, float(meta["B0"]))
+    if data_mask is not None:
+        if "data_mask" in needs:
+            extra["data_mask"] = data_mask
+        else:
+            mask = mask & data_mask
     return func(field_ppm, mask, vs, b0_dir=b0_dir, **extra, **params)
+
+
+def _background_oracle(method, params, t_total, t_mask, vs, b0_dir, *, meta, bids, noise_hz):
+    """The App's background removal on the true total field: (local Hz, local mask, check)."""
+    from qsmprep.recon import chain
+    from qsmprep.recon.inversion.medi import delta_te_of
+
+    te = list(meta.get("EchoTime") or [])
+    inputs = {
+        "magnitude": _magnitude(bids, meta.get("Sources", [])),
+        "noise_std": noise_hz,
+        "data_mask": t_mask,
+        "b0": float(meta["B0"]),
+    }
+    if te:
+        inputs["delta_te"] = delta_te_of(te)
+    return chain.remove_background(
+        np.where(t_mask, t_total, 0.0), t_mask, vs, method=method, params=params,
+        b0_dir=b0_dir, brain_mask=t_mask, inputs=inputs,
+    )  # fmt: skip
 
 
 def score_acquisition(
@@ -117,8 +153,11 @@ def score_acquisition(
     method_params: dict | None = None,
     *,
     seed: int = 0,
+    background: str | None = None,
+    background_params: dict | None = None,
 ) -> ChainScore:
-    """Score one acquisition (file prefix ``sub-XX[_ses-..][_acq-..]``) of an App output."""
+    """Score one acquisition (file prefix ``sub-XX[_ses-..][_acq-..]``) of an App output
+    (``background``: the App's background method, for the background oracle; module doc)."""
     from qsmprep.metrics import evaluate
     from qsmprep.recon.kernels import b0_dir_from_affine, hz_to_ppm
 
@@ -156,6 +195,21 @@ def score_acquisition(
     noisy = (t_local + sd * rng.standard_normal(t_local.shape)).astype(np.float32)
     oracle_field = _demeaned_fit(noisy, t_local, t_mask)[0]
 
+    bg = None
+    if background:
+        meta = json.loads((anat / f"{prefix}_desc-local_fieldmap.json").read_text())
+        bg_local, bg_mask, check = _background_oracle(
+            background, background_params, t_total, t_mask, vs, b0_dir,
+            meta=meta, bids=bids, noise_hz=sd,
+        )  # fmt: skip
+        bg_fit = _demeaned_fit(bg_local, t_local, bg_mask & t_mask)
+        bg = {
+            "method": check["method"],
+            "kept": float((bg_mask & t_mask).sum()) / n_true,
+            "local_nrmse": bg_fit[0],
+            "local_slope": bg_fit[1],
+        }
+
     scores: dict = {}
     for method in methods:
         f = anat / f"{prefix}_desc-{method}_Chimap.nii.gz"
@@ -174,6 +228,16 @@ def score_acquisition(
                 )  # fmt: skip
                 row[key] = _metrics(evaluate(est, t_chi, t_mask))
             row["chain_penalty"] = row["end_to_end"]["nrmse"] / row["noise_oracle"]["nrmse"]
+            if bg is not None:
+                est = _oracle_inversion(
+                    method, hz_to_ppm(bg_local, b0), t_mask, vs, b0_dir,
+                    method_params.get(method, {}), meta=meta, bids=bids, noise_hz=sd,
+                    data_mask=bg_mask,
+                )  # fmt: skip
+                row["background_oracle"] = _metrics(evaluate(est, t_chi, t_mask))
+                row["background_penalty"] = (
+                    row["background_oracle"]["nrmse"] / row["oracle"]["nrmse"]
+                )
         scores[method] = row
     return ChainScore(
         dataset=bids.name,
@@ -186,6 +250,7 @@ def score_acquisition(
         local_slope=loc[1],
         oracle_field_nrmse=oracle_field,
         methods=scores,
+        background=bg,
     )
 
 
@@ -203,10 +268,12 @@ def run_chain(
     nprocs: int = 2,
     seed: int = 0,
     dl_adapt: bool = False,
+    background_oracle: bool = False,
     log=print,
 ) -> list[ChainScore]:
     """Run the App on each dataset into ``out/<name>`` and score every acquisition
-    (``dl_adapt``: as ``qsmprep --dl-adapt``, the adaptable networks adapted to each dataset)."""
+    (``dl_adapt``: as ``qsmprep --dl-adapt``, the adaptable networks adapted to each dataset;
+    ``background_oracle``: also the App's background removal on the true total field)."""
     from qsmprep.app import run_participant
     from qsmprep.config import Settings
 
@@ -239,23 +306,33 @@ def run_chain(
         for mask in sorted(settings.output_dir.glob(f"sub-*/anat/*{suffix}")):
             prefix = mask.name[: -len(suffix)]
             score = score_acquisition(
-                ds, settings.output_dir, prefix, list(methods), method_params, seed=seed
-            )
+                ds, settings.output_dir, prefix, list(methods), method_params, seed=seed,
+                background=settings.bg_method if background_oracle else None,
+                background_params=(method_params or {}).get(settings.bg_method),
+            )  # fmt: skip
             results.append(score)
             log(format_chain_table([score], header=not results[:-1]))
     return results
 
 
 def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
-    """Markdown: one row per acquisition and method (NRMSE %, HFEN %, XSIM)."""
+    """Markdown: one row per acquisition and method (NRMSE %, HFEN %, XSIM); with the
+    background oracle (any score has one), its kept % and local NRMSE / slope, and per method
+    its NRMSE / HFEN / XSIM and background penalty."""
+    bg = any(s.background for s in scores)
     lines = []
     if header:
-        lines += [
+        head = (
             "| dataset | acquisition | Dice | kept % | total NRMSE / slope | local NRMSE / slope"
             " (oracle) | method | covered % | end to end NRMSE / HFEN / XSIM | true local field"
-            " | noise-matched oracle | chain penalty |",
-            "|---" * 12 + "|",
-        ]
+            " | noise-matched oracle | chain penalty |"
+        )
+        if bg:
+            head += (
+                " background on the true total field: kept %, local NRMSE / slope | method on"
+                " it | background penalty |"
+            )
+        lines += [head, "|---" * (15 if bg else 12) + "|"]
     for s in scores:
         head = (
             f"| {s.dataset} | {s.acquisition} | {s.dice:.3f} | {100 * s.kept:.1f} "
@@ -266,6 +343,18 @@ def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
             cells = [method, f"{100 * row['covered']:.1f}", _triple(row["end_to_end"])]
             cells += [_triple(row[k2]) if k2 in row else "-" for k2 in ("oracle", "noise_oracle")]
             cells.append(f"{row['chain_penalty']:.2f}" if "chain_penalty" in row else "-")
+            if bg:
+                b = s.background
+                cells.append(
+                    f"{100 * b['kept']:.1f}, {b['local_nrmse']:.1f} / {b['local_slope']:.3f}"
+                    f" ({b['method']})" if b and k == 0 else ""
+                )  # fmt: skip
+                cells.append(
+                    _triple(row["background_oracle"]) if "background_oracle" in row else "-"
+                )
+                cells.append(
+                    f"{row['background_penalty']:.2f}" if "background_penalty" in row else "-"
+                )
             prefix = head if k == 0 else "| | | | | | "
             lines.append(prefix + "| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dl-adapt", action="store_true",
         help="adapt dsbn / dcfinetune to each dataset first, as qsmprep --dl-adapt",
     )  # fmt: skip
+    c.add_argument(
+        "--background-oracle", action="store_true",
+        help="also run the background removal on the true total field (noise-free, true mask)"
+        " and each method on its local field: what the background removal alone costs",
+    )  # fmt: skip
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
     q = sub.add_parser(
@@ -201,6 +206,7 @@ def main(argv=None) -> int:
         scores = run_chain(
             args.datasets, args.out, methods=args.methods, bg_method=args.bg_method,
             method_params=params, nprocs=args.nprocs, seed=args.seed, dl_adapt=args.dl_adapt,
+            background_oracle=args.background_oracle,
         )  # fmt: skip
         print()
         print(format_chain_table(scores))

@@ -73,6 +73,32 @@ def test_chain_table_and_rescoring(chain_run):
         bench.main(["chain", str(out), "--out", str(out / "x")])
 
 
+@pytest.mark.slow
+def test_chain_background_oracle(chain_run):
+    """The App's background removal on the true total field: noise-free, in the true mask, it
+    is closer to the true local field than the chain's own, and no method gains from it over
+    the true local field (the background removal cannot add information)."""
+    from qsmprep.recon.background import METHODS
+
+    bids, out, scores = chain_run
+    deriv = out / "thick" / "derivatives" / "qsmprep"
+    s = score_acquisition(bids, deriv, "sub-01", ["tkd", "tv"], background="lbv")
+    bg = s.background
+    assert bg["method"] in METHODS
+    assert 0 < bg["kept"] <= 1
+    assert bg["local_nrmse"] < s.local_nrmse, (bg, s.local_nrmse)
+    for method, row in s.methods.items():
+        assert row["background_penalty"] == pytest.approx(
+            row["background_oracle"]["nrmse"] / row["oracle"]["nrmse"]
+        )
+        assert row["background_penalty"] >= 1.0, (method, row)
+        # the end-to-end columns do not depend on the oracle
+        assert row["end_to_end"] == scores[0]["methods"][method]["end_to_end"]
+    table = format_chain_table([s])
+    assert table.count("\n") == 3 and "background penalty" in table
+    assert f"({bg['method']})" in table
+
+
 def test_chain_passes_dl_adapt_to_the_app(tmp_path, monkeypatch):
     """``qsmprep-bench chain --dl-adapt`` runs the App with ``--dl-adapt`` on each dataset."""
     import qsmprep.app as app
@@ -86,6 +112,34 @@ def test_chain_passes_dl_adapt_to_the_app(tmp_path, monkeypatch):
     bench.main(["chain", str(ds), "--out", str(tmp_path / "o"), "--methods", "dsbn"])
     assert [s.dl_adapt for s in seen] == [True, False]
     assert seen[0].methods == ["dsbn"]
+
+
+def test_chain_background_oracle_flag(tmp_path, monkeypatch):
+    """``--background-oracle`` reaches the scoring with the App's background method and its
+    ``--config`` section."""
+    from types import SimpleNamespace
+
+    import qsmprep.app as app
+    import qsmprep.benchmarks.chain as chain
+
+    seen = []
+    monkeypatch.setattr(app, "run_participant", lambda s: 0)
+    done = SimpleNamespace(to_dict=dict)
+    monkeypatch.setattr(chain, "score_acquisition", lambda *a, **k: seen.append(k) or done)
+    ds = tmp_path / "ds"
+    (ds / "derivatives" / "groundtruth").mkdir(parents=True)
+    mask = tmp_path / "o" / "ds" / "derivatives" / "qsmprep" / "sub-01" / "anat"
+    mask.mkdir(parents=True)
+    (mask / "sub-01_desc-local_mask.nii.gz").touch()
+    monkeypatch.setattr(chain, "format_chain_table", lambda *a, **k: "")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"tfibg": {"max_iter": 2}}))
+    base = ["chain", str(ds), "--out", str(tmp_path / "o"), "--methods", "tkd"]
+    bench.main(base + ["--bg-method", "tfibg", "--config", str(config), "--background-oracle"])
+    bench.main(base)
+    assert seen[0]["background"] == "tfibg"
+    assert seen[0]["background_params"] == {"max_iter": 2}
+    assert seen[1]["background"] is None
 
 
 def test_oracle_runs_get_the_noise_map_in_ppm(phantom, phantom_fields, tmp_path):
