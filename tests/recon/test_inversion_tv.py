@@ -66,6 +66,20 @@ BOUNDS = {
 }
 
 
+def test_start_from_tkd_saves_iterations(case2mm, results2mm, phantom2mm):
+    """The default start (TKD, tol 2e-3) against the former one (zero, tol 1e-3) on the noisy
+    2 mm phantom: at least 15 % fewer iterations (measured 75 against 102) at an NRMSE within
+    0.5 points (issue 18's budget; measured 23.65 against 23.65 %)."""
+    local, noisy, mask, vs, b0 = case2mm
+    chi, info = results2mm["noisy"]
+    info0 = {}
+    chi0 = tv(noisy, mask, vs, b0_dir=b0, init="zero", tol=1e-3, info=info0)
+    assert info["init"] == "tkd" and info0["init"] == "zero"
+    assert info["iterations"] <= 0.85 * info0["iterations"], (info, info0)
+    now, before = _scores(chi, phantom2mm)["nrmse"], _scores(chi0, phantom2mm)["nrmse"]
+    assert abs(now - before) <= 0.5, (now, before)
+
+
 @pytest.mark.parametrize("name", ["clean", "noisy"])
 def test_phantom_accuracy(results2mm, phantom2mm, name):
     chi, info = results2mm[name]
@@ -156,12 +170,14 @@ def test_objective_decreases_and_converges(periodic_case):
     assert all(b < a for a, b in zip(values, values[1:], strict=False)), values
     info = {}
     x = tv(field, mask, vs, pad=0, info=info)
-    assert info["converged"] and info["iterations"] < 250 and info["rel_change"] < 1e-3
+    # stopped by the default tolerance (2e-3 on the relative change, from TKD)
+    assert info["converged"] and info["iterations"] < 250 and info["rel_change"] < 2e-3
     tight = tv(field, mask, vs, pad=0, data_mask=False, tol=1e-6, max_iter=3000)
     j, j_tight = _objective(x, field, d, vs), _objective(tight, field, d, vs)
     # the minimiser beats the truth (measured 1.067 against 1.280) ...
     assert j_tight <= j < _objective(chi, field, d, vs)
-    # ... and the default tolerance stops within 0.1 % of the minimum (measured 0.04 %)
+    # ... and the default tolerance stops within 0.1 % of the minimum (measured 0.04 % from
+    # zero with tol 1e-3, 0.083 % from TKD with 2e-3, 0.119 % with 3e-3)
     assert j < 1.001 * j_tight, (j, j_tight)
     # With W = 1 everywhere, the weighted (y-split) and unweighted (exact x-update) solvers
     # share the minimiser: measured 0.3 % and 0.6 % from the tight solution.
@@ -228,12 +244,15 @@ def test_torch_matches_numpy(phantom, phantom_fields, kwargs):
 def test_fft_count(phantom, phantom_fields):
     local, mask, vs = phantom_fields["local_ppm"], phantom.brain_mask, phantom.voxel_size
     for data_mask, per_iter, setup in ((True, 4, 0), (False, 2, 1)):
-        info = {}
-        with count_ffts() as c:
-            tv(local, mask, vs, data_mask=data_mask, max_iter=10, info=info)
-        assert info["iterations"] == 10 and not info["converged"]
-        # weighted: 2 forward + 2 inverse per iteration; unweighted: 1 + 1, plus F{f} once
-        assert len(c) == setup + per_iter * 10
+        for init, start in (("zero", 0), ("tkd", 2 + 2 * data_mask)):
+            info = {}
+            with count_ffts() as c:
+                tv(local, mask, vs, data_mask=data_mask, max_iter=10, info=info, init=init)
+            assert info["iterations"] == 10 and not info["converged"]
+            assert info["init"] == init
+            # weighted: 2 forward + 2 inverse per iteration; unweighted: 1 + 1, plus F{f}
+            # once; the start from TKD: its pair, and with the weight D chi_0 for y_0
+            assert len(c) == setup + start + per_iter * 10
         assert set(s for _, s in c.calls) == {tuple(info["grid"])}
 
 
@@ -255,6 +274,7 @@ def test_bad_input(phantom, phantom_fields):
         ((local, mask, vs), {"mu": float("nan")}, "mu"),
         ((local, mask, vs), {"relax": 2.0}, "relax"),
         ((local, mask, vs), {"tol": 0.0}, "tol"),
+        ((local, mask, vs), {"init": "tsvd"}, "init"),
         ((local, mask, vs), {"max_iter": 0}, "max_iter"),
         ((local, mask, vs), {"weight": -np.ones_like(local)}, "weight"),
         ((local, mask, vs), {"weight": np.ones(local.shape[:2])}, "weight"),
