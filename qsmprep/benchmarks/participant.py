@@ -153,8 +153,10 @@ def run_participant_bench(
     devices=("cpu",),
     outputs=None,
     seed: int = 0,
+    method_params: dict | None = None,
 ) -> list[ParticipantBench]:
-    """Simulate one head and run the participant level once per device; see the module doc."""
+    """Simulate one head and run the participant level once per device; see the module doc
+    (``method_params``: as ``qsmprep --config``)."""
     from qsmprep.app import default_omp_nthreads, run_participant
     from qsmprep.bids import collect_acquisitions
     from qsmprep.config import OUTPUTS, Settings
@@ -179,7 +181,7 @@ def run_participant_bench(
             bids_dir=bids, output_dir=deriv, work_dir=work, methods=list(methods),
             nprocs=nprocs, omp_nthreads=omp, device=device,
             outputs=list(outputs or OUTPUTS), resource_monitor=True,
-            plugin_args={"n_procs": nprocs},
+            plugin_args={"n_procs": nprocs}, method_params=dict(method_params or {}),
         )  # fmt: skip
         t0 = time.perf_counter()
         code = run_participant(settings)

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--echo-times", type=float, nargs="+", default=[0.004, 0.008, 0.012, 0.016])
     q.add_argument("--methods", nargs="+", default=["tkd", "tv", "medi"])
     q.add_argument("--outputs", nargs="+", help="as qsmprep --outputs (default all)")
+    q.add_argument("--config", metavar="PATH", help="method parameters, as qsmprep --config")
     q.add_argument("--nprocs", type=int, default=2)
     q.add_argument("--omp-nthreads", type=int, help="default: as the App (nprocs - 1, 1 to 8)")
     q.add_argument(
@@ -216,12 +217,13 @@ def main(argv=None) -> int:
             format_participant_table,
             run_participant_bench,
         )
+        from qsmprep.config import load_method_params
 
         runs = run_participant_bench(
             args.out_dir, shape=args.shape, voxel_size=args.voxel_size,
             echo_times=args.echo_times, methods=args.methods, nprocs=args.nprocs,
             omp_nthreads=args.omp_nthreads, devices=args.devices, outputs=args.outputs,
-            seed=args.seed,
+            seed=args.seed, method_params=load_method_params(args.config) if args.config else {},
         )  # fmt: skip
         for r in runs:
             print(format_participant_table(r))

@@ -36,10 +36,15 @@ def test_participant_bench_small(tmp_path, capsys, monkeypatch):
 
 def test_participant_bench_cli(tmp_path, capsys):
     out = tmp_path / "r.json"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"tkd": {"threshold": 0.15}}))
     argv = ["participant", str(tmp_path / "b"), "--shape", "32", "32", "24", "--voxel-size",
             "3", "--echo-times", "0.004", "0.008", "--methods", "tkd", "--outputs", "chi",
-            "--json", str(out)]  # fmt: skip
+            "--json", str(out), "--config", str(config)]  # fmt: skip
     assert bench.main(argv) == 0
     assert "critical path" in capsys.readouterr().out
     (run,) = json.loads(out.read_text())["runs"]
     assert run["exit_code"] == 0 and run["critical_path"] > 0 and run["nodes"]
+    # --config reaches the App, as qsmprep --config
+    (sidecar,) = (tmp_path / "b" / "derivatives-cpu").rglob("*desc-tkd_Chimap.json")
+    assert json.loads(sidecar.read_text())["Parameters"]["threshold"] == 0.15
