@@ -677,7 +677,9 @@ register(Method(
         Parameter("lam", 2e-4, "", "TV weight per voxel (the TV term is lam h ||grad chi||_1, "
                   "h the mean voxel size in mm)", key=True),
         Parameter("max_iter", 250, "", "ADMM iteration limit", key=True),
-        Parameter("tol", 1e-3, "", "stop at this relative change of chi", key=True),
+        Parameter("tol", 2e-3, "", "stop at this relative change of chi", key=True),
+        Parameter("init", "tkd", "", "ADMM's starting point: the TKD map (tkd) or zero",
+                  key=True),
         Parameter("rho", None, "", "ADMM penalty of the gradient split (default 450 lam h)"),
         Parameter("mu", 0.1, "", "ADMM penalty of the data split"),
         Parameter("data_mask", True, "", "count the data term over the mask only"),
