@@ -232,6 +232,26 @@ def test_irls_operator_is_toolbox_div_of_weighted_grad():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("planes", [1, 2, 4, 9])
+@pytest.mark.parametrize("shape", [(9, 8, 7), (1, 5, 6), (2, 3, 4)])
+def test_irls_operator_by_slabs(monkeypatch, shape, planes):
+    """The slab-by-slab form (NumPy, a few planes of the first axis at a time, the edges of the
+    slabs included) is the whole-volume operator, for slabs of 1 plane to the whole volume."""
+    rng = np.random.default_rng(1)
+    vs = (1.0, 1.5, 2.0)
+    p = rng.normal(size=shape)
+    w = rng.uniform(0.5, 2.0, size=(3,) + shape)
+    want = -div(w * grad(p, vs, boundary="neumann"), vs, boundary="neumann")
+    weights = [w[a][medi_module._SLICES[a][1]] / vs[a] ** 2 for a in range(3)]
+    plane_bytes = shape[1] * shape[2] * 8
+    monkeypatch.setattr(medi_module._SlabWork, "SLAB_BYTES", planes * plane_bytes)
+    work = medi_module._SlabWork(shape, np.float64)
+    assert work.slab == min(planes, shape[0])
+    got = medi_module._weighted_laplacian(p, weights, np, work)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(work.apply(p, weights), got, rtol=0, atol=0)  # reusable
+
+
 # --------------------------------------------------------------------------------------------
 # the toolbox's solver and the lam conversion
 

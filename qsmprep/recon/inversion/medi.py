@@ -273,25 +273,78 @@ def _irls_weights(x, wg, vs, eps: float, xp):
     return weights, cost
 
 
-def _weighted_laplacian(p, weights, xp, bufs=None):
+def _weighted_laplacian(p, weights, xp, work=None):
     """``grad^T (W grad p)``: MEDI's ``div(w_G V w_G grad p)`` (its ``bdiv`` is ``grad^T``).
 
     With ``q_n = w_n (p_{n+1} - p_n)``, the adjoint of the forward difference gives
-    ``out_n = q_{n-1} - q_n``; ``weights`` already hold ``1 / dx^2``. ``bufs``: optional
-    arrays shaped like ``weights`` to hold ``q`` (NumPy: no temporaries).
+    ``out_n = q_{n-1} - q_n``; ``weights`` already hold ``1 / dx^2``. ``work``: a
+    :class:`_SlabWork` for NumPy arrays, which computes the same sum slab by slab along the
+    first axis (see there); without it, whole-volume operations (any backend).
     """
+    if work is not None:
+        return work.apply(p, weights)
     out = xp.zeros_like(p)
     for axis in range(3):
         hi, lo = _SLICES[axis]
-        if bufs is None:
-            q = p[hi] - p[lo]
-            q *= weights[axis]
-        else:
-            q = np.subtract(p[hi], p[lo], out=bufs[axis])
-            np.multiply(q, weights[axis], out=q)
+        q = p[hi] - p[lo]
+        q *= weights[axis]
         out[lo] -= q
         out[hi] += q
     return out
+
+
+class _SlabWork:
+    """:func:`_weighted_laplacian` of NumPy arrays, a few planes of the first axis at a time.
+
+    The whole-volume form makes 12 passes over volumes that do not fit in the cache (4 per
+    axis: difference, weight, two updates); slabs of about ``SLAB_BYTES`` per array keep each
+    slab's passes in the cache. Measured on MEDI's 135 x 162 x 135 grid of the 1 mm head
+    (float32, one thread, AMD EPYC with 1 MB of L2 per core): 18-25 ms per call for the
+    whole-volume form against 11-13 ms in slabs of 5 planes (0.5 MB), taking turns in one
+    process. The operator is the same; its terms are added in another order (the last axis
+    first), so the sums agree to float32 rounding. The first axis' differences at a slab's
+    edge are computed twice, once per slab.
+    """
+
+    SLAB_BYTES = 1 << 19
+
+    def __init__(self, shape, dtype):
+        plane = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        self.slab = max(1, min(int(shape[0]), self.SLAB_BYTES // max(plane, 1)))
+        n = self.slab
+        self.tmp = (
+            np.empty((n + 1, shape[1], shape[2]), dtype),
+            np.empty((n, shape[1] - 1, shape[2]), dtype),
+            np.empty((n, shape[1], shape[2] - 1), dtype),
+        )
+
+    def apply(self, p, weights):
+        n0 = p.shape[0]
+        out = np.empty_like(p)
+        w0, w1, w2 = weights
+        for a in range(0, n0, self.slab):
+            b = min(a + self.slab, n0)
+            o, ps, m = out[a:b], p[a:b], b - a
+            t = self.tmp[2][:m]  # last axis: initialises the slab of out
+            np.subtract(ps[:, :, 1:], ps[:, :, :-1], out=t)
+            t *= w2[a:b]
+            np.negative(t, out=o[:, :, :-1])
+            o[:, :, -1] = 0
+            o[:, :, 1:] += t
+            t = self.tmp[1][:m]
+            np.subtract(ps[:, 1:], ps[:, :-1], out=t)
+            t *= w1[a:b]
+            o[:, :-1] -= t
+            o[:, 1:] += t
+            # first axis: q_n for n in [lo, hi) reaches out[n] (-q_n) and out[n + 1] (+q_n)
+            lo, hi = max(a - 1, 0), min(b, n0 - 1)
+            t = self.tmp[0][: hi - lo]
+            np.subtract(p[lo + 1 : hi + 1], p[lo:hi], out=t)
+            t *= w0[lo:hi]
+            o[: hi - a] -= t[a - lo :]
+            n1, n2 = max(a - 1, lo), min(b - 1, hi)  # the q_n whose n + 1 lies in [a, b)
+            o[n1 + 1 - a : n2 + 1 - a] += t[n1 - lo : n2 - lo]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +629,7 @@ def medi(
         return 2.0 * float(xp.sum(w2 * s * s)) ** 0.5  # |e^{ia} - e^{ib}| = 2 |sin((a-b)/2)|
 
     # ---- Gauss-Newton
-    bufs = [xp.empty_like(w) for w in wg] if isinstance(f_rad, np.ndarray) else None
+    work = _SlabWork(shape, f_rad.dtype) if isinstance(f_rad, np.ndarray) else None
     x = xp.zeros_like(f_rad)
     dipole_x = xp.zeros_like(f_rad)  # D x (no FFT for x = 0)
     hist = {"rel": [], "cg_it": [], "cg_res": [], "data": [], "reg": []}
@@ -590,17 +643,18 @@ def medi(
         hist["reg"].append(reg_cost / c)
         r = xp.sin(dipole_x - f_rad)
         r *= w2
-        rhs = _weighted_laplacian(x, weights, xp) + conv(r, dk2)
+        rhs = _weighted_laplacian(x, weights, xp, work) + conv(r, dk2)
         del r
         if csf is not None:
             rhs = rhs + lam_csf_rad * p_csf(x)
 
             def apply_a(p, weights=weights):
-                return _weighted_laplacian(p, weights, xp) + fidelity(p) + lam_csf_rad * p_csf(p)
+                out = _weighted_laplacian(p, weights, xp, work) + fidelity(p)
+                return out + lam_csf_rad * p_csf(p)
         else:
 
             def apply_a(p, weights=weights):
-                out = _weighted_laplacian(p, weights, xp, bufs)
+                out = _weighted_laplacian(p, weights, xp, work)
                 out += fidelity(p)
                 return out
 
