@@ -85,6 +85,7 @@ from qsmprep.recon.inversion.medi import (
     _irls_weights,
     _noise_lambda,
     _parse_lam,
+    _SlabWork,
     _weighted_laplacian,
     gradient_mask,
     rad_per_ppm,
@@ -182,6 +183,7 @@ def _solve(
         xk *= k
         return irfftn(xk, s=shape)
 
+    work = _SlabWork(shape, f_rad.dtype) if isinstance(f_rad, np.ndarray) else None
     y = xp.zeros_like(f_rad)
     hist = {"rel": [], "cg_it": []}
     ratio = math.inf
@@ -191,13 +193,13 @@ def _solve(
         weights, _ = _irls_weights(x, wg, vs, IRLS_EPSILON_RAD, xp)
         r = conv(x, dk) - f_rad
         r *= w2
-        grad_y = _weighted_laplacian(x, weights, xp) + conv(r, dk2)
+        grad_y = _weighted_laplacian(x, weights, xp, work) + conv(r, dk2)
         grad_y *= precond
         del r, x
 
         def apply_a(p, weights=weights):
             q = precond * p
-            out = _weighted_laplacian(q, weights, xp)
+            out = _weighted_laplacian(q, weights, xp, work)
             q = conv(q, dk)
             q *= w2
             out += conv(q, dk2)
