@@ -160,6 +160,7 @@ def run_participant_bench(
     from qsmprep.app import default_omp_nthreads, run_participant
     from qsmprep.bids import collect_acquisitions
     from qsmprep.config import OUTPUTS, Settings
+    from qsmprep.recon._backend import fft_engine
     from qsmprep.sim.bids import simulate_bids_dataset
 
     out_dir = Path(out_dir).absolute()
@@ -167,10 +168,14 @@ def run_participant_bench(
     shape = tuple(int(n) for n in shape)
     if not (bids / "dataset_description.json").is_file():
         t0 = time.perf_counter()
-        simulate_bids_dataset(
-            bids, n_subjects=1, shape=shape, voxel_size=float(voxel_size),
-            echo_times=tuple(echo_times), seed=seed,
-        )  # fmt: skip
+        # scipy's FFTs here, whatever QSMPREP_FFT_ENGINE says: the App's workers are forked
+        # from this process, and torch's FFT with more than one thread would leave them a
+        # thread pool that does not survive the fork (their first torch FFT never ends)
+        with fft_engine("scipy"):
+            simulate_bids_dataset(
+                bids, n_subjects=1, shape=shape, voxel_size=float(voxel_size),
+                echo_times=tuple(echo_times), seed=seed,
+            )  # fmt: skip
         print(f"# simulated {shape} at {voxel_size} mm in {time.perf_counter() - t0:.1f} s "
               "(not counted)", flush=True)  # fmt: skip
     omp = omp_nthreads if omp_nthreads is not None else default_omp_nthreads(nprocs)

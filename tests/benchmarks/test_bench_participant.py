@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from qsmprep.benchmarks.participant import format_participant_table, run_participant_bench
 from qsmprep.cli import bench
 
@@ -48,3 +50,26 @@ def test_participant_bench_cli(tmp_path, capsys):
     # --config reaches the App, as qsmprep --config
     (sidecar,) = (tmp_path / "b" / "derivatives-cpu").rglob("*desc-tkd_Chimap.json")
     assert json.loads(sidecar.read_text())["Parameters"]["threshold"] == 0.15
+
+
+def test_participant_bench_simulates_with_scipy_ffts(tmp_path, monkeypatch):
+    """The head is simulated with scipy's FFTs whatever the engine setting: torch's FFT with
+    more than one thread in the process that forks the App's workers left them a thread pool
+    whose first FFT never ended (``QSMPREP_FFT_ENGINE=torch qsmprep-bench participant`` hung)."""
+    import qsmprep.sim.bids
+    from qsmprep.recon import _backend
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(_backend.get_fft_engine())
+        raise Stop
+
+    monkeypatch.setattr(qsmprep.sim.bids, "simulate_bids_dataset", spy)
+    with _backend.fft_engine("torch"), pytest.raises(Stop):
+        run_participant_bench(tmp_path, shape=(32, 32, 24), voxel_size=3.0)
+    assert seen == ["scipy"]
+    assert _backend.get_fft_engine() == "auto"
