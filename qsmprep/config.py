@@ -117,6 +117,9 @@ class Settings:
     bids_filters: dict | None = None
     nprocs: int = 1
     omp_nthreads: int = 1
+    # threads of each long-running inversion node (Method.long_running); None: the cores
+    # shared among those of a participant (qsmprep.threads.share_cores); --omp-nthreads sets it
+    long_nthreads: int | None = None
     mem_gb: float | None = None
     device: str = "auto"
     methods: list[str] = field(default_factory=lambda: list(_methods.defaults("inversion")))
@@ -253,6 +256,7 @@ _EXECUTION_FIELDS = (
     "work_dir",
     "nprocs",
     "omp_nthreads",
+    "long_nthreads",
     "mem_gb",
     "plugin",
     "plugin_args",

@@ -179,6 +179,12 @@ class Method:
     keeps_mask : bool
         Background removal whose local field covers its whole input mask (no kernel erosion):
         it gets the brain mask less its unreliable rim, and is cross-checked.
+    long_running : bool
+        An iterative inversion that runs for tens of seconds on a 1 mm head and gains from a
+        second thread (its FFTs): when ``--omp-nthreads`` is not given, the run's cores are
+        shared among such nodes (:func:`qsmprep.threads.share_cores`), so that a lone one gets
+        them all. Networks are left out: a forked worker's multi-threaded torch can hang
+        (docs/performance.md).
     arch : str, optional
         Network architecture of a deep-learning method's checkpoints.
     weights : str, optional
@@ -200,6 +206,7 @@ class Method:
     whole_brain: bool = False
     field: str = "local"
     keeps_mask: bool = False
+    long_running: bool = False
     arch: str | None = None
     weights: str | None = None
 
@@ -686,7 +693,7 @@ register(Method(
         Parameter("relax", 1.8, "", "ADMM over-relaxation, in (0, 2)"),
         Parameter("pad", None, "voxels", _PAD),
     ),
-    inputs=("weight",), default=True, whole_brain=True,
+    inputs=("weight",), default=True, whole_brain=True, long_running=True,
 ))  # fmt: skip
 _MEDI2012 = Reference(
     "medi2012",
@@ -735,7 +742,7 @@ register(Method(
         Parameter("pad", 0, "voxels", "zero-padding of the mask's bounding box per axis"),
     ),
     inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0"), default=True,
-    whole_brain=True,
+    whole_brain=True, long_running=True,
 ))  # fmt: skip
 register(Method(
     "tfi", "inversion", "qsmprep.recon.inversion.tfi:tfi", "TFI",
@@ -760,7 +767,7 @@ register(Method(
         Parameter("cg_max_iter", 100, "", "inner CG iteration limit"),
     ),
     inputs=("magnitude", "noise_std", "data_mask", "delta_te", "b0"), whole_brain=True,
-    field="total",
+    field="total", long_running=True,
 ))  # fmt: skip
 register(Method(
     "cosmos", "inversion", "qsmprep.recon.inversion.cosmos:cosmos", "COSMOS",

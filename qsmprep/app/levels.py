@@ -270,7 +270,7 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
     """Run each subject's workflow and build its report; the failed acquisitions and why."""
     from qsmprep import bids
     from qsmprep._atomic import remove_stale_temporaries
-    from qsmprep.workflows import init_participant_wf
+    from qsmprep.workflows import init_participant_wf, long_node_threads
 
     groups = bids.group_orientations(acqs)
     failed: dict[str, str] = {str(e): "invalid input" for e in errors}
@@ -279,7 +279,12 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
         sub_acqs = [a for a in acqs if a.subject == sub]
         sub_groups = {k: v for k, v in groups.items() if k[0] == sub}
         LOGGER.info(
-            "sub-%s: %d acquisition(s), %d COSMOS group(s)", sub, len(sub_acqs), len(sub_groups)
+            "sub-%s: %d acquisition(s), %d COSMOS group(s); %d thread(s) per long-running"
+            " inversion node",
+            sub,
+            len(sub_acqs),
+            len(sub_groups),
+            long_node_threads(settings, len(sub_acqs)),
         )
         t0 = time.perf_counter()
         crashes_before = set(logs.glob("crash-*"))

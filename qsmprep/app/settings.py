@@ -23,6 +23,7 @@ from qsmprep.config import (
     load_method_params,
 )
 from qsmprep.methods import names
+from qsmprep.threads import MAX_NODE_THREADS
 
 __all__ = ["UsageError", "default_nprocs", "default_omp_nthreads", "make_settings"]
 
@@ -48,7 +49,7 @@ def default_omp_nthreads(nprocs: int) -> int:
     A node with ``n_procs = omp_nthreads`` takes that many of MultiProc's ``nprocs`` slots, so
     it never exceeds them, and one slot stays for the light nodes (loading, writing outputs).
     """
-    return max(1, min(nprocs - 1, 8))
+    return max(1, min(nprocs - 1, MAX_NODE_THREADS))
 
 
 def _labels(values):
@@ -160,7 +161,9 @@ def make_settings(
     labels may carry their ``sub-``/``ses-`` prefix; ``methods`` defaults to the App's
     (``None``), ``outputs`` to all of :data:`~qsmprep.config.OUTPUTS`. ``nprocs`` defaults
     to the plugin configuration's ``n_procs`` or else to :func:`default_nprocs`,
-    ``omp_nthreads`` to :func:`default_omp_nthreads`.
+    ``omp_nthreads`` to :func:`default_omp_nthreads`; without ``omp_nthreads`` the
+    long-running inversions share the cores (``long_nthreads`` None,
+    :func:`qsmprep.threads.share_cores`), with it they run that many threads too.
 
     Raises
     ------
@@ -214,6 +217,8 @@ def make_settings(
         nprocs = int(plugin_args["n_procs"])  # the plugin configuration file has the last word
         if mem_gb:
             plugin_args.setdefault("memory_gb", mem_gb)
+    # --omp-nthreads given: every CPU-heavy node runs that many threads, the long ones too
+    threads_given = omp_nthreads is not None
     if omp_nthreads is None:
         omp_nthreads = default_omp_nthreads(nprocs)
     if int(dl_adapt_steps) < 1:
@@ -243,6 +248,7 @@ def make_settings(
         bids_filters=filters,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,
+        long_nthreads=omp_nthreads if threads_given else None,
         mem_gb=mem_gb,
         device=device,
         methods=list(dict.fromkeys(methods)),

@@ -54,6 +54,7 @@ class ParticipantBench:
     exit_code: int
     nodes: list = field(default_factory=list)
     stages: dict = field(default_factory=dict)
+    long_nthreads: int | None = None  # threads of the long-running inversion nodes
 
     @property
     def critical_path(self) -> float:
@@ -162,6 +163,7 @@ def run_participant_bench(
     from qsmprep.config import OUTPUTS, Settings
     from qsmprep.recon._backend import fft_engine
     from qsmprep.sim.bids import simulate_bids_dataset
+    from qsmprep.workflows import long_node_threads
 
     out_dir = Path(out_dir).absolute()
     bids = out_dir / "bids"
@@ -184,7 +186,7 @@ def run_participant_bench(
         deriv, work = out_dir / f"derivatives-{device}", out_dir / f"work-{device}"
         settings = Settings(
             bids_dir=bids, output_dir=deriv, work_dir=work, methods=list(methods),
-            nprocs=nprocs, omp_nthreads=omp, device=device,
+            nprocs=nprocs, omp_nthreads=omp, long_nthreads=omp_nthreads, device=device,
             outputs=list(outputs or OUTPUTS), resource_monitor=True,
             plugin_args={"n_procs": nprocs}, method_params=dict(method_params or {}),
         )  # fmt: skip
@@ -206,6 +208,7 @@ def run_participant_bench(
                 exit_code=code,
                 nodes=nodes,
                 stages=_stages(nodes, methods),
+                long_nthreads=long_node_threads(settings, len(acqs)),
             )  # fmt: skip
         )
     return results
@@ -217,7 +220,8 @@ def format_participant_table(result: ParticipantBench, *, top: int = 15) -> str:
     lines = [
         f"## device {r.device}: {'x'.join(map(str, r.shape))} at {r.voxel_size:g} mm, "
         f"{r.n_echoes} echoes, methods {' '.join(r.methods)}, {r.nprocs} process(es), "
-        f"{r.omp_nthreads} thread(s) per node",
+        f"{r.omp_nthreads} thread(s) per node"
+        + (f", {r.long_nthreads} per long-running inversion node" if r.long_nthreads else ""),
         "",
         f"- wall time of the participant level: **{r.wall:.1f} s** (exit code {r.exit_code})",
         f"- critical path (dependent nodes, summed): {r.critical_path:.1f} s; all nodes summed: "

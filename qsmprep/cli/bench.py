@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--outputs", nargs="+", help="as qsmprep --outputs (default all)")
     q.add_argument("--config", metavar="PATH", help="method parameters, as qsmprep --config")
     q.add_argument("--nprocs", type=int, default=2)
-    q.add_argument("--omp-nthreads", type=int, help="default: as the App (nprocs - 1, 1 to 8)")
+    q.add_argument(
+        "--omp-nthreads", type=int,
+        help="default: as the App (nprocs - 1, 1 to 8; the long-running inversions share the"
+        " cores)",
+    )  # fmt: skip
     q.add_argument(
         "--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
         help="one run per device (the App's --device)",

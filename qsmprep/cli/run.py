@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="threads a CPU-heavy node may use (it takes that many of the --nprocs slots);"
-        " default: nprocs - 1, at most 8, at least 1",
+        " default: nprocs - 1, at most 8, at least 1, and the long-running inversions (TV,"
+        " MEDI, TFI) share the cores: a lone one gets them all",
     )
     g.add_argument(
         "--resource-monitor",

@@ -36,7 +36,7 @@ node inputs are options and file paths only, and interface outputs are determini
 """
 
 from qsmprep.workflows._util import gpu_work
-from qsmprep.workflows.base import init_participant_wf, methods_description
+from qsmprep.workflows.base import init_participant_wf, long_node_threads, methods_description
 from qsmprep.workflows.cosmos import init_cosmos_wf
 from qsmprep.workflows.field import init_field_wf
 from qsmprep.workflows.inversion import init_inversion_wf
@@ -63,5 +63,6 @@ __all__ = [
     "init_qsm_wf",
     "init_swi_derivatives_wf",
     "init_swi_wf",
+    "long_node_threads",
     "methods_description",
 ]

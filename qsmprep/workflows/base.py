@@ -7,15 +7,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from nipype.interfaces.utility import Merge
 from nipype.pipeline import engine as pe
 
+from qsmprep import methods as registry
 from qsmprep.space.plan import plan_from_settings
-from qsmprep.workflows._util import node_label
+from qsmprep.threads import share_cores
+from qsmprep.workflows._util import gpu_work, node_label
 from qsmprep.workflows.cosmos import init_cosmos_wf
 from qsmprep.workflows.metrics import init_metrics_wf
 from qsmprep.workflows.outputs import cosmos_path
 from qsmprep.workflows.qsm import init_qsm_wf
 from qsmprep.workflows.space import add_space_wf
 
-__all__ = ["init_participant_wf", "methods_description"]
+__all__ = ["init_participant_wf", "long_node_threads", "methods_description"]
 
 
 def _groups(cosmos_groups) -> list[list]:
@@ -23,6 +25,28 @@ def _groups(cosmos_groups) -> list[list]:
         return []
     values = cosmos_groups.values() if isinstance(cosmos_groups, Mapping) else cosmos_groups
     return [list(g) for g in values]
+
+
+def long_node_threads(settings, n_acquisitions: int) -> int:
+    """Threads of each long-running inversion node (TV, MEDI, TFI on the CPU) of a participant
+    with ``n_acquisitions`` acquisitions.
+
+    ``settings.long_nthreads`` when set (``--omp-nthreads`` given). Else the run's cores are
+    shared among the long nodes that run side by side, one per long method and acquisition
+    (:func:`qsmprep.threads.share_cores`): ``--methods medi`` on one acquisition gets every
+    core, the default TV and MEDI one core each on 2 cores, two each on 4 (where the other
+    CPU-heavy nodes' ``nprocs - 1`` threads would run them one after the other). With the
+    Linear plugin nodes run one at a time, each with every core; on a GPU the inversions take
+    one slot, so ``omp_nthreads``.
+    """
+    given = getattr(settings, "long_nthreads", None)
+    if given:
+        return int(given)
+    long = [m for m in settings.methods if registry.get(m).long_running]
+    if not long or gpu_work(settings.device):
+        return settings.omp_nthreads
+    linear = getattr(settings, "plugin", "MultiProc") == "Linear"
+    return share_cores(settings.nprocs, 1 if linear else len(long) * max(1, n_acquisitions))
 
 
 def init_participant_wf(
@@ -40,7 +64,8 @@ def init_participant_wf(
         The participant's acquisitions (unique :attr:`~qsmprep.bids.Acquisition.id`).
     settings : :class:`qsmprep.config.Settings`
         Uses ``output_dir``, ``methods``, ``bg_method``, ``unwrap``, ``mask_method``,
-        ``method_params``, ``device``, ``phase_sign``, ``reference``, ``omp_nthreads`` and
+        ``method_params``, ``device``, ``phase_sign``, ``reference``, ``omp_nthreads``,
+        ``long_nthreads``, ``nprocs`` and ``plugin`` (:func:`long_node_threads`) and
         ``outputs`` when it has one (``"swi"``: SWI and minIP; with ``"chi"`` too, SMWI;
         default all).
     cosmos_groups : dict or iterable, optional
@@ -89,6 +114,7 @@ def init_participant_wf(
         "device": settings.device,
         "omp_nthreads": settings.omp_nthreads,
     }
+    long_nthreads = long_node_threads(settings, len(acquisitions))
     qsm_wfs = {}
     for a in acquisitions:
         qsm_wf = init_qsm_wf(
@@ -102,6 +128,7 @@ def init_participant_wf(
             metrics=a.id not in reference_of,
             outputs=outputs,
             reference_region=plan.reference_region if plan.enabled else "mask",
+            long_nthreads=long_nthreads,
             name=f"qsm_{node_label(a.prefix)}_wf",
             **common,
         )

@@ -29,6 +29,7 @@ def init_inversion_wf(
     device: str = "cpu",
     use_gpu: bool = False,
     omp_nthreads: int = 1,
+    long_nthreads: int | None = None,
     dl_inputs: bool = False,
     n_voxels: int | None = None,
     name: str = "inversion_wf",
@@ -55,6 +56,9 @@ def init_inversion_wf(
         Mark the inversion nodes as GPU work (see :func:`qsmprep.workflows.gpu_work`).
     omp_nthreads : int
         Threads of a CPU inversion node (its ``n_procs``).
+    long_nthreads : int, optional
+        Threads of a long-running one (:attr:`qsmprep.methods.Method.long_running`: TV, MEDI,
+        TFI); default ``omp_nthreads``.
     n_voxels : int, optional
         Voxels of the grid: each inversion node announces its memory to the scheduler from it
         (:func:`~qsmprep.workflows._util.mem_gb`; Nipype's 0.2 GB without it).
@@ -114,16 +118,17 @@ def init_inversion_wf(
         method, deep = record.name, record.kind == "dl"
         interface = DeepInversion if deep else DipoleInversion
         params = params_of(method_params, method)
+        threads = long_nthreads if record.long_running and long_nthreads else omp_nthreads
         node = pe.Node(
             interface(
                 method=method,
                 params=params,
                 device=device,
                 use_gpu=use_gpu,
-                num_threads=omp_nthreads,
+                num_threads=threads,
             ),
             name=f"inversion_{method}",
-            n_procs=1 if use_gpu else omp_nthreads,
+            n_procs=1 if use_gpu else threads,
             mem_gb=mem_gb("inversion", n_voxels),
         )
         if deep:  # new weights must not be answered from the cache

@@ -67,6 +67,7 @@ def init_qsm_wf(
     reference: str | Path | None = None,
     metrics: bool = True,
     omp_nthreads: int = 1,
+    long_nthreads: int | None = None,
     outputs: Sequence[str] = OUTPUTS,
     reference_region: str = "mask",
     name: str = "qsm_wf",
@@ -116,6 +117,9 @@ def init_qsm_wf(
         may not both feed and consume another one.
     omp_nthreads : int
         Threads of the CPU-heavy nodes.
+    long_nthreads : int, optional
+        Threads of the long-running inversion nodes (TV, MEDI, TFI); default ``omp_nthreads``
+        (see :func:`~qsmprep.workflows.long_node_threads`).
     outputs : sequence of str
         Maps to make (:data:`qsmprep.config.OUTPUTS`). ``"r2star"`` adds the node ``r2star_map``
         (:class:`~qsmprep.interfaces.R2StarMap`, parameters from ``method_params["r2star"]``,
@@ -229,6 +233,7 @@ def init_qsm_wf(
         device=device,
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
+        long_nthreads=long_nthreads,
         dl_inputs=dl_separate,
         n_voxels=n_voxels,
     )

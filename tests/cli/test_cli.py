@@ -250,6 +250,9 @@ def test_nprocs_defaults_to_the_cpus_this_process_may_use(tmp_path):
     assert (s.nprocs, s.omp_nthreads) == (2, 2)
     s = _resources(tmp_path, "--nprocs", "6", "--omp-nthreads", "2")
     assert (s.nprocs, s.omp_nthreads) == (6, 2)
+    # given, it holds for the long-running inversions too; else they share the cores
+    assert s.long_nthreads == 2
+    assert _resources(tmp_path, "--nprocs", "6").long_nthreads is None
     with pytest.raises(run.UsageError, match="at least 1"):
         _resources(tmp_path, "--nprocs", "0")
 

@@ -207,7 +207,11 @@ def test_use_gpu_flags(monkeypatch, tmp_path, device, cuda_available, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
     assert _util.gpu_work(device) is expected
     a, b = _acq(acq="ori1"), _acq(acq="ori2", b0_dir=(0.0, 0.34, 0.94))
-    s = _settings(tmp_path, device=device, methods=["tkd", "tv", "medi"], omp_nthreads=4)
+    # --omp-nthreads 4: every CPU-heavy node, the long-running inversions too
+    s = _settings(
+        tmp_path, device=device, methods=["tkd", "tv", "medi"], nprocs=4, omp_nthreads=4,
+        long_nthreads=4,
+    )  # fmt: skip
     wf = init_participant_wf([a, b], s, {("01", None): [a, b]})
     heavy = {"inversion_tkd", "inversion_tv", "inversion_medi", "cosmos", "remove_background"}
     nodes = _nodes(wf)
