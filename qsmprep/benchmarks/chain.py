@@ -10,7 +10,14 @@ Per acquisition:
 - brain mask: Dice against the true brain mask; the share of the true brain inside the
   pipeline's ``desc-local_mask`` ("kept") and inside each Chimap's non-zero voxels;
 - total field (Hz): NRMSE (%) and regression slope against the truth inside both brain masks;
-  local field (Hz): the same inside ``desc-local_mask`` and the true brain mask;
+  beside it the same for the data's own field, the echo-pair estimate
+  (:func:`echo_pair_field`: the phase of the summed products of successive echoes, no
+  unwrapping, no fit, its 2 pi ambiguities resolved with the true field); the fit penalty is
+  the App's total-field NRMSE / the echo-pair's over the voxels the chain uses (both brain
+  masks, less the unreliable ones, ``desc-reliable_mask``): near 1 when unwrapping and the echo
+  fit add no error of their own there, whatever the data's own errors against the truth
+  (partial volume, noise) are. Local field (Hz): NRMSE and slope inside ``desc-local_mask`` and
+  the true brain mask;
 - each method: NRMSE / HFEN / XSIM over the *true* brain mask (every voxel counts, as in the QSM
   challenges: a voxel left at zero is an error), end to end; the same method run on the true
   local field in the true brain mask ("oracle"); and on the noise-matched oracle field, the true
@@ -41,7 +48,13 @@ import numpy as np
 from qsmprep.methods import get, names, resolve
 from qsmprep.nifti import load_data
 
-__all__ = ["ChainScore", "format_chain_table", "run_chain", "score_acquisition"]
+__all__ = [
+    "ChainScore",
+    "echo_pair_field",
+    "format_chain_table",
+    "run_chain",
+    "score_acquisition",
+]
 
 
 @dataclass
@@ -59,6 +72,9 @@ class ChainScore:
     oracle_field_nrmse: float
     methods: dict
     background: dict | None = None
+    echo_pair_nrmse: float | None = None  # the data's own total field (module doc)
+    echo_pair_slope: float | None = None
+    fit_penalty: float | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -83,6 +99,61 @@ def _truth_file(gt_anat: Path, prefix: str, sub: str, suffix: str) -> Path:
         f"no ground truth {prefix}_{suffix} or {sub}_{suffix} in {gt_anat}: the chain benchmark"
         " needs a dataset with derivatives/groundtruth (e.g. ../shared/data/qsmdev)"
     )
+
+
+def echo_pair_field(magnitude, phase, echo_times, reference_hz, mask) -> np.ndarray | None:
+    """The data's own total field (Hz): the echo-pair estimate, unwrapped with a reference.
+
+    ``angle(sum_n s_{n+1} conj(s_n)) / (2 pi dTE)`` over successive echoes ``s_n = m_n
+    exp(i phi_n)`` (the first pair alone when the echo spacing is not uniform): no spatial
+    unwrapping, no phase offset (it cancels), no fit. Its ``1 / dTE`` ambiguity is resolved
+    with ``reference_hz`` (the true total field, whose mean is arbitrary: their circular mean
+    difference inside ``mask`` is matched first). None with fewer than two echoes.
+
+    Parameters
+    ----------
+    magnitude, phase : (X, Y, Z, E) arrays
+        Echoes on the last axis; phase in radians.
+    echo_times : E floats
+        Seconds.
+    reference_hz, mask : (X, Y, Z) arrays
+    """
+    te = np.asarray(echo_times, dtype=np.float64)
+    if te.size < 2:
+        return None
+    steps = np.diff(te)
+    pairs = range(te.size - 1) if np.allclose(steps, steps[0], rtol=1e-3) else range(1)
+    s = np.asarray(magnitude, np.float64) * np.exp(1j * np.asarray(phase, np.float64))
+    h = sum(s[..., n + 1] * np.conj(s[..., n]) for n in pairs)
+    dte = float(steps[0])
+    f = np.angle(h) / (2.0 * math.pi * dte)
+    m = np.asarray(mask, bool)
+    ref = np.asarray(reference_hz, np.float64)
+    shift = np.angle(np.sum(np.exp(2j * math.pi * (f[m] - ref[m]) * dte))) / (2.0 * math.pi * dte)
+    target = ref + shift
+    return f + np.round((target - f) * dte) / dte
+
+
+def _echo_pair(bids: Path, deriv: Path, sources: list[str], t_total, mask):
+    """:func:`echo_pair_field` of the echo files listed in a sidecar (None without phase)."""
+    from qsmprep.bids.images import detect_phase_units, load_phase
+
+    mags = [bids / p for p in sources if "part-mag" in p]
+    phases = [bids / p for p in sources if "part-phase" in p]
+    if len(phases) < 2 or len(mags) != len(phases):
+        return None
+    te = []
+    for p in phases:
+        side = p.with_name(p.name.replace(".nii.gz", ".json").replace(".nii", ".json"))
+        meta = json.loads(side.read_text()) if side.is_file() else {}
+        if "EchoTime" not in meta:
+            return None
+        te.append(float(meta["EchoTime"]))
+    settings = deriv / "qsmprep_settings.json"
+    sign = json.loads(settings.read_text()).get("phase_sign", 1) if settings.is_file() else 1
+    phase = np.stack([load_phase(p, detect_phase_units(p), int(sign)) for p in phases], -1)
+    mag = np.stack([load_data(p) for p in mags], -1)
+    return echo_pair_field(mag, phase, te, t_total, mask)
 
 
 def _magnitude(bids: Path, sources: list[str]) -> np.ndarray | None:
@@ -186,6 +257,19 @@ def score_acquisition(
     dice = 2.0 * float((brain & t_mask).sum()) / float(brain.sum() + n_true)
     kept = float((local_mask & t_mask).sum()) / n_true
     tot = _demeaned_fit(total, t_total, brain & t_mask)
+    total_meta = anat / f"{prefix}_desc-total_fieldmap.json"
+    sources = json.loads(total_meta.read_text()).get("Sources", []) if total_meta.is_file() else []
+    pair = _echo_pair(bids, deriv, sources, t_total, brain & t_mask)
+    pair_fit, fit_penalty = (None, None), None
+    if pair is not None:
+        pair_fit = _demeaned_fit(pair, t_total, brain & t_mask)
+        used = brain & t_mask
+        rel_file = anat / f"{prefix}_desc-reliable_mask.nii.gz"
+        if rel_file.is_file():
+            used = used & (load_data(rel_file) > 0)
+        fit_penalty = (
+            _demeaned_fit(total, t_total, used)[0] / _demeaned_fit(pair, t_total, used)[0]
+        )
     loc = _demeaned_fit(local, t_local, local_mask & t_mask)
     # noise-matched oracle field: the pipeline's noise map inside its brain mask, its median
     # where the true brain extends beyond it
@@ -251,6 +335,9 @@ def score_acquisition(
         oracle_field_nrmse=oracle_field,
         methods=scores,
         background=bg,
+        echo_pair_nrmse=pair_fit[0],
+        echo_pair_slope=pair_fit[1],
+        fit_penalty=fit_penalty,
     )
 
 
@@ -323,7 +410,8 @@ def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
     lines = []
     if header:
         head = (
-            "| dataset | acquisition | Dice | kept % | total NRMSE / slope | local NRMSE / slope"
+            "| dataset | acquisition | Dice | kept % | total NRMSE / slope (echo pair; fit"
+            " penalty) | local NRMSE / slope"
             " (oracle) | method | covered % | end to end NRMSE / HFEN / XSIM | true local field"
             " | noise-matched oracle | chain penalty |"
         )
@@ -336,7 +424,7 @@ def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
     for s in scores:
         head = (
             f"| {s.dataset} | {s.acquisition} | {s.dice:.3f} | {100 * s.kept:.1f} "
-            f"| {s.total_nrmse:.1f} / {s.total_slope:.3f} "
+            f"| {s.total_nrmse:.1f} / {s.total_slope:.3f}{_pair_cell(s)} "
             f"| {s.local_nrmse:.1f} / {s.local_slope:.3f} ({s.oracle_field_nrmse:.1f}) "
         )
         for k, (method, row) in enumerate(s.methods.items()):
@@ -358,6 +446,13 @@ def format_chain_table(scores: list[ChainScore], header: bool = True) -> str:
             prefix = head if k == 0 else "| | | | | | "
             lines.append(prefix + "| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _pair_cell(s: ChainScore) -> str:
+    if s.echo_pair_nrmse is None:
+        return ""
+    penalty = f"; {s.fit_penalty:.2f}" if s.fit_penalty is not None else ""
+    return f" ({s.echo_pair_nrmse:.1f} / {s.echo_pair_slope:.3f}{penalty})"
 
 
 def _triple(m: dict) -> str:
