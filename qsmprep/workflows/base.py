@@ -27,32 +27,22 @@ def _groups(cosmos_groups) -> list[list]:
     return [list(g) for g in values]
 
 
-def long_node_threads(settings, n_acquisitions: int, stage: str = "inversion") -> int:
-    """Threads of each long-running node of ``stage`` of a participant with ``n_acquisitions``
-    acquisitions: the inversions of TV, MEDI, TFI (``"inversion"``), or the background removal
-    (``"background"``) when its method is cross-checked (LBV and PDF, which then run side by
-    side with V-SHARP: :func:`qsmprep.recon.background.remove_background_checked`) or
-    long-running.
+def long_node_threads(settings, n_acquisitions: int) -> int:
+    """Threads of each long-running inversion node (TV, MEDI, TFI on the CPU) of a participant
+    with ``n_acquisitions`` acquisitions.
 
     ``settings.long_nthreads`` when set (``--omp-nthreads`` given). Else the run's cores are
-    shared among the nodes that run side by side, one per long method and acquisition
+    shared among the long nodes that run side by side, one per long method and acquisition
     (:func:`qsmprep.threads.share_cores`): ``--methods medi`` on one acquisition gets every
     core, the default TV and MEDI one core each on 2 cores, two each on 4 (where the other
-    CPU-heavy nodes' ``nprocs - 1`` threads would run them one after the other); the
-    background removal of one acquisition gets every core. With the Linear plugin nodes run
-    one at a time, each with every core; on a GPU these nodes take one slot, so
-    ``omp_nthreads``, as for a stage with no long method.
+    CPU-heavy nodes' ``nprocs - 1`` threads would run them one after the other). With the
+    Linear plugin nodes run one at a time, each with every core; on a GPU the inversions take
+    one slot, so ``omp_nthreads``.
     """
     given = getattr(settings, "long_nthreads", None)
     if given:
         return int(given)
-    if stage == "inversion":
-        long = [m for m in settings.methods if registry.get(m).long_running]
-    elif stage == "background":
-        record = registry.get(settings.bg_method, "background")
-        long = [record.name] if record.keeps_mask or record.long_running else []
-    else:
-        raise ValueError(f"stage must be 'inversion' or 'background', got {stage!r}")
+    long = [m for m in settings.methods if registry.get(m).long_running]
     if not long or gpu_work(settings.device):
         return settings.omp_nthreads
     linear = getattr(settings, "plugin", "MultiProc") == "Linear"
@@ -125,7 +115,6 @@ def init_participant_wf(
         "omp_nthreads": settings.omp_nthreads,
     }
     long_nthreads = long_node_threads(settings, len(acquisitions))
-    bg_nthreads = long_node_threads(settings, len(acquisitions), "background")
     qsm_wfs = {}
     for a in acquisitions:
         qsm_wf = init_qsm_wf(
@@ -140,7 +129,6 @@ def init_participant_wf(
             outputs=outputs,
             reference_region=plan.reference_region if plan.enabled else "mask",
             long_nthreads=long_nthreads,
-            bg_nthreads=bg_nthreads,
             name=f"qsm_{node_label(a.prefix)}_wf",
             **common,
         )

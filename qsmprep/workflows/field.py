@@ -45,7 +45,6 @@ def init_field_wf(
     device: str = "cpu",
     use_gpu: bool = False,
     omp_nthreads: int = 1,
-    bg_nthreads: int | None = None,
     dl_bg_method: str | None = None,
     n_echoes: int | None = None,
     provided_mask: bool = False,
@@ -98,10 +97,6 @@ def init_field_wf(
         Mark the background removal as GPU work for Nipype's MultiProc.
     omp_nthreads : int
         Threads of the CPU-heavy nodes (their ``n_procs``).
-    bg_nthreads : int, optional
-        Threads of the ``remove_background`` node (``bg_method``'s); default ``omp_nthreads``.
-        A cross-checked method runs side by side with its check when it has two or more
-        (:func:`~qsmprep.recon.background.remove_background_checked`).
     n_voxels : int, optional
         Voxels of the acquisition's grid: the nodes announce their memory to the scheduler
         from it (:func:`~qsmprep.workflows._util.mem_gb`; Nipype's 0.2 GB without it).
@@ -247,7 +242,7 @@ def init_field_wf(
         **threads,
     )
 
-    def background_node(method: str, name: str, threads: int = omp_nthreads) -> pe.Node:
+    def background_node(method: str, name: str) -> pe.Node:
         """A RemoveBackground node fed the B0 direction and the total field."""
         node = pe.Node(
             RemoveBackground(
@@ -255,11 +250,11 @@ def init_field_wf(
                 params=params_of(method_params, method),
                 device=device,
                 use_gpu=use_gpu,
-                num_threads=threads,
+                num_threads=omp_nthreads,
             ),
             name=name,
             # MultiProc refuses a GPU node that asks for more slots than n_gpu_procs
-            n_procs=1 if use_gpu else threads,
+            n_procs=1 if use_gpu else omp_nthreads,
             mem_gb=mem_gb("background", n_voxels),
         )
         workflow.connect([
@@ -279,9 +274,7 @@ def init_field_wf(
             workflow.connect(inputnode, "b0", node, "b0")
         return node
 
-    remove_background = background_node(
-        bg_method, "remove_background", bg_nthreads or omp_nthreads
-    )
+    remove_background = background_node(bg_method, "remove_background")
 
     workflow.connect([
         (inputnode, load_echoes, [

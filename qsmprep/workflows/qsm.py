@@ -68,7 +68,6 @@ def init_qsm_wf(
     metrics: bool = True,
     omp_nthreads: int = 1,
     long_nthreads: int | None = None,
-    bg_nthreads: int | None = None,
     outputs: Sequence[str] = OUTPUTS,
     reference_region: str = "mask",
     name: str = "qsm_wf",
@@ -121,8 +120,6 @@ def init_qsm_wf(
     long_nthreads : int, optional
         Threads of the long-running inversion nodes (TV, MEDI, TFI); default ``omp_nthreads``
         (see :func:`~qsmprep.workflows.long_node_threads`).
-    bg_nthreads : int, optional
-        Threads of the background removal node; default ``omp_nthreads``.
     outputs : sequence of str
         Maps to make (:data:`qsmprep.config.OUTPUTS`). ``"r2star"`` adds the node ``r2star_map``
         (:class:`~qsmprep.interfaces.R2StarMap`, parameters from ``method_params["r2star"]``,
@@ -220,7 +217,6 @@ def init_qsm_wf(
         device=device,
         use_gpu=use_gpu,
         omp_nthreads=omp_nthreads,
-        bg_nthreads=bg_nthreads,
         dl_bg_method=TRAINED_BACKGROUND if dl_separate else None,
         n_echoes=n_echoes,
         provided_mask=provided_mask is not None,

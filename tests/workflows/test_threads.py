@@ -88,11 +88,6 @@ def test_long_inversions_share_the_cores(tmp_path):
     assert t["qsm_sub_01_wf.inversion_wf.inversion_medi"] == (2, 2)
     assert t["qsm_sub_01_wf.inversion_wf.inversion_tkd"] == (1, 1)
     assert t["qsm_sub_01_wf.field_wf.unwrap_phase"] == (1, 1)
-    # the cross-checked background removal (LBV, the default) of one acquisition: both cores
-    assert t["qsm_sub_01_wf.field_wf.remove_background"] == (2, 2)
-    t2 = _threads_of(tmp_path, one, methods=["tkd"], bg_method="resharp", nprocs=2,
-                     omp_nthreads=1)  # fmt: skip
-    assert t2["qsm_sub_01_wf.field_wf.remove_background"] == (1, 1)  # not checked
     # TV and MEDI side by side, one core each
     t = _threads_of(tmp_path, one, methods=["tkd", "tv", "medi"], nprocs=2, omp_nthreads=1)
     assert {k: v for k, v in t.items() if "inversion_" in k} == {
@@ -101,7 +96,6 @@ def test_long_inversions_share_the_cores(tmp_path):
     # two acquisitions with MEDI each: one core each
     t = _threads_of(tmp_path, two, methods=["medi"], nprocs=2, omp_nthreads=1)
     assert sorted(v for k, v in t.items() if "inversion_medi" in k) == [(1, 1), (1, 1)]
-    assert sorted(v for k, v in t.items() if k.endswith(".remove_background")) == [(1, 1)] * 2
     # 4 cores: TV and MEDI side by side with two each (nprocs - 1 = 3 would serialise them)
     t = _threads_of(tmp_path, one, methods=["tv", "medi"], nprocs=4, omp_nthreads=3)
     assert t["qsm_sub_01_wf.inversion_wf.inversion_tv"] == (2, 2)
@@ -120,6 +114,3 @@ def test_long_inversions_share_the_cores(tmp_path):
     assert long_node_threads(s, 1) == 3
     s.methods, s.device = ["medi"], "cuda"
     assert long_node_threads(s, 1) == 3
-    assert long_node_threads(s, 1, "background") == 3
-    with pytest.raises(ValueError, match="stage"):
-        long_node_threads(s, 1, "unwrap")

@@ -31,13 +31,10 @@ high-pass with symbol ``H = 1 - S_r``, ``M_r`` the mask eroded by the ball
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from qsmprep import methods as _registry
-from qsmprep.recon._backend import fft_workers, get_fft_workers
 from qsmprep.recon.background.boundary_value import lbv
 from qsmprep.recon.background.projection import pdf
 from qsmprep.recon.background.smv import erode_mask_smv, resharp, sharp, vsharp, vsharp_radii
@@ -112,17 +109,6 @@ def remove_background(field, mask, voxel_size, *, method: str = "resharp", **kwa
     return _registry.resolve(key)(field, mask, voxel_size, **kwargs)
 
 
-def _threads() -> int:
-    """The threads this step was granted: the FFT workers (-1: the CPUs it may run on)."""
-    n = get_fft_workers()
-    if n == -1:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count() or 1
-    return int(n)
-
-
 def remove_background_checked(
     field,
     mask,
@@ -146,11 +132,6 @@ def remove_background_checked(
     NRMSE (de-meaned, against ``check_with``) exceeds ``max_disagreement`` % the result of
     ``fallback`` (RESHARP on ``brain_mask``, defaults; the most accurate eroding method on our
     phantoms) is returned instead, computed only then. Other methods run unchecked.
-
-    With two or more threads (:func:`qsmprep.recon._backend.get_fft_workers`, which a Nipype
-    node sets from its ``n_procs``) the method and its check run side by side, each with half
-    of them (a fallback then runs with all of them). Results differ from a one-thread run by
-    float32 rounding at most (BLAS and FFT threads; 1e-6 Hz on our phantom).
 
     Parameters
     ----------
@@ -178,14 +159,10 @@ def remove_background_checked(
         ``disagreement`` (%), ``slope`` (of the method's field on ``check_with``'s),
         ``max_disagreement`` and ``fell_back`` (bool).
     """
+    local, out = remove_background(field, mask, voxel_size, method=method, device=device, **kwargs)
     key = _key(method)
-    checked = _registry.get(key).keeps_mask and max_disagreement is not None
-
-    def own():
-        return remove_background(field, mask, voxel_size, method=method, device=device, **kwargs)
-
-    if not checked:
-        return (*own(), {"method": key})
+    if not _registry.get(key).keeps_mask or max_disagreement is None:
+        return local, out, {"method": key}
     ref_mask = mask if brain_mask is None else brain_mask
     fb, against = _key(fallback), _key(check_with)
 
@@ -196,15 +173,7 @@ def remove_background_checked(
         kw = {"b0_dir": kwargs["b0_dir"]} if takes_b0_dir and "b0_dir" in kwargs else {}
         return remove_background(field, ref_mask, voxel_size, method=name, device=device, **kw)
 
-    threads = _threads()
-    if threads >= 2:
-        # the method and its check side by side, each with half the threads
-        with fft_workers(threads // 2), ThreadPoolExecutor(2) as pool:
-            mine, theirs = pool.submit(own), pool.submit(run, against)
-            (local, out), (ref, ref_out) = mine.result(), theirs.result()
-    else:
-        local, out = own()
-        ref, ref_out = run(against)
+    ref, ref_out = run(against)
     both = ref_out & out
     a = local[both].astype(np.float64)
     b = ref[both].astype(np.float64)
