@@ -55,6 +55,7 @@ class ParticipantBench:
     nodes: list = field(default_factory=list)
     stages: dict = field(default_factory=dict)
     long_nthreads: int | None = None  # threads of the long-running inversion nodes
+    bg_method: str | None = None  # the background removal the run used
 
     @property
     def critical_path(self) -> float:
@@ -155,12 +156,14 @@ def run_participant_bench(
     outputs=None,
     seed: int = 0,
     method_params: dict | None = None,
+    bg_method: str | None = None,
 ) -> list[ParticipantBench]:
     """Simulate one head and run the participant level once per device; see the module doc
-    (``method_params``: as ``qsmprep --config``)."""
+    (``method_params``: as ``qsmprep --config``; ``bg_method``: as ``--bg-method``, default the
+    App's)."""
     from qsmprep.app import default_omp_nthreads, run_participant
     from qsmprep.bids import collect_acquisitions
-    from qsmprep.config import OUTPUTS, Settings
+    from qsmprep.config import DEFAULT_BG_METHOD, OUTPUTS, Settings
     from qsmprep.recon._backend import fft_engine
     from qsmprep.sim.bids import simulate_bids_dataset
     from qsmprep.workflows import long_node_threads
@@ -189,6 +192,7 @@ def run_participant_bench(
             nprocs=nprocs, omp_nthreads=omp, long_nthreads=omp_nthreads, device=device,
             outputs=list(outputs or OUTPUTS), resource_monitor=True,
             plugin_args={"n_procs": nprocs}, method_params=dict(method_params or {}),
+            bg_method=bg_method or DEFAULT_BG_METHOD,
         )  # fmt: skip
         t0 = time.perf_counter()
         code = run_participant(settings)
@@ -209,6 +213,7 @@ def run_participant_bench(
                 nodes=nodes,
                 stages=_stages(nodes, methods),
                 long_nthreads=long_node_threads(settings, len(acqs)),
+                bg_method=settings.bg_method,
             )  # fmt: skip
         )
     return results
@@ -219,7 +224,9 @@ def format_participant_table(result: ParticipantBench, *, top: int = 15) -> str:
     r = result
     lines = [
         f"## device {r.device}: {'x'.join(map(str, r.shape))} at {r.voxel_size:g} mm, "
-        f"{r.n_echoes} echoes, methods {' '.join(r.methods)}, {r.nprocs} process(es), "
+        f"{r.n_echoes} echoes, methods {' '.join(r.methods)}"
+        + (f", background {r.bg_method}" if r.bg_method else "")
+        + f", {r.nprocs} process(es), "
         f"{r.omp_nthreads} thread(s) per node"
         + (f", {r.long_nthreads} per long-running inversion node" if r.long_nthreads else ""),
         "",

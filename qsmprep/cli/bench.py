@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--methods", nargs="+", default=["tkd", "tv", "medi"])
     q.add_argument("--outputs", nargs="+", help="as qsmprep --outputs (default all)")
     q.add_argument("--config", metavar="PATH", help="method parameters, as qsmprep --config")
+    q.add_argument(
+        "--bg-method", choices=BG_METHODS, help="as qsmprep --bg-method (default: the App's)"
+    )
     q.add_argument("--nprocs", type=int, default=2)
     q.add_argument(
         "--omp-nthreads", type=int,
@@ -228,6 +231,7 @@ def main(argv=None) -> int:
             echo_times=args.echo_times, methods=args.methods, nprocs=args.nprocs,
             omp_nthreads=args.omp_nthreads, devices=args.devices, outputs=args.outputs,
             seed=args.seed, method_params=load_method_params(args.config) if args.config else {},
+            bg_method=args.bg_method,
         )  # fmt: skip
         for r in runs:
             print(format_participant_table(r))

@@ -42,14 +42,17 @@ def test_participant_bench_cli(tmp_path, capsys):
     config.write_text(json.dumps({"tkd": {"threshold": 0.15}}))
     argv = ["participant", str(tmp_path / "b"), "--shape", "32", "32", "24", "--voxel-size",
             "3", "--echo-times", "0.004", "0.008", "--methods", "tkd", "--outputs", "chi",
-            "--json", str(out), "--config", str(config)]  # fmt: skip
+            "--json", str(out), "--config", str(config), "--bg-method", "vsharp"]  # fmt: skip
     assert bench.main(argv) == 0
-    assert "critical path" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "critical path" in printed and "background vsharp" in printed
     (run,) = json.loads(out.read_text())["runs"]
     assert run["exit_code"] == 0 and run["critical_path"] > 0 and run["nodes"]
-    # --config reaches the App, as qsmprep --config
+    assert run["bg_method"] == "vsharp"
+    # --config and --bg-method reach the App, as qsmprep's own
     (sidecar,) = (tmp_path / "b" / "derivatives-cpu").rglob("*desc-tkd_Chimap.json")
-    assert json.loads(sidecar.read_text())["Parameters"]["threshold"] == 0.15
+    meta = json.loads(sidecar.read_text())
+    assert meta["Parameters"]["threshold"] == 0.15 and meta["BackgroundMethod"] == "vsharp"
 
 
 def test_participant_bench_simulates_with_scipy_ffts(tmp_path, monkeypatch):
