@@ -304,7 +304,13 @@ class _ReliabilityInputSpec(ThreadsInputSpec):
         desc="multi-echo fit residual (rad); without it (a provided total field) nothing is"
         " unreliable",
     )
-    params = traits.Dict(usedefault=True, desc="threshold, rim (mask.field_reliability)")
+    total_field = File(
+        exists=True,
+        desc="fitted total field (Hz); with echo_times, voxels whose field steps by more than"
+        " max_step / TE1 to a neighbour are unreliable (mask.steep_voxels)",
+    )
+    echo_times = traits.List(traits.Float, desc="echo times (s): TE1 sets the steep-voxel rule")
+    params = traits.Dict(usedefault=True, desc="threshold, rim, max_step (mask.field_reliability)")
 
 
 class _ReliabilityOutputSpec(TraitedSpec):
@@ -314,7 +320,8 @@ class _ReliabilityOutputSpec(TraitedSpec):
 
 
 class FieldReliability(ThreadedInterface):
-    """Unreliable field voxels: :func:`~qsmprep.recon.mask.field_reliability` of the fit residual.
+    """Unreliable field voxels: :func:`~qsmprep.recon.mask.field_reliability` of the fit residual
+    and the total field's steps between neighbours.
 
     Outputs the brain mask with its unreliable rim trimmed (for background removal that keeps
     the whole brain) and the brain mask less every unreliable voxel (the data mask).
@@ -328,8 +335,14 @@ class FieldReliability(ThreadedInterface):
         residual = (
             load(self.inputs.fit_residual)[0] if isdefined(self.inputs.fit_residual) else None
         )
+        extra = {}
+        if isdefined(self.inputs.total_field) and isdefined(self.inputs.echo_times):
+            extra = {
+                "field": load(self.inputs.total_field)[0],
+                "echo_time": min(self.inputs.echo_times),
+            }
         trimmed, reliable, info = mask.field_reliability(
-            brain, residual, voxel_size(img), **dict(self.inputs.params)
+            brain, residual, voxel_size(img), **extra, **dict(self.inputs.params)
         )
         base = self.inputs.mask
         self._results["trimmed_mask"] = save(trimmed, img, out_path(base, "_trimmed"), np.uint8)

@@ -374,8 +374,9 @@ def compute_local_field(
 
     with stage(profile, "reliability"):
         trimmed, reliable, _ = mask.field_reliability(
-            brain, fitted.residual, vs, **dict(reliability_params or {})
-        )
+            brain, fitted.residual, vs, field=total, echo_time=te[0],
+            **dict(reliability_params or {}),
+        )  # fmt: skip
 
     with stage(profile, f"background_{bg_method}"):
         bg_mask = trimmed if bg_method in background.KEEPS_MASK else brain

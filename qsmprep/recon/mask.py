@@ -37,6 +37,7 @@ __all__ = [
     "phase_quality",
     "refine_mask",
     "robust_threshold",
+    "steep_voxels",
 ]
 
 
@@ -163,8 +164,50 @@ def _dilate(mask: np.ndarray, radius_mm: float, vs) -> np.ndarray:
     return out
 
 
+def steep_voxels(field, mask, max_step_hz: float) -> np.ndarray:
+    """Voxels of ``mask`` whose field differs by more than ``max_step_hz`` from a 6-connected
+    neighbour in the mask (both voxels of such a pair).
+
+    The unwrapping cannot tell such a step from one 2 pi smaller or larger once the first
+    echo's phase changes by a good part of pi between neighbours (``max_step_hz`` = half of
+    ``1 / TE1`` is pi), and a 2 pi error of the first echo, carried to the later echoes in
+    proportion to their echo times by the temporal unwrapping, leaves a field off by exactly
+    ``1 / TE1`` that the echo fit explains perfectly: the residual cannot see it. On our tilted
+    3 mm phantom (48 x 48 x 48, TE1 4 ms) 16 rim voxels, in patches of 2 to 6 where the true
+    field changes by 100-200 Hz per voxel, were off by -250 Hz, the residual marked none, and
+    TFI's background, which fits every reliable voxel, lost the local field (123.6 % NRMSE
+    against the truth).
+    """
+    f = np.asarray(to_numpy(field), dtype=np.float64)
+    m = to_numpy(mask) != 0
+    out = np.zeros(m.shape, bool)
+    sl = _box(m, (1, 1, 1))
+    if sl is None or not max_step_hz > 0:
+        return out
+    fm, mm = f[sl], m[sl]
+    box = np.zeros(mm.shape, bool)
+    for axis in range(3):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        lo, hi = tuple(lo), tuple(hi)
+        steep = mm[lo] & mm[hi] & (np.abs(fm[hi] - fm[lo]) > float(max_step_hz))
+        box[lo] |= steep
+        box[hi] |= steep
+    out[sl] = box
+    return out
+
+
 def field_reliability(
-    mask, residual, voxel_size, *, threshold: float = 6.0, rim: float = 6.0
+    mask,
+    residual,
+    voxel_size,
+    *,
+    threshold: float = 6.0,
+    rim: float = 6.0,
+    field=None,
+    echo_time: float | None = None,
+    max_step: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Voxels whose field is unreliable, and the mask with its unreliable rim trimmed off.
 
@@ -197,47 +240,65 @@ def field_reliability(
         Robust z-score above which a voxel is unreliable (default 6).
     rim : float
         Depth of the edge band that may be trimmed (mm, default 6).
+    field : (X, Y, Z) array, optional
+        The fitted total field (Hz). With ``echo_time``, its :func:`steep_voxels` (steps above
+        ``max_step / echo_time`` between neighbours) are unreliable too, whatever their
+        residual.
+    echo_time : float, optional
+        The first echo time (s): ``1 / echo_time`` is the field error of a 2 pi unwrapping
+        error of the first echo.
+    max_step : float
+        The largest step of the field between neighbours, as a fraction of ``1 / echo_time``
+        (default 0.5: pi of the first echo's phase).
 
     Returns
     -------
     trimmed : (X, Y, Z) bool, the mask without its unreliable rim.
     reliable : (X, Y, Z) bool, the mask without any unreliable voxel.
-    info : dict with ``threshold_rad``, ``unreliable`` and ``trimmed`` (voxel counts).
-    Without a usable residual (fewer than three echoes: all zero) nothing is unreliable, both
-    masks are ``mask``, ``threshold_rad`` is None and ``info["note"]`` says why.
+    info : dict with ``threshold_rad``, ``unreliable``, ``trimmed`` and ``steep`` (voxel counts;
+    ``steep`` is part of ``unreliable``).
+    Without a usable residual (fewer than three echoes: all zero) only steep voxels are
+    unreliable, ``threshold_rad`` is None and ``info["note"]`` says why.
     """
     check_volume(mask, "mask")
     m = to_numpy(mask) != 0
     vs = check_voxel_size(voxel_size)
+    steep = np.zeros_like(m)
+    if field is not None and echo_time is not None:
+        check_volume(field, "field")
+        if tuple(field.shape) != m.shape:
+            raise ValueError(f"field has shape {tuple(field.shape)}, the mask {m.shape}")
+        steep = steep_voxels(field, m, float(max_step) / float(echo_time))
+    note = None
     if residual is None:  # no multi-echo fit (a provided total field): nothing to judge by
-        info = {
-            "threshold_rad": None,
-            "unreliable": 0,
-            "trimmed": 0,
-            "note": "no multi-echo fit residual (the total field was provided):"
-            " no voxel was judged unreliable",
-        }
+        note = (
+            "no multi-echo fit residual (the total field was provided):"
+            " no voxel was judged unreliable"
+        )
+        thr = None
+    else:
+        check_volume(residual, "residual")
+        r = np.asarray(to_numpy(residual), dtype=np.float64)
+        if r.shape != m.shape:
+            raise ValueError(f"residual has shape {r.shape}, the mask {m.shape}")
+        check_finite(r, "residual", where=m)
+        deep = _erode(m, float(rim), vs)
+        values = r[deep] if deep.sum() >= 100 else r[m]
+        med = float(np.median(values)) if values.size else 0.0
+        mad = 1.4826 * float(np.median(np.abs(values - med))) if values.size else 0.0
+        thr = med + float(threshold) * mad if mad > 0 else None
+        if thr is None:  # no residual (one or two echoes): nothing to judge by
+            note = (
+                "no spread in the fit residual (fewer than three echoes leave none):"
+                " no voxel was judged unreliable"
+            )
+    if thr is None and not steep.any():
+        info = {"threshold_rad": None, "unreliable": 0, "trimmed": 0, "steep": 0, "note": note}
         return m.copy(), m.copy(), info
-    check_volume(residual, "residual")
-    r = np.asarray(to_numpy(residual), dtype=np.float64)
-    if r.shape != m.shape:
-        raise ValueError(f"residual has shape {r.shape}, the mask {m.shape}")
-    check_finite(r, "residual", where=m)
-    deep = _erode(m, float(rim), vs)
-    values = r[deep] if deep.sum() >= 100 else r[m]
-    med = float(np.median(values)) if values.size else 0.0
-    mad = 1.4826 * float(np.median(np.abs(values - med))) if values.size else 0.0
-    if not mad > 0:  # no residual (one or two echoes): nothing to judge by
-        info = {
-            "threshold_rad": None,
-            "unreliable": 0,
-            "trimmed": 0,
-            "note": "no spread in the fit residual (fewer than three echoes leave none):"
-            " no voxel was judged unreliable",
-        }
-        return m.copy(), m.copy(), info
-    thr = med + float(threshold) * mad
-    bad = m & (r > thr)
+    if thr is None:
+        deep = _erode(m, float(rim), vs)
+        note = note.replace("no voxel was judged unreliable", "the residual judged no voxel")
+    bad = steep | (m & (r > thr)) if thr is not None else steep
     trimmed = np.zeros_like(m)
     sl = _box(m, (1, 1, 1))  # the opening and hole filling within the mask's box (see _box)
     if sl is not None:
@@ -249,7 +310,10 @@ def field_reliability(
         "threshold_rad": thr,
         "unreliable": int(bad.sum()),
         "trimmed": int((m & ~trimmed).sum()),
+        "steep": int(steep.sum()),
     }
+    if note is not None:
+        info["note"] = note
     return trimmed, m & ~bad, info
 
 

@@ -297,6 +297,10 @@ def init_field_wf(
         ]),
         (field_reliability, outputnode, [("reliable_mask", "reliable_mask")]),
     ])  # fmt: skip
+    workflow.connect([
+        (fit_field, field_reliability, [("total_field", "total_field")]),
+        (inputnode, field_reliability, [("echo_times", "echo_times")]),
+    ])  # fmt: skip
     if not provided_field:
         workflow.connect(fit_field, "fit_residual", field_reliability, "fit_residual")
     if dl_bg_method is not None and dl_bg_method != bg_method:

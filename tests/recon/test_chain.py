@@ -31,11 +31,11 @@ def test_chain_on_phantom(phantom2mm, gre2mm):
     maps = _chain(phantom2mm, gre2mm, profile=profile)
     assert set(profile) == {"mask", "unwrap", "echo_fit", "reliability", "background_lbv"}
     # the default LBV disagrees with V-SHARP on this phantom (tissue of -0.5 ppm borders its
-    # brain; measured 157 %, limit 75 %; 181 % against RESHARP), so the chain falls back to
-    # RESHARP
+    # brain; measured 157 %, limit 75 %; 181 % against RESHARP; 140 % once the reliability
+    # stage took the rim's steep voxels out of LBV's mask), so the chain falls back to RESHARP
     check = maps.settings["bg_check"]
     assert check["fell_back"] and check["method"] == maps.settings["bg_method"] == "resharp"
-    assert check["disagreement"] > 150
+    assert check["disagreement"] > 125
     inside = maps.mask & phantom2mm.brain_mask
     # Total field: exact unwrapping plus an M^2-weighted fit at SNR 100 leaves only noise and
     # the partial-volume edge; measured median |error| 0.13 Hz inside the true brain.

@@ -8,12 +8,14 @@ import scipy.ndimage as ndi
 
 from qsmprep.recon.mask import (
     combine_magnitude,
+    field_reliability,
     largest_component,
     mask_from_magnitude,
     mask_from_phase_quality,
     phase_quality,
     refine_mask,
     robust_threshold,
+    steep_voxels,
 )
 
 SCALP = 15
@@ -175,7 +177,6 @@ def test_validation_errors(gre2mm):
 
 @pytest.mark.parametrize("voxel_size", [(1.5, 1.5, 1.5), (1.0, 1.0, 2.5)])
 def test_field_reliability_trims_the_unreliable_rim_only(voxel_size):
-    from qsmprep.recon.mask import field_reliability
 
     shape = (60, 60, 30)
     vs = np.asarray(voxel_size)
@@ -229,3 +230,62 @@ def test_ball_morphology_in_the_box_equals_the_whole_array():
             if m.any():
                 near = ndi.distance_transform_edt(~m, sampling=vs) <= r
                 np.testing.assert_array_equal(_dilate(m, r, vs), near)
+
+
+def _ball_with_field(shape=(40, 40, 30), gradient_hz=20.0):
+    """A ball mask, a field rising by ``gradient_hz`` per voxel along x, a small residual."""
+    idx = np.indices(shape)
+    c = (np.asarray(shape) - 1) / 2
+    brain = sum(((idx[i] - c[i]) / (0.45 * shape[i])) ** 2 for i in range(3)) <= 1
+    field = gradient_hz * (idx[0] - c[0])
+    rng = np.random.default_rng(0)
+    residual = np.where(brain, 0.01 + 0.001 * rng.standard_normal(shape), 0.0)
+    return brain, field, residual
+
+
+def test_a_patch_off_by_one_over_te1_is_unreliable():
+    """A 2 pi error of the first echo carried to the later echoes leaves a patch off by exactly
+    1 / TE1 that the fit residual cannot see: the steps around it mark it unreliable, with
+    the voxels on the other side of its steps and nothing else."""
+    te1 = 0.004
+    brain, field, residual = _ball_with_field()
+    patch = np.zeros_like(brain)
+    patch[35:37, 19:21, 15] = True  # within 6 mm (3 voxels) of the edge of the ball
+    assert np.all(brain[patch])
+    field = np.where(patch, field - 1 / te1, field)
+    _, before, _ = field_reliability(brain, residual, 2.0)
+    assert np.all(before[patch])  # the residual alone does not see it
+    trimmed, reliable, info = field_reliability(brain, residual, 2.0, field=field, echo_time=te1)
+    assert not np.any(reliable[patch])
+    # the patch and its 6-connected neighbours in the mask: the two ends of every step
+    ring = ndi.binary_dilation(patch) & brain
+    assert np.array_equal(brain & ~reliable, ring)
+    assert info["steep"] == int(ring.sum()) and info["unreliable"] == int(ring.sum())
+    assert not np.any(trimmed & patch)  # within the rim: trimmed too
+
+
+def test_a_steep_but_continuous_field_stays_reliable():
+    # 100 Hz per voxel at TE1 4 ms: 0.4 x 1 / TE1, below the default max_step of one half
+    brain, field, residual = _ball_with_field(gradient_hz=100.0)
+    _, reliable, info = field_reliability(brain, residual, 2.0, field=field, echo_time=0.004)
+    assert np.array_equal(reliable, brain) and info["steep"] == 0
+    # a quarter of 1 / TE1 (62.5 Hz) marks every voxel with a neighbour in the mask
+    _, reliable, info = field_reliability(
+        brain, residual, 2.0, field=field, echo_time=0.004, max_step=0.25
+    )
+    assert not reliable.any()
+
+
+def test_steep_voxels_are_judged_without_a_residual():
+    """One or two echoes leave no residual spread: the steps still mark an aliased patch."""
+    te1 = 0.004
+    brain, field, _ = _ball_with_field()
+    patch = np.zeros_like(brain)
+    patch[20, 20, 15] = True
+    field = np.where(patch, field + 1 / te1, field)
+    _, reliable, info = field_reliability(
+        brain, np.zeros(brain.shape), 2.0, field=field, echo_time=te1
+    )
+    assert np.array_equal(brain & ~reliable, ndi.binary_dilation(patch) & brain)
+    assert info["threshold_rad"] is None and "residual judged no voxel" in info["note"]
+    assert steep_voxels(field, brain, 0.5 / te1).sum() == 7  # the voxel and its 6 neighbours
