@@ -265,6 +265,11 @@ def field_reliability(
     vs = check_voxel_size(voxel_size)
     steep = np.zeros_like(m)
     if field is not None and echo_time is not None:
+        if not (float(max_step) > 0 and float(echo_time) > 0):
+            raise ValueError(
+                f"reliability: max_step ({max_step!r}, a fraction of 1 / TE1) and the echo time"
+                f" ({echo_time!r} s) must be positive; the default max_step is 0.5"
+            )
         check_volume(field, "field")
         if tuple(field.shape) != m.shape:
             raise ValueError(f"field has shape {tuple(field.shape)}, the mask {m.shape}")

@@ -274,6 +274,8 @@ def test_a_steep_but_continuous_field_stays_reliable():
         brain, residual, 2.0, field=field, echo_time=0.004, max_step=0.25
     )
     assert not reliable.any()
+    with pytest.raises(ValueError, match="max_step"):
+        field_reliability(brain, residual, 2.0, field=field, echo_time=0.004, max_step=0)
 
 
 def test_steep_voxels_are_judged_without_a_residual():
