@@ -274,12 +274,9 @@ def field_reliability(
         if tuple(field.shape) != m.shape:
             raise ValueError(f"field has shape {tuple(field.shape)}, the mask {m.shape}")
         steep = steep_voxels(field, m, float(max_step) / float(echo_time))
-    note = None
+    why = None  # why the residual judged nothing, if it did not
     if residual is None:  # no multi-echo fit (a provided total field): nothing to judge by
-        note = (
-            "no multi-echo fit residual (the total field was provided):"
-            " no voxel was judged unreliable"
-        )
+        why = "no multi-echo fit residual (the total field was provided)"
         thr = None
     else:
         check_volume(residual, "residual")
@@ -293,16 +290,13 @@ def field_reliability(
         mad = 1.4826 * float(np.median(np.abs(values - med))) if values.size else 0.0
         thr = med + float(threshold) * mad if mad > 0 else None
         if thr is None:  # no residual (one or two echoes): nothing to judge by
-            note = (
-                "no spread in the fit residual (fewer than three echoes leave none):"
-                " no voxel was judged unreliable"
-            )
+            why = "no spread in the fit residual (fewer than three echoes leave none)"
     if thr is None and not steep.any():
+        note = f"{why}: no voxel was judged unreliable"
         info = {"threshold_rad": None, "unreliable": 0, "trimmed": 0, "steep": 0, "note": note}
         return m.copy(), m.copy(), info
     if thr is None:
         deep = _erode(m, float(rim), vs)
-        note = note.replace("no voxel was judged unreliable", "the residual judged no voxel")
     bad = steep | (m & (r > thr)) if thr is not None else steep
     trimmed = np.zeros_like(m)
     sl = _box(m, (1, 1, 1))  # the opening and hole filling within the mask's box (see _box)
@@ -317,8 +311,8 @@ def field_reliability(
         "trimmed": int((m & ~trimmed).sum()),
         "steep": int(steep.sum()),
     }
-    if note is not None:
-        info["note"] = note
+    if why is not None:
+        info["note"] = f"{why}: the residual judged no voxel"
     return trimmed, m & ~bad, info
 
 
