@@ -6,13 +6,17 @@ Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
     NumPy arrays, FFTs with all cores (``workers=-1``) unless :func:`set_fft_workers` or
     :func:`fft_workers` say otherwise (a Nipype node sets its own thread count). The engine
     (:func:`set_fft_engine`, or ``QSMPREP_FFT_ENGINE``) is :mod:`scipy.fft` or torch's CPU FFT
-    (``torch.fft`` on a zero-copy view of the array), which is 1.2-1.5x faster per FFT pair
-    on our grids with one thread (``qsmprep-bench fft``). The default, ``"auto"``, runs torch
-    for single-threaded FFTs and scipy for the others: torch's OpenMP pool, once used with
-    more than one thread, does not survive a ``fork``, and a Nipype MultiProc worker forked
-    from such a process (a test session, a pipeline embedding qsmprep) spins forever in its
-    first multi-threaded torch operation (observed in the test suite), whereas a single
-    thread never starts that pool.
+    (``torch.fft`` on a zero-copy view of the array). Which is faster with one thread depends
+    on the machine and the grid (``qsmprep-bench fft``: torch 1.2-1.5x faster per FFT pair on
+    one machine, scipy 1.2-1.5x on another). The default, ``"auto"``, runs scipy for
+    multi-threaded FFTs: torch's OpenMP pool, once used with more than one thread, does not
+    survive a ``fork``, and a Nipype MultiProc worker forked from such a process (a test
+    session, a pipeline embedding qsmprep) spins forever in its first multi-threaded torch
+    operation (observed in the test suite), whereas a single thread never starts that pool.
+    Single-threaded FFTs of grids of at least :data:`CALIBRATE_MIN_VOXELS` voxels run the
+    engine that was faster on that transform in this process (:func:`fft_engine_choices`:
+    both timed on its first call, :data:`CALIBRATE_ROUNDS` times each, taking turns); smaller
+    ones run torch.
 ``"torch"``
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -50,8 +55,11 @@ __all__ = [
     "asarray",
     "axpy",
     "count_ffts",
-    "fft_workers",
+    "CALIBRATE_MIN_VOXELS",
+    "CALIBRATE_ROUNDS",
     "fft_engine",
+    "fft_engine_choices",
+    "fft_workers",
     "fftn",
     "get_fft_engine",
     "get_fft_workers",
@@ -220,8 +228,18 @@ FFT_ENGINES = ("torch", "scipy")
 """FFT engines of the NumPy path: :mod:`scipy.fft` (pocketfft) or torch's CPU FFT."""
 
 FFT_ENGINE_CHOICES = ("auto", *FFT_ENGINES)
-"""Settings of :func:`set_fft_engine`: an engine, or ``"auto"`` (default: torch for FFTs with
-one thread, scipy otherwise; see the module docstring)."""
+"""Settings of :func:`set_fft_engine`: an engine, or ``"auto"`` (default: for FFTs with one
+thread the faster engine, timed, on large grids and torch on small ones; scipy for FFTs with
+more threads; see the module docstring)."""
+
+CALIBRATE_MIN_VOXELS = 1 << 20
+"""``auto``: single-threaded transforms of at least this many voxels (a 1 mm head's grids) run
+the engine measured faster on them; smaller ones (a 2 mm head, training patches) run torch,
+the same engine in every process, so batches made in a worker equal those made inline."""
+
+CALIBRATE_ROUNDS = 3
+"""``auto``: calls of each engine timed (taking turns) on a transform's first call; the
+fastest call of each counts."""
 
 
 def _check_engine(name) -> str:
@@ -249,10 +267,13 @@ def set_fft_engine(name: str) -> str:
 
     ``"torch"`` runs ``torch.fft`` on a zero-copy view of the array and returns a NumPy
     array (not fork-safe with more than one thread: see the module docstring); ``"scipy"``
-    runs :mod:`scipy.fft`; ``"auto"`` (default) runs torch when the FFTs have one thread
-    (:func:`set_fft_workers`), scipy otherwise. Both give the same transform to floating-point
-    rounding (float32: relative 1e-6). The environment variable ``QSMPREP_FFT_ENGINE`` sets
-    the default of a new process.
+    runs :mod:`scipy.fft`; ``"auto"`` (default) runs scipy when the FFTs have more than one
+    thread (:func:`set_fft_workers`); with one thread, the engine timed faster on each large
+    transform (:func:`fft_engine_choices`) and torch on small ones. Both give the same
+    transform to floating-point rounding (float32: relative 1e-6), so under ``"auto"`` a
+    result can differ in its last bits from run to run where the timing picks another
+    engine; a fixed engine gives bit-identical results. The environment variable
+    ``QSMPREP_FFT_ENGINE`` sets the default of a new process.
     """
     global _ENGINE
     old, _ENGINE = _ENGINE, _check_engine(name)
@@ -260,11 +281,70 @@ def set_fft_engine(name: str) -> str:
 
 
 def active_fft_engine() -> str:
-    """The engine (``"torch"`` or ``"scipy"``) that an FFT of a float array runs now: the
-    setting, with ``"auto"`` resolved by the current thread count."""
+    """The engine (``"torch"`` or ``"scipy"``) that an FFT of a float array below
+    :data:`CALIBRATE_MIN_VOXELS` runs now: the setting, with ``"auto"`` resolved by the
+    current thread count. Larger single-threaded ones under ``"auto"``: see
+    :func:`fft_engine_choices`."""
     if _ENGINE == "auto":
         return "torch" if _WORKERS == 1 else "scipy"
     return _ENGINE
+
+
+_CHOICES: dict[tuple, dict] = {}
+
+
+def fft_engine_choices() -> dict[tuple, dict]:
+    """The ``auto`` engine's choices in this process: ``(kind, input shape, dtype, output
+    shape)`` -> ``{"engine": ..., "torch_ms": ..., "scipy_ms": ...}`` (fastest timed call of
+    each engine on the transform's first call). A copy."""
+    return {k: dict(v) for k, v in _CHOICES.items()}
+
+
+def _torch_fft(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    import torch
+
+    if not x.flags.writeable or any(st < 0 for st in x.strides):
+        x = np.array(x)  # torch views need writeable memory with non-negative strides
+    threads = None
+    if _WORKERS != -1 and torch.get_num_threads() != _WORKERS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_WORKERS)
+    try:
+        with torch.no_grad():
+            out = getattr(torch.fft, kind)(torch.from_numpy(x), s=shape, dim=_AXES)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return out.numpy()
+
+
+def _scipy_fft(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return getattr(sfft, kind)(x, s=shape, axes=_AXES, workers=_WORKERS)
+
+
+_RUN = {"torch": _torch_fft, "scipy": _scipy_fft}
+
+
+def _calibrated(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``auto`` with one thread on a large grid: the engine timed faster on this transform."""
+    key = (kind, tuple(x.shape), x.dtype.str, shape)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return _RUN[choice["engine"]](kind, x, shape)
+    best = {"torch": math.inf, "scipy": math.inf}
+    out = {}
+    for _ in range(CALIBRATE_ROUNDS):
+        for engine in FFT_ENGINES:
+            t = time.perf_counter()
+            out[engine] = _RUN[engine](kind, x, shape)
+            best[engine] = min(best[engine], time.perf_counter() - t)
+    engine = min(FFT_ENGINES, key=lambda e: best[e])
+    _CHOICES[key] = {
+        "engine": engine,
+        "torch_ms": round(best["torch"] * 1e3, 3),
+        "scipy_ms": round(best["scipy"] * 1e3, 3),
+    }
+    return out[engine]
 
 
 @contextlib.contextmanager
@@ -280,23 +360,15 @@ def fft_engine(name: str) -> Iterator[None]:
 def _numpy_fft(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """One FFT of a NumPy array by the selected engine (``kind``: rfftn, irfftn, fftn, ifftn)."""
     x = np.asarray(x)
-    if active_fft_engine() == "torch" and x.dtype in _TORCH_DTYPES:
-        import torch
-
-        if not x.flags.writeable or any(st < 0 for st in x.strides):
-            x = np.array(x)  # torch views need writeable memory with non-negative strides
-        threads = None
-        if _WORKERS != -1 and torch.get_num_threads() != _WORKERS:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(_WORKERS)
-        try:
-            with torch.no_grad():
-                out = getattr(torch.fft, kind)(torch.from_numpy(x), s=shape, dim=_AXES)
-        finally:
-            if threads is not None:
-                torch.set_num_threads(threads)
-        return out.numpy()
-    return getattr(sfft, kind)(x, s=shape, axes=_AXES, workers=_WORKERS)
+    if x.dtype not in _TORCH_DTYPES:
+        return _scipy_fft(kind, x, shape)
+    if (
+        _ENGINE == "auto"
+        and _WORKERS == 1
+        and max(x.size, math.prod(shape)) >= CALIBRATE_MIN_VOXELS
+    ):
+        return _calibrated(kind, x, shape)
+    return _RUN[active_fft_engine()](kind, x, shape)
 
 
 def rfftn(x, s: Sequence[int] | None = None):

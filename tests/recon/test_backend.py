@@ -119,6 +119,66 @@ def test_auto_engine_uses_torch_for_one_thread_only(monkeypatch):
         assert _backend.active_fft_engine() == "torch"
 
 
+def test_auto_engine_times_both_on_large_single_threaded_grids(monkeypatch):
+    """``auto`` with one thread on a grid of at least CALIBRATE_MIN_VOXELS: both engines are
+    timed on a transform's first call, the faster one runs from then on, per transform; more
+    threads, a fixed engine or a small grid time nothing."""
+    import time
+
+    monkeypatch.setattr(_backend, "_CHOICES", {})
+    monkeypatch.setattr(_backend, "CALIBRATE_MIN_VOXELS", 500)
+    slow = {"engine": "torch"}
+    calls = []
+    for engine, real in dict(_backend._RUN).items():
+
+        def run(kind, x, shape, _real=real, _engine=engine):
+            calls.append((_engine, kind))
+            if _engine == slow["engine"]:
+                time.sleep(0.02)
+            return _real(kind, x, shape)
+
+        monkeypatch.setitem(_backend._RUN, engine, run)
+    x = np.random.default_rng(4).normal(size=(8, 10, 12)).astype(np.float32)
+    with _backend.fft_engine("scipy"):
+        ref = _backend.rfftn(x)
+        back = _backend.irfftn(ref, s=x.shape)
+    assert calls == [("scipy", "rfftn"), ("scipy", "irfftn")]
+    with _backend.fft_engine("auto"), _backend.fft_workers(1):
+        calls.clear()
+        spec = _backend.rfftn(x)
+        rounds = _backend.CALIBRATE_ROUNDS
+        assert sorted(calls) == sorted([("torch", "rfftn"), ("scipy", "rfftn")] * rounds)
+        np.testing.assert_array_equal(spec, ref)  # the faster (scipy) engine's own result
+        calls.clear()
+        for _ in range(3):
+            _backend.rfftn(x)
+        assert calls == [("scipy", "rfftn")] * 3
+        (choice,) = _backend.fft_engine_choices().values()
+        assert choice["engine"] == "scipy" and choice["torch_ms"] >= 20 > choice["scipy_ms"]
+        # the inverse is a transform of its own; now scipy is the slow one
+        slow["engine"] = "scipy"
+        calls.clear()
+        np.testing.assert_allclose(
+            _backend.irfftn(spec, s=x.shape), back, rtol=0, atol=1e-5 * np.abs(back).max()
+        )
+        assert calls.count(("torch", "irfftn")) == calls.count(("scipy", "irfftn")) == rounds
+        calls.clear()
+        _backend.irfftn(spec, s=x.shape)
+        assert calls == [("torch", "irfftn")]
+        engines = {k[0]: v["engine"] for k, v in _backend.fft_engine_choices().items()}
+        assert engines == {"rfftn": "scipy", "irfftn": "torch"}
+        # below the size limit: torch, untimed
+        calls.clear()
+        _backend.rfftn(x[:4, :5, :6])
+        assert calls == [("torch", "rfftn")]
+    for engine, workers, expect in (("auto", 2, "scipy"), ("torch", 1, "torch")):
+        with _backend.fft_engine(engine), _backend.fft_workers(workers):
+            calls.clear()
+            _backend.rfftn(x + 1)
+            assert calls == [(expect, "rfftn")], (engine, workers, calls)
+    assert len(_backend.fft_engine_choices()) == 2
+
+
 _FORK_SCRIPT = """
 import os, sys, time
 import numpy as np
