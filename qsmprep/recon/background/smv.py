@@ -20,6 +20,10 @@ from qsmprep.recon.operators import cg
 
 __all__ = ["erode_mask_smv", "resharp", "sharp", "vsharp", "vsharp_radii"]
 
+RESHARP_PRECONDITION_SHIFT = 1e-3
+"""RESHARP's CG preconditioner: ``M_r (|1 - S_r|^2 + shift)^-1 M_r``, the system's operator
+with the mask inside the convolution left out (see :func:`resharp`, cost)."""
+
 
 # --------------------------------------------------------------------------------------------
 # kernel and mask helpers
@@ -332,7 +336,13 @@ def resharp(
     local_field : (X, Y, Z) float32 array, zero outside ``mask_out``.
     mask_out : (X, Y, Z) bool, the mask eroded by the ball of ``radius``.
 
-    Cost: 7 + 2 * iterations FFTs of the cropped grid.
+    Cost: 9 + 4 * iterations FFTs of the cropped grid. CG is preconditioned by
+    ``M_r (|1 - S_r|^2 + shift)^-1 M_r`` (:data:`RESHARP_PRECONDITION_SHIFT`), one more FFT
+    pair per iteration, which took 24-26 instead of 118-121 iterations to the same tolerance on
+    the development data's total fields (``../shared/data``: qsmdev sub-01 and sub-02,
+    qsmdev-aniso, qsmdev-multi ori1; 1.2-1.6 against 2.8-3.7 s on one thread) and 23-29 instead
+    of 101 on the 224 x 224 x 160 head of ``qsmprep-bench field``, with the local field's NRMSE
+    against the truth within 0.04 points of the unpreconditioned solve on each.
 
     Reference
     ---------
@@ -360,7 +370,12 @@ def resharp(
     def apply_a(z):
         return mr * irfftn(h2 * rfftn(z), s=grid.grid) + alpha * z
 
-    z, cg_info = cg(apply_a, b, tol=tol, max_iter=int(max_iter))
+    g = 1.0 / (h2 + RESHARP_PRECONDITION_SHIFT)
+
+    def precondition(r):  # M_r (|1 - S_r|^2 + shift)^-1 M_r: the operator without its mask
+        return mr * irfftn(g * rfftn(r), s=grid.grid)
+
+    z, cg_info = cg(apply_a, b, tol=tol, max_iter=int(max_iter), precondition=precondition)
     local = mr * irfftn(h * rfftn(mr * z), s=grid.grid)
     fill_info(
         info,
