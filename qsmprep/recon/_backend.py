@@ -15,8 +15,8 @@ Numerical functions in :mod:`qsmprep.recon` take a ``device`` argument:
     operation (observed in the test suite), whereas a single thread never starts that pool.
     Single-threaded FFTs of grids of at least :data:`CALIBRATE_MIN_VOXELS` voxels run the
     engine that was faster on that transform in this process (:func:`fft_engine_choices`:
-    both timed on its first call, :data:`CALIBRATE_ROUNDS` times each, taking turns); smaller
-    ones run torch.
+    both timed on the transform's call after its first :data:`CALIBRATE_AFTER`, which run
+    torch, :data:`CALIBRATE_ROUNDS` times each, taking turns); smaller ones run torch.
 ``"torch"``
     torch tensors on the CPU. Same code path as a GPU; used to test that path anywhere.
 ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -55,6 +55,7 @@ __all__ = [
     "asarray",
     "axpy",
     "count_ffts",
+    "CALIBRATE_AFTER",
     "CALIBRATE_MIN_VOXELS",
     "CALIBRATE_ROUNDS",
     "fft_engine",
@@ -238,8 +239,13 @@ the engine measured faster on them; smaller ones (a 2 mm head, training patches)
 the same engine in every process, so batches made in a worker equal those made inline."""
 
 CALIBRATE_ROUNDS = 3
-"""``auto``: calls of each engine timed (taking turns) on a transform's first call; the
+"""``auto``: calls of each engine timed (taking turns) when a transform is calibrated; the
 fastest call of each counts."""
+
+CALIBRATE_AFTER = 2
+"""``auto``: calls of a transform that run torch before it is calibrated. A transform run once
+or twice (the data-consistency check's large grid) is not worth timing: the timing costs
+``2 * CALIBRATE_ROUNDS`` transforms; an iterative solver's run thousands."""
 
 
 def _check_engine(name) -> str:
@@ -291,12 +297,13 @@ def active_fft_engine() -> str:
 
 
 _CHOICES: dict[tuple, dict] = {}
+_SEEN: dict[tuple, int] = {}
 
 
 def fft_engine_choices() -> dict[tuple, dict]:
     """The ``auto`` engine's choices in this process: ``(kind, input shape, dtype, output
     shape)`` -> ``{"engine": ..., "torch_ms": ..., "scipy_ms": ...}`` (fastest timed call of
-    each engine on the transform's first call). A copy."""
+    each engine when the transform was calibrated, see :data:`CALIBRATE_AFTER`). A copy."""
     return {k: dict(v) for k, v in _CHOICES.items()}
 
 
@@ -331,6 +338,10 @@ def _calibrated(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     choice = _CHOICES.get(key)
     if choice is not None:
         return _RUN[choice["engine"]](kind, x, shape)
+    seen = _SEEN.get(key, 0)
+    if seen < CALIBRATE_AFTER:
+        _SEEN[key] = seen + 1
+        return _RUN["torch"](kind, x, shape)
     best = {"torch": math.inf, "scipy": math.inf}
     out = {}
     for _ in range(CALIBRATE_ROUNDS):

@@ -120,12 +120,13 @@ def test_auto_engine_uses_torch_for_one_thread_only(monkeypatch):
 
 
 def test_auto_engine_times_both_on_large_single_threaded_grids(monkeypatch):
-    """``auto`` with one thread on a grid of at least CALIBRATE_MIN_VOXELS: both engines are
-    timed on a transform's first call, the faster one runs from then on, per transform; more
-    threads, a fixed engine or a small grid time nothing."""
+    """``auto`` with one thread on a grid of at least CALIBRATE_MIN_VOXELS: a transform's first
+    CALIBRATE_AFTER calls run torch, the next times both engines, the faster one runs from
+    then on, per transform; more threads, a fixed engine or a small grid time nothing."""
     import time
 
     monkeypatch.setattr(_backend, "_CHOICES", {})
+    monkeypatch.setattr(_backend, "_SEEN", {})
     monkeypatch.setattr(_backend, "CALIBRATE_MIN_VOXELS", 500)
     slow = {"engine": "torch"}
     calls = []
@@ -145,6 +146,11 @@ def test_auto_engine_times_both_on_large_single_threaded_grids(monkeypatch):
     assert calls == [("scipy", "rfftn"), ("scipy", "irfftn")]
     with _backend.fft_engine("auto"), _backend.fft_workers(1):
         calls.clear()
+        for _ in range(_backend.CALIBRATE_AFTER):
+            _backend.rfftn(x)
+        assert calls == [("torch", "rfftn")] * _backend.CALIBRATE_AFTER
+        assert not _backend.fft_engine_choices()
+        calls.clear()
         spec = _backend.rfftn(x)
         rounds = _backend.CALIBRATE_ROUNDS
         assert sorted(calls) == sorted([("torch", "rfftn"), ("scipy", "rfftn")] * rounds)
@@ -157,6 +163,8 @@ def test_auto_engine_times_both_on_large_single_threaded_grids(monkeypatch):
         assert choice["engine"] == "scipy" and choice["torch_ms"] >= 20 > choice["scipy_ms"]
         # the inverse is a transform of its own; now scipy is the slow one
         slow["engine"] = "scipy"
+        for _ in range(_backend.CALIBRATE_AFTER):
+            _backend.irfftn(spec, s=x.shape)
         calls.clear()
         np.testing.assert_allclose(
             _backend.irfftn(spec, s=x.shape), back, rtol=0, atol=1e-5 * np.abs(back).max()
