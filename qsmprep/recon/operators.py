@@ -110,35 +110,11 @@ def cg(
     bnorm = dot(b, b) ** 0.5
     if bnorm == 0:
         return xp.zeros_like(b), {"iterations": 0, "residual": 0.0, "converged": True}
-    if precondition is not None:
-        return _pcg(apply_a, b, x, r, bnorm, tol, max_iter, precondition, dot)
-    p = r + 0
-    rr = dot(r, r)
-    it = 0
-    while it < max_iter and rr**0.5 > tol * bnorm:
-        ap = apply_a(p)
-        pap = dot(p, ap)
-        if pap <= 0:
-            break
-        alpha = rr / pap
-        # in place, one pass each (x and r are private copies)
-        x = axpy(alpha, p, x)
-        r = axpy(-alpha, ap, r)
-        rr_new = dot(r, r)
-        p *= rr_new / rr
-        p += r
-        rr = rr_new
-        it += 1
-    res = rr**0.5 / bnorm
-    return x, {"iterations": it, "residual": res, "converged": res <= tol}
-
-
-def _pcg(apply_a, b, x, r, bnorm, tol, max_iter, precondition, dot):
-    """Preconditioned CG from ``x`` with residual ``r`` (private copies), as :func:`cg`."""
-    z = precondition(r)
+    pre = precondition
+    z = r if pre is None else pre(r)
     p = z + 0
     rz = dot(r, z)
-    rr = dot(r, r)
+    rr = rz if pre is None else dot(r, r)
     it = 0
     while it < max_iter and rr**0.5 > tol * bnorm:
         ap = apply_a(p)
@@ -146,11 +122,15 @@ def _pcg(apply_a, b, x, r, bnorm, tol, max_iter, precondition, dot):
         if pap <= 0 or rz <= 0:
             break
         alpha = rz / pap
+        # in place, one pass each (x and r are private copies)
         x = axpy(alpha, p, x)
         r = axpy(-alpha, ap, r)
         rr = dot(r, r)
-        z = precondition(r)
-        rz_new = dot(r, z)
+        if pre is None:
+            z, rz_new = r, rr
+        else:
+            z = pre(r)
+            rz_new = dot(r, z)
         p *= rz_new / rz
         p += z
         rz = rz_new
