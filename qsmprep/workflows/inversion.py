@@ -114,7 +114,11 @@ def init_inversion_wf(
     merge_chimaps = pe.Node(Merge(len(methods)), name="merge_chimaps")
     merge_residuals = pe.Node(Merge(len(methods)), name="merge_residuals")
 
-    for i, record in enumerate(records, start=1):
+    # long-running inversions first: MultiProc submits ready nodes in graph order, and a long
+    # node that waits for a short one's slot delays the end of the run by the short one's time
+    order = sorted(range(1, len(records) + 1), key=lambda i: not records[i - 1].long_running)
+    for i in order:
+        record = records[i - 1]
         method, deep = record.name, record.kind == "dl"
         interface = DeepInversion if deep else DipoleInversion
         params = params_of(method_params, method)

@@ -188,6 +188,23 @@ def test_inversion_wf_graph(methods):
         assert m.upper() in wf.__desc__
 
 
+def test_long_inversions_come_first_in_the_order_nodes_are_submitted():
+    """MultiProc submits ready nodes in the flat graph's topological order: TV and MEDI (long
+    running) before TKD and L2, whatever order the user named them in; the maps keep the
+    user's order."""
+    from nipype.pipeline.engine.utils import topological_sort
+
+    methods = ["tkd", "tv", "l2", "medi"]
+    wf = init_inversion_wf(methods=methods)
+    order, _ = topological_sort(wf._create_flat_graph())
+    names = [n.name.removeprefix("inversion_") for n in order if n.name.startswith("inversion_")]
+    assert names == ["tv", "medi", "tkd", "l2"]
+    links = _links(wf)
+    for i, m in enumerate(methods, start=1):
+        assert (f"inversion_wf.inversion_{m}", "out_file", "inversion_wf.merge_chimaps",
+                f"in{i}") in links  # fmt: skip
+
+
 def test_inversion_wf_rejects_unknown_and_repeated_methods():
     with pytest.raises(ValueError, match="unknown inversion method 'qsmnet'"):
         init_inversion_wf(methods=["tkd", "qsmnet"])
