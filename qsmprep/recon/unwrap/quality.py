@@ -116,11 +116,15 @@ def _unwrap_mst(
     if labels.max() == 1:
         seeds = np.array([int(np.argmax(qual))])
     else:
-        comp = labels[mask].astype(np.float64)
-        order = np.argsort(comp - qual / 7.0)  # by component, best quality first (qual <= 6)
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = comp[order][1:] != comp[order][:-1]
-        seeds = order[first]
+        # each component's best voxel (the first of equals), in component order: O(n), where
+        # a sort of all voxels by (component, quality) took 0.8 s at 1 mm
+        comp = labels[mask]
+        best = np.full(int(labels.max()) + 1, -np.inf)
+        np.maximum.at(best, comp, qual)
+        cand = np.flatnonzero(qual == best[comp])
+        first = np.full(best.size, n_vox, dtype=np.int64)
+        np.minimum.at(first, comp[cand], cand)
+        seeds = first[first < n_vox]
     root = n_vox
     r2 = np.concatenate([tree.row, np.full(seeds.size, root)])
     c2 = np.concatenate([tree.col, seeds])
