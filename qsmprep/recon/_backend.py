@@ -242,10 +242,11 @@ CALIBRATE_ROUNDS = 3
 """``auto``: calls of each engine timed (taking turns) when a transform is calibrated; the
 fastest call of each counts."""
 
-CALIBRATE_AFTER = 2
-"""``auto``: calls of a transform that run torch before it is calibrated. A transform run once
-or twice (the data-consistency check's large grid) is not worth timing: the timing costs
-``2 * CALIBRATE_ROUNDS`` transforms; an iterative solver's run thousands."""
+CALIBRATE_AFTER = 20
+"""``auto``: calls of a transform that run torch before it is calibrated. The timing costs
+``2 * CALIBRATE_ROUNDS`` transforms and the faster engine saves 10-30 % of one per call, so
+it pays from about 20 calls on: an iterative solver's transforms (hundreds to thousands of
+calls), not the few of V-SHARP's kernels or the data-consistency check."""
 
 
 def _check_engine(name) -> str:
