@@ -57,7 +57,9 @@ def _configure_nipype(settings: Settings) -> None:
                 "stop_on_first_crash": False,
                 "remove_unnecessary_outputs": False,
                 "parameterize_dirs": False,
-                # MultiProc polls its workers every 2 s by default, which dominates small runs
+                # MultiProc polls its workers every 2 s by default, which dominates small runs;
+                # ours also wakes when a node finishes (qsmprep.app.scheduler), so this is only
+                # the longest wait
                 "poll_sleep_duration": 0.2,
             },
             # peak memory and CPU use per node (result files), as fMRIPrep --resource-monitor
@@ -67,6 +69,16 @@ def _configure_nipype(settings: Settings) -> None:
     ncfg.resource_monitor = bool(settings.resource_monitor)  # the property caches its value
     nlogging.update_logging(ncfg)
     quiet_nipype()
+
+
+def _plugin(name: str, plugin_args: dict):
+    """What ``Workflow.run`` takes as its plugin: MultiProc woken by finished nodes
+    (:mod:`qsmprep.app.scheduler`), any other plugin by its Nipype name."""
+    if name == "MultiProc":
+        from qsmprep.app.scheduler import WakingMultiProcPlugin
+
+        return WakingMultiProcPlugin(plugin_args=plugin_args)
+    return name
 
 
 def _validate_input(settings: Settings):
@@ -313,7 +325,7 @@ def _process_subjects(settings: Settings, acqs, errors, log_path: Path, report) 
             gc.freeze()
             try:
                 with _monitor_traces(settings):
-                    wf.run(plugin=settings.plugin, plugin_args=plugin_args)
+                    wf.run(plugin=_plugin(settings.plugin, plugin_args), plugin_args=plugin_args)
             finally:
                 gc.unfreeze()
                 if progress is not None:
